@@ -1,0 +1,49 @@
+"""achilles: find the critical neurons of transformer language models.
+
+Implements "Perturbation-based Causal Identification of Critical Neurons" (Qin et al., 2025,
+arXiv 2510.10238): stage 1 ranks units by their sensitivity to noise on the input
+embeddings; stage 2 masks growing prefixes of the ranking until perplexity collapses.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from achilles.adapters import ArchAdapter, get_adapter, register_adapter, supported_model_types
+from achilles.config import IdentifyConfig, ModelSpec, RankConfig, TextSpec
+from achilles.errors import AchillesError
+from achilles.identify import Identification, MaskEvaluator, identify
+from achilles.loading import LoadedModel, load_model, tokenize
+from achilles.masking import ChannelMasker, masked, zero_weights_
+from achilles.pipeline import find, identify_with, rank
+from achilles.ranking import Ranking, Scores
+from achilles.units import Unit, UnitPool, build_pool
+
+__all__ = [
+    "AchillesError",
+    "ArchAdapter",
+    "ChannelMasker",
+    "Identification",
+    "IdentifyConfig",
+    "LoadedModel",
+    "MaskEvaluator",
+    "ModelSpec",
+    "RankConfig",
+    "Ranking",
+    "Scores",
+    "TextSpec",
+    "Unit",
+    "UnitPool",
+    "build_pool",
+    "find",
+    "get_adapter",
+    "identify",
+    "identify_with",
+    "load_model",
+    "masked",
+    "rank",
+    "register_adapter",
+    "supported_model_types",
+    "tokenize",
+    "zero_weights_",
+]

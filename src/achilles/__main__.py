@@ -1,0 +1,5 @@
+"""``python -m achilles``."""
+
+from achilles.cli import entry
+
+entry()

@@ -1,0 +1,126 @@
+"""``achilles rank``, ``achilles identify`` and ``achilles find``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from achilles.commands.common import (
+    add_common,
+    add_identify_options,
+    add_rank_options,
+    check_writable,
+    identify_config,
+    model_spec,
+    progress,
+    rank_config,
+    text_of,
+)
+from achilles.identify import Identification
+from achilles.loading import load_model, tokenize
+from achilles.pipeline import find, identify_with, rank
+from achilles.ranking import Ranking
+
+logger = logging.getLogger(__name__)
+
+
+def summarize(ident: Identification, out: str | Path) -> str:
+    """A few human lines about an identification result."""
+    lines = []
+    if ident.found:
+        lines.append(
+            f"critical set: n* = {ident.n_star} at ε = {ident.epsilon:g} "
+            f"(Δ = {ident.delta_critical:.3f} orders of magnitude of perplexity)"
+        )
+        units = ", ".join(str(u) for u in ident.minimal_set[:10])
+        more = " ..." if len(ident.minimal_set) > 10 else ""
+        lines.append(
+            f"minimal set:  {len(ident.minimal_set)} unit(s), Δ = {ident.delta_minimal:.3f}: {units}{more}"
+        )
+    else:
+        last = ident.curve[-1] if ident.curve else None
+        reach = f"; largest n tried {last['n']}, Δ = {last['delta']:.3f}" if last else ""
+        lines.append(f"no critical set: Δ never reached ε = {ident.epsilon:g}{reach}")
+    grid = ", ".join(f"ε={k}: {v if v is not None else '-'}" for k, v in ident.n_star_by_epsilon.items())
+    lines.append(f"n*(ε): {grid}")
+    lines.append(f"written: {out}")
+    return "\n".join(lines)
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    cfg = rank_config(args)
+    spec = model_spec(args)
+    text = text_of(args)
+    out = check_writable(args.out)
+    lm = load_model(spec)
+    ranking, _ = rank(lm, text, cfg, progress=progress(args))
+    ranking.save(out)
+    top = ", ".join(f"{r.unit} ({r.score:.3g})" for r in ranking.neurons[:5])
+    print(f"top units: {top}\nwritten: {out}")
+    return 0
+
+
+def _run_identify(args: argparse.Namespace) -> int:
+    cfg = identify_config(args)
+    spec = model_spec(args)
+    text = text_of(args)
+    out = check_writable(args.out)
+    ranking = Ranking.load(args.ranking)
+    lm = load_model(spec)
+    tokenize(lm.tokenizer, text)  # refuse short text before any work
+    ident = identify_with(lm, text, ranking, cfg, progress=progress(args))
+    ident.save(out)
+    print(summarize(ident, out))
+    return 0
+
+
+def _run_find(args: argparse.Namespace) -> int:
+    rcfg = rank_config(args)
+    icfg = identify_config(args, batch_size=getattr(args, "batch_size", None))
+    spec = model_spec(args)
+    text = text_of(args)
+    out_dir = check_writable(Path(args.out_dir))
+    lm = load_model(spec)
+    ranking, ident = find(lm, text, rcfg, icfg, progress=progress(args))
+    ranking.save(out_dir / "ranking.json")
+    ident.save(out_dir / "identification.json")
+    print(summarize(ident, out_dir))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "rank",
+        help="stage 1: rank units by noise sensitivity",
+        description="Stage 1: score every unit of the pool by the mean |a_clean - a_noisy| over "
+        "K noisy copies of the input embeddings, and save the top units.",
+    )
+    add_common(p)
+    add_rank_options(p)
+    p.add_argument("--out", required=True, help="ranking JSON to write")
+    p.set_defaults(run=_run_rank)
+
+    p = sub.add_parser(
+        "identify",
+        help="stage 2: mask ranking prefixes until perplexity collapses",
+        description="Stage 2: mask growing prefixes of a ranking, find the first n with "
+        "Δ = log10(PPL_masked/PPL_clean) ≥ ε, then minimise that set.",
+    )
+    add_common(p)
+    p.add_argument("--ranking", required=True, help="ranking JSON from `achilles rank`")
+    add_identify_options(p)
+    p.add_argument("--out", required=True, help="identification JSON to write")
+    p.set_defaults(run=_run_identify)
+
+    p = sub.add_parser(
+        "find",
+        help="both stages: ranking.json and identification.json in --out-dir",
+        description="Run stage 1 and stage 2 on one text and write DIR/ranking.json and "
+        "DIR/identification.json.",
+    )
+    add_common(p)
+    add_rank_options(p)  # its --batch-size serves both stages
+    add_identify_options(p, prefix_batch=False)
+    p.add_argument("--out-dir", required=True, help="run folder to write")
+    p.set_defaults(run=_run_find)

@@ -1,0 +1,194 @@
+"""Configuration dataclasses: the single source of truth for the CLI and saved runs.
+
+Each field carries its CLI flag and help text in ``metadata``; :func:`add_arguments` turns a
+dataclass into argparse options and :func:`from_args` builds it back from the parsed
+namespace, so no option is spelled twice. Every result file stores the resolved configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from achilles.errors import AchillesError, require
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def opt(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:  # noqa: A002
+    """A dataclass field with CLI metadata."""
+    meta = {"help": help, "flag": flag, **kw}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load and how."""
+
+    model: str = opt(None, "local folder or hub id of a causal LM", required=True)
+    dtype: Dtype = opt("auto", "weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    device: Device = opt("auto", "device when not using --device-map (auto: cuda if available)")
+    device_map: str | None = opt(
+        None, "accelerate device map, e.g. 'auto' to spread a large model over all GPUs"
+    )
+    revision: str | None = opt(None, "hub revision (branch, tag or commit)")
+    trust_remote_code: bool = opt(
+        False, "allow the model folder's own Python code to run (off by default: a security risk)"
+    )
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """The input text (exactly one of ``text`` / ``text_file``)."""
+
+    text: str | None = opt(None, "input text")
+    text_file: str | None = opt(None, "file holding the input text (UTF-8)")
+
+    def resolve(self) -> str:
+        require(
+            (self.text is None) != (self.text_file is None),
+            "give exactly one of --text or --text-file",
+        )
+        if self.text_file is not None:
+            p = Path(self.text_file)
+            require(p.is_file(), f"text file not found: {p} (check --text-file)")
+            return p.read_text(encoding="utf-8")
+        return self.text  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """Stage 1: rank units by noise sensitivity (or another ranking method)."""
+
+    method: str = opt("perturbation", "ranking method")
+    alpha: float = opt(5.0, "noise scale α (absolute std, or a multiple of the embedding RMS)")
+    samples: int = opt(100, "number K of noisy copies")
+    noise: Literal["absolute", "relative"] = opt(
+        "absolute", "absolute: std α (the paper); relative: std α·RMS(embeddings)"
+    )
+    reduce: Literal["max", "mean"] = opt(
+        "max", "how a unit's per-position scores are reduced to one score"
+    )
+    pool: Literal["paper", "mlp", "down", "all"] = opt(
+        "paper", "unit pool preset (paper: the tensors the reference code hooks)"
+    )
+    components: tuple[str, ...] | None = opt(
+        None, "explicit comma-separated component kinds (overrides --pool), e.g. mlp.down,attn.o"
+    )
+    keep: int = opt(10000, "how many top units to save")
+    seed: int = opt(42, "random seed of the noise (sample i is the i-th randn draw)")
+    batch_size: int | None = opt(None, "noisy copies per forward pass (default: from memory)")
+
+    def __post_init__(self) -> None:
+        require(math.isfinite(self.alpha) and self.alpha > 0, "--alpha must be > 0")
+        require(self.samples >= 1, "--samples (K) must be >= 1")
+        require(self.keep >= 1, "--keep must be >= 1")
+        require(self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1")
+
+
+@dataclass(frozen=True)
+class IdentifyConfig:
+    """Stage 2: causal identification by prefix masking."""
+
+    epsilon: float = opt(1.0, "collapse threshold ε on Δ = log10(PPL_masked/PPL_clean)")
+    step: int = opt(1, "prefix step Δn")
+    search: Literal["linear", "bisect"] = opt(
+        "linear", "linear: first n with Δ ≥ ε (reference); bisect: galloping + binary search"
+    )
+    max_neurons: int = opt(1000, "largest prefix tried")
+    minimize: bool = opt(True, "drop members of S* while Δ stays ≥ ε (irreducible set)")
+    curve_until: float = opt(
+        4.0,
+        "linear search keeps extending the curve past n* until Δ reaches this (so n*(ε) for "
+        "ε in 0.5,1,2,3,4 is read off one curve); 'inf' traces up to --max-neurons",
+    )
+    batch_size: int | None = opt(None, "masked copies per forward pass (default: from memory)")
+
+    def __post_init__(self) -> None:
+        require(math.isfinite(self.epsilon) and self.epsilon > 0, "--epsilon must be > 0")
+        require(self.step >= 1, "--step must be >= 1")
+        require(self.max_neurons >= 1, "--max-neurons must be >= 1")
+        require(self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1")
+
+
+# ---------------------------------------------------------------------------- CLI bridge
+
+
+def _flag(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _strip_optional(hint: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return hint
+
+
+def _parse_list(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def _parse_float(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    exclude: tuple[str, ...] = (),
+    choices: dict[str, list[str]] | None = None,
+) -> None:
+    """Add one option per field of dataclass ``cls`` (help and choices from metadata/types)."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        hint = hints[f.name]
+        kw: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", "")}
+        default = None if f.default is dataclasses.MISSING else f.default
+        if f.metadata.get("required"):
+            kw["required"] = True
+        else:
+            kw["default"] = argparse.SUPPRESS  # unset flags keep the dataclass default
+            kw["help"] += f" (default: {default})"
+        inner = _strip_optional(hint)
+        if inner is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(inner) is Literal:
+            kw["choices"] = list(typing.get_args(inner))
+        elif inner is int:
+            kw["type"] = int
+        elif inner is float:
+            kw["type"] = _parse_float
+        elif typing.get_origin(inner) is tuple:
+            kw["type"] = _parse_list
+        if choices and f.name in choices:
+            kw["choices"] = choices[f.name]
+        group.add_argument(_flag(f), **kw)
+
+
+def from_args(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
+    """Build dataclass ``cls`` from the parsed options present in ``ns``."""
+    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
+    kw.update(overrides)
+    try:
+        return cls(**kw)
+    except TypeError as e:  # a required field is missing
+        raise AchillesError(str(e)) from None

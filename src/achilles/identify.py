@@ -1,0 +1,272 @@
+"""Stage 2 of the paper: causal identification of the critical set by masking.
+
+:class:`MaskEvaluator` measures Δ for many masks in one batched forward pass (one mask per
+batch row, same text in every row) and keeps every measurement. :func:`identify` runs the
+chosen search over prefixes of a ranking, minimises the set it finds, and returns an
+:class:`Identification`, the typed result saved as ``identification.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from achilles.batching import choose_batch_size, run_batched
+from achilles.config import IdentifyConfig
+from achilles.io import SCHEMA_VERSION, decode_float, read_json, write_json
+from achilles.masking import ChannelMasker
+from achilles.metrics import delta as delta_from_nll
+from achilles.metrics import sequence_nll
+from achilles.search import bisect_search, first_crossing, linear_search, minimize_set
+from achilles.units import Unit, UnitPool
+
+logger = logging.getLogger(__name__)
+
+EPSILON_GRID: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Δ and summed NLL of the text under one mask."""
+
+    delta: float
+    nll: float
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.nll)
+
+
+class MaskEvaluator:
+    """Δ of masks on one text, batched: each batch row carries its own mask.
+
+    Args:
+        model: the model (eval mode).
+        pool: the unit pool masks are drawn from.
+        input_ids: the text, ``[1, T]``.
+        modules: the sites masks may touch (default: every pool site).
+        batch_size: rows per forward pass (default: from free memory).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pool: UnitPool,
+        input_ids: torch.Tensor,
+        *,
+        modules: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        rows_hint: int = 64,
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.input_ids = input_ids
+        self.tokens = int(input_ids.shape[1]) - 1  # predicted tokens
+        widest = max(s.width for s in pool.sites)
+        self.batch_size = choose_batch_size(
+            model, int(input_ids.shape[1]), rows_hint, widest, batch_size
+        )
+        self.masker = ChannelMasker(model, pool, rows=self.batch_size)
+        self.modules = modules
+        self.forward_passes = 0
+        self.rows_evaluated = 0
+        self.baseline_nll = float(sequence_nll(model, input_ids)[0])
+        self.forward_passes += 1
+
+    def nll(self, masks: Sequence[Sequence[Unit]]) -> list[float]:
+        """Summed NLL of the text under each mask."""
+        out: list[float] = []
+
+        def run(chunk: Sequence[Sequence[Unit]]) -> None:
+            self.masker.set_rows(chunk)
+            ids = self.input_ids.expand(len(chunk), -1)
+            with self.masker.installed(self.modules):
+                out.extend(sequence_nll(self.model, ids).tolist())
+            self.forward_passes += 1
+
+        # after an OOM run_batched shrinks the batch; the masker's spare rows stay unused
+        self.batch_size = run_batched(list(masks), run, self.batch_size)
+        self.rows_evaluated += len(masks)
+        return out
+
+    def measure(self, masks: Sequence[Sequence[Unit]]) -> list[Measurement]:
+        return [
+            Measurement(delta_from_nll(n, self.baseline_nll, self.tokens), n)
+            for n in self.nll(masks)
+        ]
+
+
+@dataclass
+class Identification:
+    """Result of stage 2 (saved as ``identification.json``)."""
+
+    epsilon: float
+    n_star: int | None
+    critical_set: list[Unit]
+    minimal_set: list[Unit]
+    delta_critical: float | None
+    delta_minimal: float | None
+    necessity: list[float]
+    curve: list[dict[str, Any]]
+    n_star_by_epsilon: dict[str, int | None]
+    baseline_nll: float
+    tokens: int
+    n_units: int
+    forward_passes: int
+    config: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+    curve_complete: bool = True
+
+    @property
+    def found(self) -> bool:
+        return self.n_star is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        n = self.n_star
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "identification",
+            "config": self.config,
+            "env": self.env,
+            "epsilon": self.epsilon,
+            "found": self.found,
+            "n_star": n,
+            "n_minimal": len(self.minimal_set) if self.found else None,
+            "n_units": self.n_units,
+            "ratio": (n / self.n_units) if n else None,
+            "tokens": self.tokens,
+            "baseline_nll": self.baseline_nll / self.tokens,
+            "baseline_nll_sum": self.baseline_nll,
+            "delta_critical": self.delta_critical,
+            "delta_minimal": self.delta_minimal,
+            "critical_set": [u.to_dict() for u in self.critical_set],
+            "minimal_set": [
+                {**u.to_dict(), "delta_without": d}
+                for u, d in zip(self.minimal_set, self.necessity, strict=True)
+            ],
+            "n_star_by_epsilon": self.n_star_by_epsilon,
+            "curve_complete": self.curve_complete,
+            "curve": self.curve,
+            "forward_passes": self.forward_passes,
+        }
+
+    def save(self, path: str) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str) -> Identification:
+        d = read_json(path, kind="identification")
+        tokens = int(d["tokens"])
+        minimal = d.get("minimal_set") or []
+        return cls(
+            epsilon=float(d["epsilon"]),
+            n_star=d["n_star"],
+            critical_set=[Unit.from_dict(u) for u in d["critical_set"]],
+            minimal_set=[Unit.from_dict(u) for u in minimal],
+            delta_critical=decode_float(d.get("delta_critical")),
+            delta_minimal=decode_float(d.get("delta_minimal")),
+            necessity=[decode_float(u.get("delta_without")) for u in minimal],
+            curve=[
+                {**p, "delta": decode_float(p["delta"]), "nll": decode_float(p["nll"])}
+                for p in d["curve"]
+            ],
+            n_star_by_epsilon=d.get("n_star_by_epsilon", {}),
+            baseline_nll=float(d["baseline_nll_sum"]),
+            tokens=tokens,
+            n_units=int(d["n_units"]),
+            forward_passes=int(d.get("forward_passes", 0)),
+            config=d.get("config", {}),
+            env=d.get("env", {}),
+            curve_complete=bool(d.get("curve_complete", True)),
+        )
+
+
+def identify(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    pool: UnitPool,
+    ranking: Sequence[Unit],
+    config: IdentifyConfig,
+    *,
+    progress: bool = False,
+) -> Identification:
+    """Find the smallest prefix of ``ranking`` whose masking gives Δ ≥ ε, then minimise it."""
+    n_max = min(config.max_neurons, len(ranking))
+    candidates = list(ranking[:n_max])
+    modules = list(dict.fromkeys(u.module for u in candidates))
+    ev = MaskEvaluator(
+        model, pool, input_ids, modules=modules, batch_size=config.batch_size,
+        rows_hint=max(1, n_max // config.step),
+    )
+    seen: dict[int, Measurement] = {}
+    bar = tqdm(total=n_max, desc="stage 2: masking prefixes", disable=not progress)
+
+    def prefix_objective(ns: Sequence[int]) -> list[float]:
+        ms = ev.measure([candidates[:n] for n in ns])
+        for n, m in zip(ns, ms, strict=True):
+            seen[n] = m
+        bar.update(max(0, max(ns) - bar.n))
+        return [m.delta for m in ms]
+
+    if config.search == "linear":
+        trace = linear_search(
+            prefix_objective,
+            epsilon=config.epsilon,
+            n_max=n_max,
+            step=config.step,
+            batch=ev.batch_size,
+            continue_until=config.curve_until,
+        )
+    else:
+        trace = bisect_search(prefix_objective, epsilon=config.epsilon, n_max=n_max, step=config.step)
+    bar.close()
+
+    curve = [
+        {"n": n, "delta": seen[n].delta if seen[n].finite else math.inf, "nll": seen[n].nll,
+         "finite": seen[n].finite}
+        for n in sorted(seen)
+    ]
+    points = [(p["n"], p["delta"]) for p in curve]
+    by_eps = {f"{e:g}": first_crossing(points, e) for e in sorted({*EPSILON_GRID, config.epsilon})}
+
+    n_star = trace.n_star
+    critical = candidates[:n_star] if n_star else []
+    minimal: list[Unit] = []
+    necessity: list[float] = []
+    d_crit = seen[n_star].delta if n_star else None
+    d_min = None
+    if n_star and config.minimize:
+        def set_objective(sets: Sequence[Sequence[Unit]]) -> list[float]:
+            return [m.delta for m in ev.measure(sets)]
+
+        mt = minimize_set(set_objective, critical, epsilon=config.epsilon, delta=d_crit)
+        minimal, necessity, d_min = mt.members, mt.necessity, mt.delta
+    elif n_star:
+        minimal, d_min = list(critical), d_crit
+        necessity = [m.delta for m in ev.measure([[x for x in critical if x != u] for u in critical])]
+    logger.info(
+        "stage 2: n*=%s (ε=%g), minimal %d, %d forward passes",
+        n_star, config.epsilon, len(minimal), ev.forward_passes,
+    )
+    return Identification(
+        epsilon=config.epsilon,
+        n_star=n_star,
+        critical_set=critical,
+        minimal_set=minimal,
+        delta_critical=d_crit,
+        delta_minimal=d_min,
+        necessity=necessity,
+        curve=curve,
+        n_star_by_epsilon=by_eps,
+        baseline_nll=ev.baseline_nll,
+        tokens=ev.tokens,
+        n_units=pool.n_units,
+        forward_passes=ev.forward_passes,
+        curve_complete=config.search == "linear",
+    )

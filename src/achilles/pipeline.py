@@ -1,0 +1,111 @@
+"""High-level library API: rank, identify and find, on a loaded model.
+
+These functions attach the resolved configuration and the environment to their results;
+the CLI is a thin shell over them.
+
+Example::
+
+    from achilles import ModelSpec, RankConfig, IdentifyConfig, load_model, find
+    lm = load_model(ModelSpec(model="models/sink"))
+    ranking, ident = find(lm, text, RankConfig(), IdentifyConfig())
+    print(ident.n_star, [str(u) for u in ident.minimal_set])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from achilles.config import IdentifyConfig, RankConfig
+from achilles.errors import AchillesError
+from achilles.identify import Identification, identify
+from achilles.io import environment
+from achilles.loading import LoadedModel, tokenize
+from achilles.ranking import Ranking, get_method, rank_units
+from achilles.units import UnitPool, build_pool
+
+logger = logging.getLogger(__name__)
+
+
+def _model_record(lm: LoadedModel) -> dict[str, Any]:
+    return dataclasses.asdict(lm.spec)
+
+
+def rank(
+    lm: LoadedModel, text: str, config: RankConfig, *, progress: bool = False
+) -> tuple[Ranking, UnitPool]:
+    """Stage 1 (or another ranking method): score every unit of the pool and sort them."""
+    pool = build_pool(lm.model, config.pool, config.components)
+    input_ids = tokenize(lm.tokenizer, text)
+    method = get_method(config.method)
+    torch.manual_seed(config.seed)
+    scores = method(lm.model, input_ids, pool, config, progress=progress)
+    neurons = rank_units(scores, pool, config.keep)
+    ranking = Ranking(
+        method=config.method,
+        neurons=neurons,
+        pool={**pool.summary(), "components": list(pool.components)},
+        tokens=int(input_ids.shape[1]),
+        config={"model": _model_record(lm), "text": text, "rank": dataclasses.asdict(config)},
+        env=environment(lm.model),
+    )
+    return ranking, pool
+
+
+def pool_for_ranking(lm: LoadedModel, ranking: Ranking) -> UnitPool:
+    """Rebuild the unit pool a ranking was made over, checking it fits this model."""
+    comps = ranking.pool.get("components")
+    pool = build_pool(lm.model, components=comps) if comps else build_pool(lm.model)
+    fp = ranking.pool.get("fingerprint")
+    if fp is not None and fp != pool.fingerprint:
+        made = ranking.config.get("model", {}).get("model", "another model")
+        raise AchillesError(
+            f"the ranking was made on {made!r} ({ranking.pool.get('model_type')}, "
+            f"{ranking.pool.get('n_units')} units), which does not match this model "
+            f"({pool.model_type}, {pool.n_units} units): rank this model first"
+        )
+    made = ranking.config.get("model", {}).get("model")
+    if made is not None and made != lm.spec.model:
+        logger.warning("ranking was made on %s; applying it to %s (same shapes)", made, lm.spec.model)
+    return pool
+
+
+def identify_with(
+    lm: LoadedModel,
+    text: str,
+    ranking: Ranking,
+    config: IdentifyConfig,
+    *,
+    pool: UnitPool | None = None,
+    progress: bool = False,
+) -> Identification:
+    """Stage 2 on ``text`` over the prefixes of ``ranking``."""
+    pool = pool or pool_for_ranking(lm, ranking)
+    units = pool.validate(ranking.units)
+    input_ids = tokenize(lm.tokenizer, text)
+    result = identify(lm.model, input_ids, pool, units, config, progress=progress)
+    result.config = {
+        "model": _model_record(lm),
+        "text": text,
+        "identify": dataclasses.asdict(config),
+        "ranking": {"method": ranking.method, **ranking.config.get("rank", {})},
+    }
+    result.env = environment(lm.model)
+    return result
+
+
+def find(
+    lm: LoadedModel,
+    text: str,
+    rank_config: RankConfig,
+    identify_config: IdentifyConfig,
+    *,
+    progress: bool = False,
+) -> tuple[Ranking, Identification]:
+    """Both stages on one text: the ranking and the identified critical set."""
+    ranking, pool = rank(lm, text, rank_config, progress=progress)
+    ident = identify_with(lm, text, ranking, identify_config, pool=pool, progress=progress)
+    return ranking, ident

@@ -1,0 +1,113 @@
+"""The one interface every ranking method implements, and the ranking result.
+
+A ranking method is a function ``(model, input_ids, pool, config) -> Scores``: one float32
+score per unit (higher = more critical), optionally with the token position where it peaked.
+:func:`rank_units` turns scores into a :class:`Ranking`, the typed result saved as
+``ranking.json`` together with the configuration and environment that produced it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from achilles.errors import AchillesError
+from achilles.io import SCHEMA_VERSION, decode_float, read_json, write_json
+from achilles.units import Unit, UnitPool
+
+
+@dataclass
+class Scores:
+    """Per-site unit scores: ``values[module]`` is float32 ``[width]`` (higher = more critical).
+
+    ``positions[module]`` (optional) is the token position where each unit's score peaked.
+    """
+
+    values: dict[str, torch.Tensor]
+    positions: dict[str, torch.Tensor] | None = None
+
+    def flat(self, pool: UnitPool) -> torch.Tensor:
+        """All scores as one float32 CPU vector in pool order."""
+        return torch.cat([self.values[s.module].float().cpu() for s in pool.sites])
+
+
+@dataclass(frozen=True)
+class RankedUnit:
+    unit: Unit
+    score: float
+    position: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.unit.to_dict()
+        d["score"] = self.score
+        if self.position is not None:
+            d["position"] = self.position
+        return d
+
+
+@dataclass
+class Ranking:
+    """Units of a pool, best first, with the config and provenance that produced them."""
+
+    method: str
+    neurons: list[RankedUnit]
+    pool: dict[str, Any]
+    tokens: int
+    config: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def units(self) -> list[Unit]:
+        return [r.unit for r in self.neurons]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "ranking",
+            "method": self.method,
+            "config": self.config,
+            "env": self.env,
+            "pool": self.pool,
+            "tokens": self.tokens,
+            # the reference code's |N|: per-token channels × positions
+            "n_triples": self.pool.get("n_units", 0) * self.tokens,
+            "neurons": [r.to_dict() for r in self.neurons],
+        }
+
+    def save(self, path: str) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str) -> Ranking:
+        d = read_json(path, kind="ranking")
+        try:
+            neurons = [
+                RankedUnit(Unit.from_dict(n), decode_float(n["score"]), n.get("position"))
+                for n in d["neurons"]
+            ]
+            return cls(d["method"], neurons, d["pool"], int(d["tokens"]), d.get("config", {}), d.get("env", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise AchillesError(f"{path} is not a valid ranking file (bad field {e})") from None
+
+
+def rank_units(scores: Scores, pool: UnitPool, keep: int) -> list[RankedUnit]:
+    """The top ``keep`` units by score, best first; ties keep pool order (stable sort)."""
+    flat = scores.flat(pool)
+    if flat.numel() != pool.n_units:
+        raise ValueError(f"{flat.numel()} scores for a pool of {pool.n_units} units")
+    # NaN scores would sort arbitrarily; rank them last and keep them visible as NaN.
+    key = torch.nan_to_num(flat, nan=-torch.inf)
+    order = torch.sort(key, descending=True, stable=True).indices[:keep]
+    pos_flat = None
+    if scores.positions is not None:
+        pos_flat = torch.cat([scores.positions[s.module].cpu() for s in pool.sites])
+    units = pool.units(order.tolist())
+    vals = flat[order].tolist()
+    poss = pos_flat[order].tolist() if pos_flat is not None else [None] * len(units)
+    return [RankedUnit(u, v, p) for u, v, p in zip(units, vals, poss, strict=True)]
+
+
+RankFn = Callable[..., Scores]

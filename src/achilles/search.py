@@ -1,0 +1,175 @@
+"""Stage 2 search strategies as pure functions (no torch, no model).
+
+Every function takes an *objective* that maps candidates to Δ values and returns a typed trace
+of what it evaluated. Objectives are batched (a list of candidates in, a list of Δ out) so the
+caller can evaluate many masks in one forward pass. Non-finite Δ must already be mapped to
+``+inf`` by the caller: collapse, which satisfies any threshold.
+
+* :func:`linear_search`: the reference behaviour, the first prefix size ``n`` (a multiple of
+  ``step``) with ``Δ(n) ≥ ε``; optionally keeps tracing the curve past it.
+* :func:`bisect_search`: galloping (n = step·1, 2, 4, …) then binary search; O(log n)
+  evaluations, equal to the linear answer when Δ is monotone in ``n``; the answer is confirmed
+  by a final evaluation.
+* :func:`minimize_set`: drop members (last first, repeated until a full pass removes nothing)
+  while Δ stays ≥ ε; the result is irreducible: removing any one member brings Δ below ε.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+U = TypeVar("U")
+
+PrefixObjective = Callable[[Sequence[int]], Sequence[float]]
+SetObjective = Callable[[Sequence[Sequence[U]]], Sequence[float]]
+
+
+@dataclass
+class SearchTrace:
+    """What a prefix search evaluated and found.
+
+    Attributes:
+        n_star: the first prefix size found with Δ ≥ ε, or ``None``.
+        points: every evaluated ``(n, Δ)`` in evaluation order (duplicates possible).
+        evaluations: how many prefixes were evaluated (forward-pass rows).
+    """
+
+    n_star: int | None
+    points: list[tuple[int, float]] = field(default_factory=list)
+    evaluations: int = 0
+
+    def curve(self) -> list[tuple[int, float]]:
+        """Evaluated points sorted by ``n``, the last evaluation of each ``n`` kept."""
+        return sorted(dict(self.points).items())
+
+
+def first_crossing(curve: Sequence[tuple[int, float]], epsilon: float) -> int | None:
+    """The smallest ``n`` of a sorted curve with ``Δ ≥ ε``."""
+    return next((n for n, d in curve if d >= epsilon), None)
+
+
+def linear_search(
+    objective: PrefixObjective,
+    *,
+    epsilon: float,
+    n_max: int,
+    step: int = 1,
+    batch: int = 1,
+    continue_until: float | None = None,
+) -> SearchTrace:
+    """First ``n ∈ {step, 2·step, …} ≤ n_max`` with ``Δ(n) ≥ ε``.
+
+    Prefix sizes are evaluated ``batch`` at a time. With ``continue_until`` the curve is traced
+    further, until some ``Δ ≥ max(ε, continue_until)`` or ``n_max``.
+    """
+    ns = list(range(step, n_max + 1, step))
+    goal = epsilon if continue_until is None else max(epsilon, continue_until)
+    trace = SearchTrace(n_star=None)
+    for i in range(0, len(ns), batch):
+        chunk = ns[i : i + batch]
+        deltas = list(objective(chunk))
+        trace.points += list(zip(chunk, deltas, strict=True))
+        trace.evaluations += len(chunk)
+        if trace.n_star is None:
+            trace.n_star = first_crossing(list(zip(chunk, deltas, strict=True)), epsilon)
+        if trace.n_star is not None and any(d >= goal for d in deltas):
+            break
+    return trace
+
+
+def bisect_search(
+    objective: PrefixObjective, *, epsilon: float, n_max: int, step: int = 1
+) -> SearchTrace:
+    """Galloping then binary search for a prefix size with ``Δ ≥ ε`` whose predecessor is below.
+
+    On a monotone curve this is the linear answer in O(log(n*)) evaluations; on a
+    non-monotone one it is *a* crossing, not necessarily the first.
+    """
+    k_max = n_max // step
+    trace = SearchTrace(n_star=None)
+    cache: dict[int, float] = {}
+
+    def f(k: int) -> float:
+        if k not in cache:
+            (d,) = objective([k * step])
+            cache[k] = d
+            trace.points.append((k * step, d))
+            trace.evaluations += 1
+        return cache[k]
+
+    if k_max < 1:
+        return trace
+    lo, hi, k = 0, None, 1
+    while True:  # gallop: 1, 2, 4, ... (capped at k_max)
+        if f(k) >= epsilon:
+            hi = k
+            break
+        lo = k
+        if k == k_max:
+            return trace
+        k = min(2 * k, k_max)
+    while hi - lo > 1:  # invariant: Δ(lo) < ε ≤ Δ(hi)  (lo = 0 is the empty mask)
+        mid = (lo + hi) // 2
+        if f(mid) >= epsilon:
+            hi = mid
+        else:
+            lo = mid
+    # confirm with a fresh evaluation of the answer
+    (d,) = objective([hi * step])
+    trace.points.append((hi * step, d))
+    trace.evaluations += 1
+    trace.n_star = hi * step if d >= epsilon else None
+    return trace
+
+
+@dataclass
+class MinimizeTrace:
+    """Result of :func:`minimize_set`.
+
+    Attributes:
+        members: the irreducible set, in original order.
+        delta: Δ of that set.
+        necessity: Δ of the set without each member (same order as ``members``); each is < ε.
+        evaluations: how many sets were evaluated.
+    """
+
+    members: list
+    delta: float
+    necessity: list[float]
+    evaluations: int
+
+
+def minimize_set(
+    objective: SetObjective, members: Sequence[U], *, epsilon: float, delta: float | None = None
+) -> MinimizeTrace:
+    """Drop members of a collapse set (last first) while Δ stays ≥ ε, until none can go.
+
+    Args:
+        objective: maps a list of candidate sets to their Δ values.
+        members: a set with Δ ≥ ε (e.g. the prefix found by the search), in rank order.
+        epsilon: the threshold.
+        delta: Δ of ``members`` if already known.
+    """
+    current = list(members)
+    evaluations = 0
+    if delta is None:
+        (delta,) = objective([current])
+        evaluations += 1
+    if delta < epsilon:
+        raise ValueError(f"the starting set has Δ={delta} < ε={epsilon}")
+    changed = True
+    while changed and len(current) > 1:
+        changed = False
+        for u in reversed(list(current)):
+            if len(current) == 1:
+                break
+            candidate = [x for x in current if x != u]
+            (d,) = objective([candidate])
+            evaluations += 1
+            if d >= epsilon:
+                current, delta, changed = candidate, d, True
+    necessity = list(objective([[x for x in current if x != u] for u in current]))
+    evaluations += len(current)
+    return MinimizeTrace(current, float(delta), [float(x) for x in necessity], evaluations)
