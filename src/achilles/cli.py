@@ -17,7 +17,16 @@ from collections.abc import Sequence
 from achilles import __version__
 from achilles.errors import AchillesError
 
-COMMAND_MODULES: tuple[str, ...] = ("achilles.commands.core",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "achilles.commands.core",
+    "achilles.commands.ppl",
+    "achilles.commands.compare",
+    "achilles.commands.sweep",
+    "achilles.commands.robustness",
+    "achilles.commands.overlap",
+    "achilles.commands.probe",
+    "achilles.commands.report",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +47,10 @@ def _configure_logging(args: argparse.Namespace) -> None:
     if getattr(args, "verbose", False):
         level = logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    if getattr(args, "quiet", False):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     for noisy in ("transformers", "datasets", "accelerate", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 

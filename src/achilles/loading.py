@@ -8,7 +8,6 @@ with a local folder or a hub id), so a user with hub access runs exactly this co
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +56,20 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
-    """Load ``spec.model`` (a local folder or a hub id) in eval mode, with its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_error(name: str, local: Path, e: BaseException) -> AchillesError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    where = "local folder" if local.exists() else "hub id"
+    hint = (
+        "check the folder holds a causal LM and its tokenizer"
+        if local.exists()
+        else "is the id right and the hub reachable? Offline, pass a local folder to --model"
+    )
+    if "trust_remote_code" in first:
+        hint = "this model needs its own code: pass --trust-remote-code if you trust it"
+    return AchillesError(f"could not load {where} {name!r}: {first} ({hint})")
 
+
+def _source(spec: ModelSpec) -> tuple[str, Path]:
     name = spec.model
     local = Path(name).expanduser()
     if not local.exists() and _looks_like_path(name):
@@ -69,6 +78,36 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         raise AchillesError(f"--model must be a folder or a hub id, not a file: {name}")
     if local.is_dir() and not (local / "config.json").is_file():
         raise AchillesError(f"{name} has no config.json: point --model at a saved model folder")
+    return (str(local) if local.exists() else name), local
+
+
+def inspect_model(spec: ModelSpec) -> LoadedModel:
+    """Config, tokenizer and an empty (meta-device) model: everything but the weights.
+
+    Cheap even for a 70B checkpoint, so commands validate their inputs (text length, unit
+    pool, ranking fit) against it before a long weight load.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, local = _source(spec)
+    remote = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(source, **remote)
+        tokenizer = AutoTokenizer.from_pretrained(source, **remote)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=spec.trust_remote_code
+            )
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(spec.model, local, e) from None
+    return LoadedModel(model.eval(), tokenizer, spec)
+
+
+def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedModel:
+    """Load ``spec.model`` (a local folder or a hub id) in eval mode, with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, local = _source(spec)
     device = resolve_device("cuda" if spec.device_map else spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     kwargs: dict[str, object] = {
@@ -78,27 +117,18 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     }
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
-    source = str(local) if local.exists() else name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-        )
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            )
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = "local folder" if local.exists() else "hub id"
-        hint = (
-            "check the folder holds a causal LM and its tokenizer"
-            if local.exists()
-            else "is the id right and the hub reachable? Offline, pass a local folder to --model"
-        )
-        if "trust_remote_code" in first:
-            hint = "this model needs its own code: pass --trust-remote-code if you trust it"
-        raise AchillesError(f"could not load {where} {name!r}: {first} ({hint})") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(spec.model, local, e) from None
     if not spec.device_map:
         model.to(device)
     model.eval()
-    logger.info("loaded %s (%s, %s)", name, model.config.model_type, dtype)
+    logger.info("loaded %s (%s, %s)", spec.model, model.config.model_type, dtype)
     return LoadedModel(model, tokenizer, spec)
 
 

@@ -18,8 +18,8 @@ from achilles.commands.common import (
     text_of,
 )
 from achilles.identify import Identification
-from achilles.loading import load_model, tokenize
-from achilles.pipeline import find, identify_with, rank
+from achilles.loading import load_model
+from achilles.pipeline import find, identify_with, preflight, rank
 from achilles.ranking import Ranking
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ def _run_rank(args: argparse.Namespace) -> int:
     spec = model_spec(args)
     text = text_of(args)
     out = check_writable(args.out)
-    lm = load_model(spec)
+    skeleton = preflight(spec, text=text, rank_config=cfg)
+    lm = load_model(spec, tokenizer=skeleton.tokenizer)
     ranking, _ = rank(lm, text, cfg, progress=progress(args))
     ranking.save(out)
     top = ", ".join(f"{r.unit} ({r.score:.3g})" for r in ranking.neurons[:5])
@@ -67,8 +68,8 @@ def _run_identify(args: argparse.Namespace) -> int:
     text = text_of(args)
     out = check_writable(args.out)
     ranking = Ranking.load(args.ranking)
-    lm = load_model(spec)
-    tokenize(lm.tokenizer, text)  # refuse short text before any work
+    skeleton = preflight(spec, text=text, ranking=ranking)
+    lm = load_model(spec, tokenizer=skeleton.tokenizer)
     ident = identify_with(lm, text, ranking, cfg, progress=progress(args))
     ident.save(out)
     print(summarize(ident, out))
@@ -81,7 +82,8 @@ def _run_find(args: argparse.Namespace) -> int:
     spec = model_spec(args)
     text = text_of(args)
     out_dir = check_writable(Path(args.out_dir))
-    lm = load_model(spec)
+    skeleton = preflight(spec, text=text, rank_config=rcfg)
+    lm = load_model(spec, tokenizer=skeleton.tokenizer)
     ranking, ident = find(lm, text, rcfg, icfg, progress=progress(args))
     ranking.save(out_dir / "ranking.json")
     ident.save(out_dir / "identification.json")
