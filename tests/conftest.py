@@ -17,6 +17,10 @@ from achilles.config import ModelSpec  # noqa: E402
 from achilles.loading import LoadedModel  # noqa: E402
 
 
+# Tiny models: thread start-up costs more than the arithmetic it would split.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

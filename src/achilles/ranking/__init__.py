@@ -13,6 +13,12 @@ from achilles.ranking.base import Ranking, RankedUnit, Scores, rank_units
 
 METHODS: dict[str, str] = {
     "perturbation": "achilles.ranking.perturbation:perturbation_scores",
+    "activation": "achilles.ranking.activation:activation_scores",
+    "gradient": "achilles.ranking.gradient:gradient_scores",
+    "taylor": "achilles.ranking.gradient:taylor_scores",
+    "wanda": "achilles.ranking.wanda:wanda_scores",
+    "massive": "achilles.ranking.massive:massive_scores",
+    "random": "achilles.ranking.random:random_scores",
 }
 
 
