@@ -14,7 +14,7 @@ the output row and its bias), used as an oracle in tests and to export a lesione
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -144,3 +144,31 @@ def restore_weights_(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> 
     with torch.no_grad():
         for key, value in saved.items():
             model.get_parameter(key).copy_(value)
+
+
+@contextmanager
+def set_channels(
+    model: torch.nn.Module, values: Mapping[Unit, float | torch.Tensor]
+) -> Iterator[None]:
+    """Run the block with each unit's output channel replaced by a fixed value.
+
+    ``values[unit]`` is a scalar (the same at every position and batch row) or a tensor
+    broadcastable to ``[batch, T]``. Mean-ablation sets a channel to its mean over the
+    positions of a clean pass; an empty mapping registers no hook (the clean model).
+    """
+    by_module: dict[str, list[tuple[int, float | torch.Tensor]]] = {}
+    for u, v in values.items():
+        by_module.setdefault(u.module, []).append((u.channel, v))
+
+    def make(pairs: list[tuple[int, float | torch.Tensor]]):  # noqa: ANN202 - closure
+        def fn(out: torch.Tensor) -> torch.Tensor:
+            out = out.clone()
+            for c, v in pairs:
+                val = v.to(device=out.device, dtype=out.dtype) if isinstance(v, torch.Tensor) else v
+                out[..., c] = val
+            return out
+
+        return fn
+
+    with hooked(model, {m: make(p) for m, p in by_module.items()}):
+        yield

@@ -144,6 +144,7 @@ class UnitPool:
             "model_type": self.model_type,
             "components": list(self.components),
             "n_modules": len(self.sites),
+            "n_layers": len({s.layer for s in self.sites}),
             "n_units": self.n_units,
             "units_per_component": per_kind,
             "fingerprint": self.fingerprint,

@@ -1,0 +1,142 @@
+"""``analyze_run``: every analysis of one run folder, saved as ``analysis.json``.
+
+Model-free parts (locations, phase transition, numerical health) are always computed from
+``ranking.json`` + ``identification.json``; the parts that need the model (weights behind
+the units, controls, fp32 recheck) run only when a :class:`~achilles.loading.LoadedModel`
+is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from achilles.analysis.controls import mean_ablation, random_sets, recheck_fp32
+from achilles.analysis.locations import locations, n_layers_of
+from achilles.analysis.phase import DEFAULT_TOLERANCE, phase_transition
+from achilles.analysis.weights import MASSIVE_RATIO, WEIGHT_KINDS, unit_weights
+from achilles.identify import Identification
+from achilles.io import SCHEMA_VERSION, environment, write_json
+from achilles.loading import LoadedModel, tokenize
+from achilles.ranking import Ranking
+from achilles.units import Unit
+
+logger = logging.getLogger(__name__)
+
+ANALYSIS_FILE = "analysis.json"
+LOW_PRECISION = ("bfloat16", "float16")
+
+
+def load_run(run_dir: str | Path) -> tuple[Ranking, Identification]:
+    """The ranking and identification of a run folder."""
+    run_dir = Path(run_dir)
+    return Ranking.load(str(run_dir / "ranking.json")), Identification.load(
+        str(run_dir / "identification.json")
+    )
+
+
+def final_set(ident: Identification) -> tuple[str, list[Unit]]:
+    """The set the controls are run on: the minimal set, else the critical set."""
+    if ident.minimal_set:
+        return "minimal", list(ident.minimal_set)
+    return "critical", list(ident.critical_set)
+
+
+def health(ident: Identification) -> dict[str, Any]:
+    """Numerical health of the run: dtype and non-finite curve points."""
+    bad = [p["n"] for p in ident.curve if not p.get("finite", True)]
+    return {
+        "dtype": ident.env.get("dtype"),
+        "curve_points": len(ident.curve),
+        "nonfinite_points": len(bad),
+        "nonfinite_n": bad,
+    }
+
+
+def analyze_run(
+    run_dir: str | Path,
+    lm: LoadedModel | None = None,
+    *,
+    top_n: int = 100,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seeds: int = 10,
+    top_k: int = 5,
+    massive_ratio: float = MASSIVE_RATIO,
+    max_weight_units: int = 50,
+    fp32: bool | None = None,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Analyse a run folder and (by default) write ``RUN_DIR/analysis.json``.
+
+    Args:
+        run_dir: folder holding ``ranking.json`` and ``identification.json``.
+        lm: the run's model; without it the weights and controls sections are ``None``.
+        top_n: size of the ranking prefix whose layer distribution is reported.
+        tolerance: drop size (orders of magnitude) above which the curve is non-monotone.
+        seeds: number of random same-module sets in the random control.
+        top_k: weight entries listed per unit.
+        massive_ratio: threshold of the massive-activation flag.
+        max_weight_units: at most this many critical units get a weight profile.
+        fp32: recheck the final set in float32 (default: when the run's dtype is bf16/fp16).
+        write: write ``analysis.json``.
+    """
+    run_dir = Path(run_dir)
+    ranking, ident = load_run(run_dir)
+    n_layers = n_layers_of(ranking.pool, ranking.units)
+    which, final = final_set(ident)
+    out: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "analysis",
+        "run": {
+            "model": ident.config.get("model", {}).get("model"),
+            "epsilon": ident.epsilon,
+            "n_star": ident.n_star,
+            "final_set": which,
+            "final_size": len(final),
+        },
+        "locations": locations(ident.critical_set, ranking.units, n_layers, top_n),
+        "phase": phase_transition(ident.curve, tolerance=tolerance).to_dict(),
+        "health": health(ident),
+        "weights": None,
+        "controls": None,
+        "env": environment(lm.model if lm is not None else None),
+    }
+    if lm is not None:
+        t0 = time.perf_counter()
+        from achilles.pipeline import pool_for_ranking
+
+        text = ident.config.get("text")
+        if not isinstance(text, str):
+            raise ValueError(f"{run_dir}/identification.json has no config.text to analyse on")
+        pool = pool_for_ranking(lm, ranking)
+        ids = tokenize(lm.tokenizer, text)
+        crit = pool.validate(ident.critical_set, source="the critical set")[:max_weight_units]
+        final = pool.validate(final, source="the final set")
+        out["weights"] = {
+            "kinds": list(WEIGHT_KINDS),
+            "top_k": top_k,
+            "massive_threshold": massive_ratio,
+            "units": [
+                w.to_dict()
+                for w in unit_weights(
+                    lm.model, ids, crit, top_k=top_k, massive_ratio=massive_ratio
+                )
+            ],
+        }
+        dtype = str(lm.dtype).removeprefix("torch.")
+        do_fp32 = dtype in LOW_PRECISION if fp32 is None else fp32
+        controls: dict[str, Any] = {"set": which, "n_units": len(final)}
+        controls["mean_ablation"] = mean_ablation(lm.model, pool, ids, final).to_dict()
+        controls["random_sets"] = (
+            random_sets(lm.model, pool, ids, final, seeds=seeds).to_dict() if final else None
+        )
+        controls["fp32"] = (
+            recheck_fp32(lm, text, final, pool=pool).to_dict() if do_fp32 and final else None
+        )
+        out["controls"] = controls
+        out["model_seconds"] = time.perf_counter() - t0
+    if write:
+        write_json(run_dir / ANALYSIS_FILE, out)
+    return out

@@ -1,0 +1,138 @@
+"""The weights behind a critical unit, and whether it is a massive-activation channel.
+
+For a unit that is output channel ``c`` of a ``Linear`` (row ``c`` of ``weight``) or of a
+transformers ``Conv1D`` (column ``c``, GPT-2), this module reports:
+
+* the ``top_k`` largest ``|w|`` entries of that row (input index and signed value) and
+  ``max|w| / median|w|`` over the row: a **super weight** check (Yu et al. 2024), where a
+  single scalar dominates the row that writes a critical channel;
+* the **driving input channel** on the text: with the module's input ``x`` captured on a
+  clean pass, at the position ``p`` where ``|y_c|`` peaks, the ``j`` maximising
+  ``|W[c, j] · x[p, j]|``, its contribution and its share of ``Σ_j |W[c, j] · x[p, j]|``;
+* the **massive-activation** check (Sun et al. 2024): ``|y_c[p]|`` divided by the median
+  ``|y|`` of the whole module output (all positions, all channels). ``massive`` is
+  ``ratio >= MASSIVE_RATIO`` (100×; massive activations in real LLMs are ~10^3-10^4×).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from achilles.hooks import recorded
+from achilles.units import Unit
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_KINDS: tuple[str, ...] = ("mlp.down", "attn.o")
+"""Component kinds whose units are residual-stream channels written by one weight row."""
+
+MASSIVE_RATIO = 100.0
+"""|output| at the peak over the module's median |output| at or above which a unit is massive."""
+
+
+@dataclass(frozen=True)
+class UnitWeights:
+    """Weight row and activation facts of one unit (see the module docstring)."""
+
+    unit: Unit
+    top_inputs: list[int]
+    top_weights: list[float]
+    max_over_median_weight: float
+    peak_position: int
+    peak_output: float
+    driver_input: int
+    driver_contribution: float
+    driver_share: float
+    driver_in_top_weights: bool
+    massive_ratio: float
+    massive: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(self.unit.to_dict())
+        del d["unit"]
+        return d
+
+
+def weight_row(module: torch.nn.Module, channel: int) -> torch.Tensor | None:
+    """The weights producing output ``channel`` (float32 CPU), or ``None`` if unsupported."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None
+    if isinstance(module, torch.nn.Linear):
+        return w[channel].detach().float().cpu()
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight [in, out]
+        return w[:, channel].detach().float().cpu()
+    return None
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else float("inf")
+
+
+def unit_weights(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    units: Sequence[Unit],
+    *,
+    kinds: Sequence[str] = WEIGHT_KINDS,
+    top_k: int = 5,
+    massive_ratio: float = MASSIVE_RATIO,
+) -> list[UnitWeights]:
+    """Weight rows, driving inputs and massive-activation ratios of ``units`` of ``kinds``.
+
+    Units of other kinds, or whose module is not a ``Linear``/``Conv1D``, are skipped (logged).
+    One clean forward pass over ``input_ids`` ``[1, T]`` records the modules' inputs/outputs.
+    """
+    chosen = []
+    for u in units:
+        if u.component not in kinds:
+            continue
+        if weight_row(model.get_submodule(u.module), u.channel) is None:
+            logger.info("skipping %s: its module has no weight row", u)
+            continue
+        chosen.append(u)
+    if not chosen:
+        return []
+    names = list(dict.fromkeys(u.module for u in chosen))
+    dev = model.get_input_embeddings().weight.device
+    with recorded(model, names) as rec, torch.no_grad():
+        model(input_ids=input_ids.to(dev), use_cache=False)
+    out: list[UnitWeights] = []
+    for u in chosen:
+        row = weight_row(model.get_submodule(u.module), u.channel)
+        assert row is not None
+        x, y = rec[u.module]  # [1, T, in], [1, T, out]
+        x, y = x[0], y[0]
+        absw = row.abs()
+        k = min(top_k, absw.numel())
+        top = torch.topk(absw, k).indices
+        yc = y[:, u.channel]
+        p = int(yc.abs().argmax())
+        contrib = row * x[p]
+        j = int(contrib.abs().argmax())
+        total = float(contrib.abs().sum())
+        med_out = float(y.abs().median())
+        ratio = _ratio(float(yc[p].abs()), med_out)
+        out.append(
+            UnitWeights(
+                unit=u,
+                top_inputs=top.tolist(),
+                top_weights=row[top].tolist(),
+                max_over_median_weight=_ratio(float(absw.max()), float(absw.median())),
+                peak_position=p,
+                peak_output=float(yc[p]),
+                driver_input=j,
+                driver_contribution=float(contrib[j]),
+                driver_share=_ratio(float(contrib[j].abs()), total) if total > 0 else 0.0,
+                driver_in_top_weights=j in set(top.tolist()),
+                massive_ratio=ratio,
+                massive=ratio >= massive_ratio,
+            )
+        )
+    return out

@@ -1,0 +1,54 @@
+"""``achilles report``: analyses, figures and ``report.md`` / ``report.html`` for a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from achilles.config import ModelSpec, add_arguments, from_args
+from achilles.errors import AchillesError
+from achilles.loading import load_model
+
+logger = logging.getLogger(__name__)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from achilles.report import write_report
+
+    run_dir = Path(args.run_dir)
+    for name in ("ranking.json", "identification.json"):
+        if not (run_dir / name).is_file():
+            raise AchillesError(f"{run_dir} has no {name}: point at a folder written by `achilles find`")
+    lm = load_model(from_args(ModelSpec, args)) if getattr(args, "model", None) else None
+    files = write_report(
+        run_dir, lm, top_n=args.top_n, seeds=args.seeds, tolerance=args.tolerance,
+        fp32=args.fp32,
+    )
+    print(f"written: {files.markdown}\nwritten: {files.html}\nwritten: {files.analysis}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="analyses, figures and report.md/report.html for a run folder",
+        description="Analyse a run folder (layer distribution, phase transition; with --model "
+        "also the weights behind the units and the controls: mean-ablation, random same-module "
+        "sets, fp32 recheck) and write RUN_DIR/analysis.json, RUN_DIR/figures/*.png, "
+        "RUN_DIR/report.md and a self-contained RUN_DIR/report.html.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `achilles find`")
+    p.add_argument("--model", default=None,
+                   help="the run's model (folder or hub id): enables weights and controls")
+    add_arguments(p, ModelSpec, exclude=("model",))
+    g = p.add_argument_group("analysis")
+    g.add_argument("--top-n", type=int, default=100, help="ranking prefix for the layer figure (default: 100)")
+    g.add_argument("--seeds", type=int, default=10, help="random same-module sets (default: 10)")
+    g.add_argument("--tolerance", type=float, default=0.1,
+                   help="drop in Δ counted as non-monotone (default: 0.1)")
+    g.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=None,
+                   help="recheck the final set in float32 (default: when the run used bf16/fp16)")
+    g.add_argument("--quiet", action="store_true", help="warnings only")
+    g.add_argument("--verbose", action="store_true", help="debug logging")
+    p.set_defaults(run=_run_report)
