@@ -19,8 +19,10 @@ from achilles.errors import AchillesError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "achilles.commands.core",
+    "achilles.commands.demo",
     "achilles.commands.ppl",
     "achilles.commands.compare",
+    "achilles.commands.downstream",
     "achilles.commands.sweep",
     "achilles.commands.robustness",
     "achilles.commands.overlap",
@@ -42,11 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (tests swap it between calls)."""
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def _configure_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     if getattr(args, "verbose", False):
         level = logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     if getattr(args, "quiet", False):
         import transformers
 

@@ -1,0 +1,68 @@
+"""``achilles probe``: next-token probabilities as critical units are masked (Figure 1)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from achilles.commands.common import add_common, check_writable, model_spec
+from achilles.identify import Identification
+from achilles.loading import load_model
+from achilles.pipeline import preflight
+from achilles.probe import ProbeConfig, check_mask, mask_units, probe
+from achilles.sweep import parse_ints
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = ProbeConfig(
+        prompt=args.prompt,
+        target=args.target,
+        set=args.set,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        levels=parse_ints(args.levels, "--levels") if args.levels else None,
+    )
+    ident = Identification.load(args.mask)
+    cfg.resolve_levels(len(mask_units(ident, cfg.set)))  # refuse bad levels before loading
+    out = check_writable(args.out)
+    png = Path(args.plot) if args.plot else out.with_suffix(".png")
+    spec = model_spec(args)
+    skeleton = preflight(spec)  # bad input fails before loading
+    check_mask(skeleton.model, mask_units(ident, cfg.set), source=args.mask)
+    lm = load_model(spec, tokenizer=skeleton.tokenizer)
+    result = probe(lm, ident, cfg, source=args.mask)
+    result.save(str(out))
+    from achilles.plots.probe import plot_probe
+
+    plot_probe(result, png)
+    print(result.summary())
+    print(f"\nwritten: {out}, {png}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="next-token probabilities as critical units are masked one by one (Figure 1)",
+        description="For levels n = 0, 1, …, mask the first n units of an identification's "
+        "minimal (or critical) set and show the top-k next tokens after --prompt, the "
+        "probability and rank of --target (its first token), and a greedy continuation "
+        "generated under the same mask. Writes --out (JSON) and bar charts next to it (.png).",
+    )
+    add_common(p, text=False)
+    g = p.add_argument_group("probe")
+    g.add_argument("--prompt", required=True, help="raw prompt (no chat template), e.g. "
+                   "'What is the capital of France?'")
+    g.add_argument("--target", required=True, help="expected continuation, e.g. ' Paris' "
+                   "(scored by its first token)")
+    g.add_argument("--mask", required=True, help="identification.json whose set is masked")
+    g.add_argument("--set", choices=["minimal", "critical"], default="minimal",
+                   help="which set to mask, in its stored order (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=10, help="tokens shown per level (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=20,
+                   help="greedy continuation length per level, 0 for none (default: %(default)s)")
+    g.add_argument("--levels", default=None,
+                   help="comma-separated numbers of masked units (default: 0 up to the set size)")
+    g.add_argument("--out", required=True, help="probe JSON to write")
+    g.add_argument("--plot", default=None, help="bar-chart PNG (default: --out with .png)")
+    p.set_defaults(run=_run)

@@ -1,0 +1,55 @@
+"""Figure 1: next-token probability bars at each masking level, target highlighted."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from achilles.probe import ProbeResult  # noqa: E402
+
+
+def _label(token: str, limit: int = 12) -> str:
+    s = repr(token)[1:-1].replace(" ", "␣")  # make leading spaces visible
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def plot_probe(result: ProbeResult, path: str | Path, *, max_cols: int = 3) -> Path:
+    """One bar-chart panel per level (top-k tokens), written to ``path`` (PNG)."""
+    levels = result.levels
+    cols = min(max_cols, len(levels))
+    rows = math.ceil(len(levels) / cols)
+    k = max(len(lv.top) for lv in levels)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.5, 0.55 * k + 1.5) * cols, 3.6 * rows),
+                             squeeze=False)
+    ymax = max(t.prob for lv in levels for t in lv.top)
+    for ax, lv in zip(axes.flat, levels):
+        probs = [t.prob for t in lv.top]
+        colors = ["tab:red" if t.token_id == result.target_token_id else "tab:blue" for t in lv.top]
+        bars = ax.bar(range(len(probs)), probs, color=colors)
+        for b, p in zip(bars, probs):
+            ax.text(b.get_x() + b.get_width() / 2, p, f"{p:.3f}", ha="center", va="bottom",
+                    fontsize=7)
+        ax.set_xticks(range(len(probs)), [_label(t.token) for t in lv.top], rotation=60,
+                      ha="right", fontsize=8)
+        ax.set_ylim(0, min(1.0, ymax * 1.25))
+        ax.set_ylabel("next-token probability")
+        title = "unmasked" if lv.n_masked == 0 else f"{lv.n_masked} unit(s) masked"
+        ax.set_title(title)
+        ax.text(0.97, 0.95,
+                f"P({_label(result.target_token)!s}) = {lv.target_prob:.4g}\nrank #{lv.target_rank}",
+                transform=ax.transAxes, ha="right", va="top", fontsize=9,
+                bbox={"boxstyle": "round", "facecolor": "mistyrose", "alpha": 0.9})
+    for ax in list(axes.flat)[len(levels):]:
+        ax.axis("off")
+    fig.suptitle(f"Next token after {result.prompt!r} (target {result.target_token!r} in red; "
+                 f"masking the {result.set} set in order)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
