@@ -13,17 +13,20 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import gc
 import logging
 from typing import Any
 
 import torch
 
-from achilles.config import IdentifyConfig, RankConfig
+from achilles.batching import is_oom, model_devices
+from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
-from achilles.identify import Identification, identify
+from achilles.identify import Identification, MaskEvaluator, identify
 from achilles.io import environment
-from achilles.loading import LoadedModel, tokenize
+from achilles.loading import LoadedModel, inspect_model, load_model, tokenize
 from achilles.ranking import Ranking, get_method, rank_units
 from achilles.units import UnitPool, build_pool
 
@@ -73,6 +76,29 @@ def pool_for_ranking(lm: LoadedModel, ranking: Ranking) -> UnitPool:
     return pool
 
 
+def preflight(
+    spec: ModelSpec,
+    *,
+    text: str | None = None,
+    rank_config: RankConfig | None = None,
+    ranking: Ranking | None = None,
+) -> LoadedModel:
+    """Validate inputs against the model's config and tokenizer before loading weights.
+
+    Raises :class:`AchillesError` for a bad model path or id, a too-short text, an unknown or
+    missing component, or a ranking made on another model. Returns the weightless
+    (meta-device) model with its tokenizer; pass ``.tokenizer`` on to ``load_model``.
+    """
+    skeleton = inspect_model(spec)
+    if text is not None:
+        tokenize(skeleton.tokenizer, text)
+    if rank_config is not None:
+        build_pool(skeleton.model, rank_config.pool, rank_config.components)
+    if ranking is not None:
+        pool_for_ranking(skeleton, ranking)
+    return skeleton
+
+
 def identify_with(
     lm: LoadedModel,
     text: str,
@@ -87,14 +113,83 @@ def identify_with(
     units = pool.validate(ranking.units)
     input_ids = tokenize(lm.tokenizer, text)
     result = identify(lm.model, input_ids, pool, units, config, progress=progress)
+    if config.fp32_check and lm.dtype != torch.float32:
+        result.fp32_check = fp32_check(lm, input_ids, pool, result)
     result.config = {
         "model": _model_record(lm),
         "text": text,
         "identify": dataclasses.asdict(config),
         "ranking": {"method": ranking.method, **ranking.config.get("rank", {})},
+        "pool": ranking.pool,
     }
     result.env = environment(lm.model)
     return result
+
+
+def fp32_model(lm: LoadedModel) -> torch.nn.Module:
+    """A float32 copy of ``lm.model``, for re-measuring a low-precision run.
+
+    On CUDA the model is reloaded from ``lm.spec`` in float32 with the same device or
+    ``device_map``: the GPUs must hold the float32 weights next to the running ones (4 bytes
+    per parameter, e.g. 32 GB more for an 8B model). Elsewhere, or when the spec cannot be
+    reloaded (a model built in memory), the model is deep-copied and upcast (host memory:
+    the copy, 4 bytes per parameter).
+    """
+    if any(d.type == "cuda" for d in model_devices(lm.model)):
+        try:
+            return load_model(dataclasses.replace(lm.spec, dtype="float32")).model
+        except AchillesError as e:
+            logger.warning("fp32 check: cannot reload %s (%s); upcasting a copy", lm.spec.model, e)
+    return copy.deepcopy(lm.model).float().eval()
+
+
+def fp32_check(
+    lm: LoadedModel, input_ids: torch.Tensor, pool: UnitPool, result: Identification
+) -> dict[str, Any] | None:
+    """Δ of the final set (minimal, else critical) of a non-float32 run, re-measured in float32.
+
+    ``agree`` says whether float32 gives the same verdict (Δ ≥ ε or not) as the run's dtype.
+    Returns ``None`` when no set was found. An out-of-memory error while building or running
+    the float32 copy is recorded (``error``) rather than raised: the run's result stands.
+    """
+    units = result.minimal_set or result.critical_set
+    if not units:
+        return None
+    which = "minimal" if result.minimal_set else "critical"
+    delta_run = result.delta_minimal if result.minimal_set else result.delta_critical
+    record: dict[str, Any] = {
+        "dtype_run": str(lm.dtype).removeprefix("torch."),
+        "set": which,
+        "n": len(units),
+        "epsilon": result.epsilon,
+        "delta_run": delta_run,
+    }
+    model32 = ev = None
+    try:
+        model32 = fp32_model(lm)
+        modules = list(dict.fromkeys(u.module for u in units))
+        ev = MaskEvaluator(model32, pool, input_ids, modules=modules, batch_size=1)
+        delta32 = ev.measure([units])[0].delta
+        base32 = ev.baseline_nll / ev.tokens
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded, the rest raises
+        if not is_oom(e):
+            raise
+        logger.warning("fp32 check skipped: out of memory for the float32 copy")
+        record.update(delta_fp32=None, agree=None, error="out of memory for the float32 copy")
+        return record
+    finally:
+        model32 = ev = None  # free the float32 copy before returning
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    eps = result.epsilon
+    record.update(
+        delta_fp32=delta32,
+        baseline_nll_fp32=base32,
+        agree=(delta_run is not None and delta_run >= eps) == (delta32 >= eps),
+    )
+    logger.info("fp32 check: Δ %s=%.4g, float32=%.4g", record["dtype_run"], delta_run, delta32)
+    return record
 
 
 def find(

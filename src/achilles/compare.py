@@ -1,0 +1,177 @@
+"""Compare ranking methods by the perplexity their top-n masks cause (the paper's Figure 3).
+
+Every method ranks the **same** unit pool (the rank configuration with only ``method``
+replaced), every mask is applied with the same operator (:func:`achilles.masking.masked`),
+and every perplexity comes from **one** shared :class:`PerplexityEvaluator`, so the curves
+differ only by which units each method puts first. ``random`` is run ``random_runs`` times
+with seeds ``seed .. seed + runs - 1`` and reported as mean ± sample sd of perplexity.
+Levels above a ranking's length (the pool size or ``--keep``) are skipped and reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from achilles.config import RankConfig
+from achilles.errors import AchillesError
+from achilles.evaluation.perplexity import PerplexityEvaluator, PerplexityResult
+from achilles.io import SCHEMA_VERSION, environment, write_json
+from achilles.loading import LoadedModel
+from achilles.pipeline import rank
+from achilles.ranking import Ranking
+from achilles.units import UnitPool
+
+logger = logging.getLogger(__name__)
+
+RANDOM = "random"
+
+
+@dataclass
+class Comparison:
+    """Perplexity vs number of masked units, per ranking method (``comparison.json``)."""
+
+    levels: list[int]
+    baseline: dict[str, Any]
+    methods: dict[str, list[dict[str, Any]]]
+    random: dict[str, Any] | None
+    skipped: list[dict[str, Any]]
+    pool: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "comparison",
+            "config": self.config,
+            "env": self.env,
+            "pool": self.pool,
+            "levels": self.levels,
+            "baseline": self.baseline,
+            "methods": self.methods,
+            "random": self.random,
+            "skipped": self.skipped,
+        }
+
+    def save(self, path: str) -> None:
+        write_json(path, self.to_dict())
+
+
+def _point(n: int, r: PerplexityResult) -> dict[str, Any]:
+    return {"n": n, "ppl": r.ppl, "log10_ppl": r.log10_ppl, "nll": r.nll,
+            "nonfinite_windows": r.nonfinite_windows}
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample sd; non-finite inputs make both non-finite (never dropped)."""
+    if any(not math.isfinite(x) for x in xs):
+        bad = math.nan if any(math.isnan(x) for x in xs) else math.inf
+        return bad, math.nan
+    if len(xs) == 1:
+        return xs[0], 0.0
+    return statistics.fmean(xs), statistics.stdev(xs)
+
+
+def parse_levels(s: str) -> list[int]:
+    """``"1,2,5,10"`` -> sorted unique positive ints."""
+    try:
+        levels = sorted({int(x) for x in s.split(",") if x.strip()})
+    except ValueError:
+        raise AchillesError(f"--levels {s!r}: give comma-separated integers, e.g. 1,2,5,10") from None
+    if not levels or levels[0] < 1:
+        raise AchillesError(f"--levels {s!r}: give positive integers, e.g. 1,2,5,10")
+    return levels
+
+
+def compare(
+    lm: LoadedModel,
+    text: str,
+    rank_config: RankConfig,
+    methods: Sequence[str],
+    levels: Sequence[int],
+    evaluator: PerplexityEvaluator,
+    *,
+    random_runs: int = 10,
+    progress: bool = False,
+) -> Comparison:
+    """Rank with each method, mask its top-n at each level, and measure perplexity."""
+    if not methods:
+        raise AchillesError("--methods is empty: name at least one ranking method")
+    if random_runs < 1:
+        raise AchillesError("--random-runs must be >= 1")
+    rankings: dict[str, list[Ranking]] = {}
+    pools: list[UnitPool] = []
+    for m in methods:
+        seeds = (
+            [rank_config.seed + k for k in range(random_runs)] if m == RANDOM else [rank_config.seed]
+        )
+        rankings[m] = []
+        for s in seeds:
+            logger.info("ranking with %s (seed %d)", m, s)
+            ranking, pool = rank(lm, text, dataclasses.replace(rank_config, method=m, seed=s),
+                                 progress=progress)
+            rankings[m].append(ranking)
+            pools.append(pool)
+    pool = pools[0]
+    if any(p.fingerprint != pool.fingerprint for p in pools):  # pragma: no cover - invariant
+        raise RuntimeError("ranking methods produced different unit pools")
+
+    baseline = evaluator.evaluate()
+    logger.info("baseline perplexity %.6g", baseline.ppl)
+    result_methods: dict[str, list[dict[str, Any]]] = {}
+    random_block: dict[str, Any] | None = None
+    skipped: list[dict[str, Any]] = []
+    for m, runs in rankings.items():
+        available = len(runs[0].neurons)
+        points: list[dict[str, Any]] = []
+        for n in levels:
+            if n > available:
+                why = (f"the pool has {pool.n_units} units" if n > pool.n_units
+                       else f"only the top {available} units were kept (--keep)")
+                skipped.append({"method": m, "n": n, "reason": why})
+                continue
+            per_run = [evaluator.evaluate(pool, r.units[:n]) for r in runs]
+            if m == RANDOM:
+                ppls = [r.ppl for r in per_run]
+                mean, sd = _mean_sd(ppls)
+                lmean, lsd = _mean_sd([r.log10_ppl for r in per_run])
+                points.append({
+                    "n": n, "ppl_mean": mean, "ppl_sd": sd, "log10_ppl_mean": lmean,
+                    "log10_ppl_sd": lsd, "ppl_runs": ppls,
+                    "nonfinite_runs": sum(not r.finite for r in per_run),
+                })
+            else:
+                points.append(_point(n, per_run[0]))
+            logger.info("%s n=%d: %s", m, n, points[-1].get("ppl", points[-1].get("ppl_mean")))
+        if m == RANDOM:
+            random_block = {
+                "runs": len(runs), "seeds": [r.config["rank"]["seed"] for r in runs],
+                "levels": points,
+            }
+        else:
+            result_methods[m] = points
+    if skipped:
+        logger.warning("skipped levels: %s", ", ".join(f"{s['method']}@{s['n']}" for s in skipped))
+    return Comparison(
+        levels=list(levels),
+        baseline=baseline.summary(),
+        methods=result_methods,
+        random=random_block,
+        skipped=skipped,
+        pool={**pool.summary()},
+        config={
+            "model": dataclasses.asdict(lm.spec),
+            "text": text,
+            "rank": dataclasses.asdict(rank_config),
+            "methods": list(methods),
+            "random_runs": random_runs,
+            "perplexity": evaluator.settings(),
+        },
+        env=environment(lm.model),
+    )

@@ -1,0 +1,1 @@
+"""Figures from result files (headless matplotlib; no computation here)."""
