@@ -88,6 +88,11 @@ def _run_find(args: argparse.Namespace) -> int:
     ranking.save(out_dir / "ranking.json")
     ident.save(out_dir / "identification.json")
     print(summarize(ident, out_dir))
+    if args.report:
+        from achilles.report import write_report
+
+        files = write_report(out_dir, lm, fp32=False)  # identify already re-checks in fp32
+        print(f"report: {files.html}")
     return 0
 
 
@@ -125,4 +130,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_rank_options(p)  # its --batch-size serves both stages
     add_identify_options(p, prefix_batch=False)
     p.add_argument("--out-dir", required=True, help="run folder to write")
+    p.add_argument(
+        "--report", action=argparse.BooleanOptionalAction, default=True,
+        help="also write the analyses, figures and report.md/report.html (default: on)",
+    )
     p.set_defaults(run=_run_find)
