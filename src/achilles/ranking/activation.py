@@ -17,30 +17,11 @@ import torch
 
 from achilles.config import RankConfig
 from achilles.hooks import hooked
-from achilles.ranking.base import Scores
+from achilles.ranking.base import Scores, reduce_positions  # noqa: F401 - re-exported
 from achilles.ranking.perturbation import decoder
 from achilles.units import UnitPool
 
 logger = logging.getLogger(__name__)
-
-
-def reduce_positions(per_pos: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reduce ``[T, C]`` per-position scores to ``[C]`` as stage 1 does.
-
-    Args:
-        per_pos: float32 scores of each channel at each position.
-        reduce: ``"max"`` (largest score over positions) or ``"mean"``.
-
-    Returns:
-        ``(values [C] float32, positions [C] long)``; the position is the arg-max over
-        positions for both reductions, so reports can show where a unit peaked.
-    """
-    peak, pos = per_pos.max(0)
-    if reduce == "max":
-        return peak, pos
-    if reduce == "mean":
-        return per_pos.mean(0), pos
-    raise ValueError(f"unknown reduce {reduce!r}: expected 'max' or 'mean'")
 
 
 @torch.no_grad()
@@ -84,10 +65,5 @@ def activation_scores(
         One float32 score per unit, with the position of its largest ``|a|``.
     """
     acts = capture_outputs(model, input_ids, pool)
-    values: dict[str, torch.Tensor] = {}
-    positions: dict[str, torch.Tensor] = {}
-    for s in pool.sites:
-        v, p = reduce_positions(acts[s.module].abs(), config.reduce)
-        values[s.module], positions[s.module] = v, p
-    logger.debug("activation: scored %d units on %d tokens", pool.n_units, input_ids.shape[1])
-    return Scores(values, positions)
+    logger.debug("activation: scoring %d units on %d tokens", pool.n_units, input_ids.shape[1])
+    return Scores.from_positions(pool, config.reduce, lambda m: acts[m].abs())

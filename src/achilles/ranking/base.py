@@ -19,6 +19,25 @@ from achilles.io import SCHEMA_VERSION, decode_float, read_json, write_json
 from achilles.units import Unit, UnitPool
 
 
+def reduce_positions(per_pos: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduce ``[T, C]`` per-position scores to ``[C]`` as stage 1 does.
+
+    Args:
+        per_pos: float32 scores of each channel at each position.
+        reduce: ``"max"`` (largest score over positions) or ``"mean"``.
+
+    Returns:
+        ``(values [C] float32, positions [C] long)``; the position is the arg-max over
+        positions for both reductions, so reports can show where a unit peaked.
+    """
+    peak, pos = per_pos.max(0)
+    if reduce == "max":
+        return peak, pos
+    if reduce == "mean":
+        return per_pos.mean(0), pos
+    raise ValueError(f"unknown reduce {reduce!r}: expected 'max' or 'mean'")
+
+
 @dataclass
 class Scores:
     """Per-site unit scores: ``values[module]`` is float32 ``[width]`` (higher = more critical).
@@ -28,6 +47,17 @@ class Scores:
 
     values: dict[str, torch.Tensor]
     positions: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_positions(
+        cls, pool: UnitPool, reduce: str, per_position: Callable[[str], torch.Tensor]
+    ) -> Scores:
+        """Reduce each site's ``per_position(module)`` scores ``[T, C]`` over positions."""
+        values: dict[str, torch.Tensor] = {}
+        positions: dict[str, torch.Tensor] = {}
+        for s in pool.sites:
+            values[s.module], positions[s.module] = reduce_positions(per_position(s.module), reduce)
+        return cls(values, positions)
 
     def flat(self, pool: UnitPool) -> torch.Tensor:
         """All scores as one float32 CPU vector in pool order."""

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from achilles.config import RankConfig
 from achilles.hooks import hooked
-from achilles.ranking.activation import reduce_positions
 from achilles.ranking.base import Scores
 from achilles.units import UnitPool
 
@@ -118,12 +117,7 @@ def gradient_scores(
         One float32 score per unit, with the position of its largest ``|∂L/∂a|``.
     """
     _, grads = activations_and_grads(model, input_ids, pool)
-    values: dict[str, torch.Tensor] = {}
-    positions: dict[str, torch.Tensor] = {}
-    for s in pool.sites:
-        v, p = reduce_positions(grads[s.module].abs(), config.reduce)
-        values[s.module], positions[s.module] = v, p
-    return Scores(values, positions)
+    return Scores.from_positions(pool, config.reduce, lambda m: grads[m].abs())
 
 
 def taylor_scores(
@@ -147,9 +141,4 @@ def taylor_scores(
         One float32 score per unit, with the position of its largest ``|a · ∂L/∂a|``.
     """
     acts, grads = activations_and_grads(model, input_ids, pool)
-    values: dict[str, torch.Tensor] = {}
-    positions: dict[str, torch.Tensor] = {}
-    for s in pool.sites:
-        per_pos = (acts[s.module] * grads[s.module]).abs()
-        values[s.module], positions[s.module] = reduce_positions(per_pos, config.reduce)
-    return Scores(values, positions)
+    return Scores.from_positions(pool, config.reduce, lambda m: (acts[m] * grads[m]).abs())

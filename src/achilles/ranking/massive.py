@@ -20,7 +20,7 @@ import logging
 import torch
 
 from achilles.config import RankConfig
-from achilles.ranking.activation import capture_outputs, reduce_positions
+from achilles.ranking.activation import capture_outputs
 from achilles.ranking.base import Scores
 from achilles.units import UnitPool
 
@@ -61,10 +61,9 @@ def massive_scores(
         position of its largest ``|a|``.
     """
     acts = capture_outputs(model, input_ids, pool)
-    values: dict[str, torch.Tensor] = {}
-    positions: dict[str, torch.Tensor] = {}
-    for s in pool.sites:
-        mag = acts.pop(s.module).abs_()  # [T, C]; pop: free each site once scored
-        rel = mag / median_magnitude(mag)
-        values[s.module], positions[s.module] = reduce_positions(rel, config.reduce)
-    return Scores(values, positions)
+
+    def relative(module: str) -> torch.Tensor:
+        mag = acts.pop(module).abs_()  # [T, C]; pop: free each site once scored
+        return mag / median_magnitude(mag)
+
+    return Scores.from_positions(pool, config.reduce, relative)
