@@ -9,6 +9,7 @@ function; here the work list must resume where it failed, so the loop is explici
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -23,40 +24,84 @@ CPU_TOKENS_PER_BATCH = 4096
 """On CPU, rows per batch are chosen so that a batch holds about this many tokens."""
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is an accelerator out-of-memory error."""
     if isinstance(e, torch.OutOfMemoryError):
         return True
     return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 
-def row_bytes_estimate(model: torch.nn.Module, tokens: int, widest_site: int) -> int:
+_is_oom = is_oom
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a batch of token ids or input embeddings must go: the embedding's device.
+
+    Under an accelerate ``device_map`` with offloading, the embedding weight may sit on the
+    ``meta`` device; its ``AlignDevicesHook`` then names the device it executes on.
+    """
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    if device.type == "meta":
+        hook = getattr(embed, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        if execution is not None:
+            return torch.device(execution)
+    return device
+
+
+def model_devices(model: torch.nn.Module) -> list[torch.device]:
+    """The devices holding the model's parameters (``meta``, i.e. offloaded, left out)."""
+    return sorted({p.device for p in model.parameters() if p.device.type != "meta"}, key=str)
+
+
+def free_cuda_bytes(device: torch.device) -> int:
+    """Bytes a new allocation can use on ``device``: free on the driver plus cached-unused."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def row_bytes_estimate(
+    model: torch.nn.Module, tokens: int, widest_site: int, *, logits: bool = True
+) -> int:
     """Rough activation bytes one row of ``tokens`` tokens needs in a forward pass.
 
     Counts a handful of live ``[T, hidden]`` and ``[T, intermediate]`` tensors in the model
     dtype, the float32 temporaries a scoring hook makes of its widest site, the attention
-    scores of one layer, and the float32 logits when a head is run.
+    scores of one layer, and (``logits=True``) the float32 logits when the LM head is run.
     """
     cfg = model.config
     get = lambda *names: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), 0)  # noqa: E731
     hidden = get("hidden_size", "n_embd")
     inter = get("intermediate_size", "n_inner") or 4 * hidden
     heads = get("num_attention_heads", "n_head") or 1
-    vocab = get("vocab_size")
+    vocab = get("vocab_size") if logits else 0
     elt = next(model.parameters()).element_size()
     per_token = elt * (8 * hidden + 3 * inter) + 4 * 3 * widest_site + 4 * 2 * vocab
     return int(tokens * per_token + elt * heads * tokens * tokens)
 
 
 def choose_batch_size(
-    model: torch.nn.Module, tokens: int, rows: int, widest_site: int, requested: int | None = None
+    model: torch.nn.Module,
+    tokens: int,
+    rows: int,
+    widest_site: int,
+    requested: int | None = None,
+    *,
+    logits: bool = True,
 ) -> int:
-    """Rows per forward pass: ``requested`` if given, else an estimate from free memory."""
+    """Rows per forward pass: ``requested`` if given, else an estimate from free memory.
+
+    On CUDA the estimate uses the *least* free memory over the GPUs holding the model (with
+    a ``device_map`` every GPU runs its layers on the whole batch); the memory already held
+    by the caller (stage 1's accumulators, say) is not free and so is accounted for.
+    """
     if requested is not None:
         return max(1, min(requested, rows))
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        per_row = row_bytes_estimate(model, tokens, widest_site)
+    cuda = [d for d in model_devices(model) if d.type == "cuda"]
+    if cuda:
+        free = min(free_cuda_bytes(d) for d in cuda)
+        per_row = row_bytes_estimate(model, tokens, widest_site, logits=logits)
         b = int(0.7 * free // max(per_row, 1))
     else:
         b = CPU_TOKENS_PER_BATCH // max(tokens, 1)
@@ -78,13 +123,19 @@ def run_batched(
     i = 0
     while i < len(items):
         chunk = items[i : i + batch_size]
+        oom = False
         try:
             fn(chunk)
         except Exception as e:  # noqa: BLE001 - re-raised unless it is an OOM
             if not _is_oom(e) or batch_size == 1:
                 raise
+            oom = True
+        if oom:
+            # Outside the except block: the exception's traceback (and the activations its
+            # frames hold) is gone, so the cache can really be released before the retry.
             batch_size = max(1, batch_size // 2)
             logger.warning("out of memory; retrying with batch size %d", batch_size)
+            gc.collect()  # frames of the failed pass may sit in reference cycles
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue

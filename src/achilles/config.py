@@ -112,6 +112,11 @@ class IdentifyConfig:
         "ε in 0.5,1,2,3,4 is read off one curve); 'inf' traces up to --max-neurons",
     )
     batch_size: int | None = opt(None, "masked copies per forward pass (default: from memory)")
+    fp32_check: bool = opt(
+        True,
+        "when the model is not float32, re-measure Δ of the final set in float32 (a float32 "
+        "copy of the model: on CUDA it is reloaded with the same device map, 2× the bf16 size)",
+    )
 
     def __post_init__(self) -> None:
         require(math.isfinite(self.epsilon) and self.epsilon > 0, "--epsilon must be > 0")

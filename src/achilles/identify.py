@@ -122,6 +122,8 @@ class Identification:
     config: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
     curve_complete: bool = True
+    fp32_check: dict[str, Any] | None = None
+    """Δ of the final set re-measured in float32 when the run was not (see ``pipeline``)."""
 
     @property
     def found(self) -> bool:
@@ -154,6 +156,7 @@ class Identification:
             "curve_complete": self.curve_complete,
             "curve": self.curve,
             "forward_passes": self.forward_passes,
+            "fp32_check": self.fp32_check,
         }
 
     def save(self, path: str) -> None:
@@ -184,7 +187,17 @@ class Identification:
             config=d.get("config", {}),
             env=d.get("env", {}),
             curve_complete=bool(d.get("curve_complete", True)),
+            fp32_check=_decode_check(d.get("fp32_check")),
         )
+
+
+def _decode_check(check: dict[str, Any] | None) -> dict[str, Any] | None:
+    if check is None:
+        return None
+    return {
+        k: decode_float(v) if k.startswith("delta") and v is not None else v
+        for k, v in check.items()
+    }
 
 
 def identify(

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from achilles.batching import input_device
+
 LN10 = math.log(10.0)
 
 
@@ -41,7 +43,7 @@ class NLLResult:
 
 
 def _model_input_device(model: torch.nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    return input_device(model)
 
 
 @torch.no_grad()
@@ -63,8 +65,8 @@ def sequence_nll(
             lg.reshape(-1, lg.shape[-1]), targets[i : i + logit_chunk].reshape(-1).to(lg.device),
             reduction="none",
         ).view(lg.shape[0], -1)
-        out.append(nll.sum(1).cpu())
-    return torch.cat(out)
+        out.append(nll.sum(1))
+    return torch.cat(out).cpu()  # one device sync per batch, not one per chunk
 
 
 def delta(nll_masked_sum: float, nll_clean_sum: float, tokens: int) -> float:

@@ -17,7 +17,7 @@ import torch
 
 from achilles.config import RankConfig
 from achilles.hooks import hooked
-from achilles.ranking.base import Scores, reduce_positions  # noqa: F401 - re-exported
+from achilles.ranking.base import Scores
 from achilles.ranking.perturbation import decoder
 from achilles.units import UnitPool
 
