@@ -114,8 +114,9 @@ class IdentifyConfig:
     batch_size: int | None = opt(None, "masked copies per forward pass (default: from memory)")
     fp32_check: bool = opt(
         True,
-        "when the model is not float32, re-measure Δ of the final set in float32 (a float32 "
-        "copy of the model: on CUDA it is reloaded with the same device map, 2× the bf16 size)",
+        "when the model is not float32, re-measure Δ of the final set in float32 (needs a "
+        "float32 copy next to the model, 4 bytes/parameter: reloaded with the same device map "
+        "above 2B parameters, else an upcast copy)",
     )
 
     def __post_init__(self) -> None:

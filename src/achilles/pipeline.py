@@ -13,7 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import logging
@@ -21,10 +20,10 @@ from typing import Any
 
 import torch
 
-from achilles.batching import is_oom, model_devices
+from achilles.batching import is_oom
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
-from achilles.identify import Identification, MaskEvaluator, identify
+from achilles.identify import Identification, identify
 from achilles.io import environment
 from achilles.loading import LoadedModel, inspect_model, load_model, tokenize
 from achilles.ranking import Ranking, get_method, rank_units
@@ -114,7 +113,7 @@ def identify_with(
     input_ids = tokenize(lm.tokenizer, text)
     result = identify(lm.model, input_ids, pool, units, config, progress=progress)
     if config.fp32_check and lm.dtype != torch.float32:
-        result.fp32_check = fp32_check(lm, input_ids, pool, result)
+        result.fp32_check = fp32_check(lm, text, pool, result)
     result.config = {
         "model": _model_record(lm),
         "text": text,
@@ -126,32 +125,21 @@ def identify_with(
     return result
 
 
-def fp32_model(lm: LoadedModel) -> torch.nn.Module:
-    """A float32 copy of ``lm.model``, for re-measuring a low-precision run.
-
-    On CUDA the model is reloaded from ``lm.spec`` in float32 with the same device or
-    ``device_map``: the GPUs must hold the float32 weights next to the running ones (4 bytes
-    per parameter, e.g. 32 GB more for an 8B model). Elsewhere, or when the spec cannot be
-    reloaded (a model built in memory), the model is deep-copied and upcast (host memory:
-    the copy, 4 bytes per parameter).
-    """
-    if any(d.type == "cuda" for d in model_devices(lm.model)):
-        try:
-            return load_model(dataclasses.replace(lm.spec, dtype="float32")).model
-        except AchillesError as e:
-            logger.warning("fp32 check: cannot reload %s (%s); upcasting a copy", lm.spec.model, e)
-    return copy.deepcopy(lm.model).float().eval()
-
-
 def fp32_check(
-    lm: LoadedModel, input_ids: torch.Tensor, pool: UnitPool, result: Identification
+    lm: LoadedModel, text: str, pool: UnitPool, result: Identification
 ) -> dict[str, Any] | None:
     """Δ of the final set (minimal, else critical) of a non-float32 run, re-measured in float32.
 
-    ``agree`` says whether float32 gives the same verdict (Δ ≥ ε or not) as the run's dtype.
-    Returns ``None`` when no set was found. An out-of-memory error while building or running
-    the float32 copy is recorded (``error``) rather than raised: the run's result stands.
+    The float32 model comes from :func:`achilles.analysis.controls.recheck_fp32`: an upcast
+    deep copy for models up to 2 B parameters, else (or under a ``device_map``) a reload of
+    ``lm.spec`` in float32 with the same device map. Either way the float32 weights (4 bytes
+    per parameter, 32 GB for 8B) must fit *next to* the running model. ``agree`` says whether
+    float32 gives the same verdict (Δ ≥ ε or not) as the run's dtype. Returns ``None`` when
+    no set was found. An out-of-memory error is recorded (``error``), not raised: the run's
+    result stands.
     """
+    from achilles.analysis.controls import recheck_fp32  # lazy: analysis builds on the pipeline
+
     units = result.minimal_set or result.critical_set
     if not units:
         return None
@@ -164,31 +152,26 @@ def fp32_check(
         "epsilon": result.epsilon,
         "delta_run": delta_run,
     }
-    model32 = ev = None
     try:
-        model32 = fp32_model(lm)
-        modules = list(dict.fromkeys(u.module for u in units))
-        ev = MaskEvaluator(model32, pool, input_ids, modules=modules, batch_size=1)
-        delta32 = ev.measure([units])[0].delta
-        base32 = ev.baseline_nll / ev.tokens
+        check = recheck_fp32(lm, text, units, pool=pool)
     except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded, the rest raises
         if not is_oom(e):
             raise
-        logger.warning("fp32 check skipped: out of memory for the float32 copy")
-        record.update(delta_fp32=None, agree=None, error="out of memory for the float32 copy")
+        logger.warning("fp32 check skipped: out of memory for the float32 model")
+        record.update(delta_fp32=None, agree=None, error="out of memory for the float32 model")
         return record
     finally:
-        model32 = ev = None  # free the float32 copy before returning
-        gc.collect()
+        gc.collect()  # the float32 model is unreferenced now; give its memory back
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     eps = result.epsilon
     record.update(
-        delta_fp32=delta32,
-        baseline_nll_fp32=base32,
-        agree=(delta_run is not None and delta_run >= eps) == (delta32 >= eps),
+        delta_fp32=check.delta_fp32,
+        baseline_nll_fp32=check.baseline_nll_fp32 / result.tokens,
+        model_fp32=check.method,
+        agree=(delta_run is not None and delta_run >= eps) == (check.delta_fp32 >= eps),
     )
-    logger.info("fp32 check: Δ %s=%.4g, float32=%.4g", record["dtype_run"], delta_run, delta32)
+    logger.info("fp32 check: Δ %s=%.4g, float32=%.4g", record["dtype_run"], delta_run, check.delta_fp32)
     return record
 
 
