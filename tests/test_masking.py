@@ -110,3 +110,19 @@ def test_masking_every_site_kind_runs(arch: str) -> None:
     with masked(model, pool, units):
         logits = _logits(model)
     assert logits.shape[:2] == IDS.shape
+
+
+def test_vectorised_prefix_masks_equal_explicit_unit_lists() -> None:
+    from achilles.masking import PrefixIndex
+
+    model = make_model("llama")
+    pool = build_pool(model, "paper")
+    ranking = pool.units(torch.randperm(pool.n_units, generator=torch.Generator().manual_seed(1))[:50].tolist())
+    sizes = [0, 1, 7, 23, 50]
+    explicit = ChannelMasker(model, pool, rows=len(sizes))
+    explicit.set_rows([ranking[:n] for n in sizes])
+    fast = ChannelMasker(model, pool, rows=len(sizes))
+    fast.set_prefixes(PrefixIndex.build(pool, ranking), sizes)
+    assert explicit._active == fast._active
+    for m in explicit._active:
+        assert torch.equal(explicit._masks[m], fast._masks[m])

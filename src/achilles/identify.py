@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from achilles.batching import choose_batch_size, run_batched
 from achilles.config import IdentifyConfig
 from achilles.io import SCHEMA_VERSION, decode_float, read_json, write_json
-from achilles.masking import ChannelMasker
+from achilles.masking import ChannelMasker, PrefixIndex
 from achilles.metrics import delta as delta_from_nll
 from achilles.metrics import sequence_nll
 from achilles.search import bisect_search, first_crossing, linear_search, minimize_set
@@ -79,27 +79,37 @@ class MaskEvaluator:
         self.baseline_nll = float(sequence_nll(model, input_ids)[0])
         self.forward_passes += 1
 
-    def nll(self, masks: Sequence[Sequence[Unit]]) -> list[float]:
-        """Summed NLL of the text under each mask."""
+    def _nll(self, items: Sequence[Any], install: Callable[[Sequence[Any]], None]) -> list[float]:
         out: list[float] = []
 
-        def run(chunk: Sequence[Sequence[Unit]]) -> None:
-            self.masker.set_rows(chunk)
+        def run(chunk: Sequence[Any]) -> None:
+            install(chunk)
             ids = self.input_ids.expand(len(chunk), -1)
             with self.masker.installed(self.modules):
                 out.extend(sequence_nll(self.model, ids).tolist())
             self.forward_passes += 1
 
         # after an OOM run_batched shrinks the batch; the masker's spare rows stay unused
-        self.batch_size = run_batched(list(masks), run, self.batch_size)
-        self.rows_evaluated += len(masks)
+        self.batch_size = run_batched(list(items), run, self.batch_size)
+        self.rows_evaluated += len(items)
         return out
 
+    def nll(self, masks: Sequence[Sequence[Unit]]) -> list[float]:
+        """Summed NLL of the text under each mask."""
+        return self._nll(masks, self.masker.set_rows)
+
+    def _measurements(self, nlls: Sequence[float]) -> list[Measurement]:
+        return [Measurement(delta_from_nll(n, self.baseline_nll, self.tokens), n) for n in nlls]
+
     def measure(self, masks: Sequence[Sequence[Unit]]) -> list[Measurement]:
-        return [
-            Measurement(delta_from_nll(n, self.baseline_nll, self.tokens), n)
-            for n in self.nll(masks)
-        ]
+        """Δ and NLL under each mask (a list of units)."""
+        return self._measurements(self.nll(masks))
+
+    def measure_prefixes(self, index: PrefixIndex, sizes: Sequence[int]) -> list[Measurement]:
+        """Δ and NLL with the first ``sizes[i]`` units of an indexed ranking masked."""
+        return self._measurements(
+            self._nll(sizes, lambda chunk: self.masker.set_prefixes(index, chunk))
+        )
 
 
 @dataclass
@@ -220,8 +230,10 @@ def identify(
     seen: dict[int, Measurement] = {}
     bar = tqdm(total=n_max, desc="stage 2: masking prefixes", disable=not progress)
 
+    index = PrefixIndex.build(pool, candidates)
+
     def prefix_objective(ns: Sequence[int]) -> list[float]:
-        ms = ev.measure([candidates[:n] for n in ns])
+        ms = ev.measure_prefixes(index, ns)
         for n, m in zip(ns, ms, strict=True):
             seen[n] = m
         bar.update(max(0, max(ns) - bar.n))

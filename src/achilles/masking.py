@@ -16,12 +16,31 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from achilles.errors import AchillesError
 from achilles.hooks import hooked
 from achilles.units import Unit, UnitPool
+
+
+@dataclass(frozen=True)
+class PrefixIndex:
+    """A ranking grouped by site: ``sites[module] = (ranks, channels)`` as long tensors."""
+
+    sites: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def build(cls, pool: UnitPool, ranking: Sequence[Unit]) -> PrefixIndex:
+        grouped: dict[str, tuple[list[int], list[int]]] = {}
+        for rank, u in enumerate(ranking):
+            if u.module not in pool.by_module:
+                raise AchillesError(f"cannot mask {u.module!r}: it is not in the unit pool")
+            ranks, chans = grouped.setdefault(u.module, ([], []))
+            ranks.append(rank)
+            chans.append(u.channel)
+        return cls({m: (torch.tensor(r), torch.tensor(c)) for m, (r, c) in grouped.items()})
 
 
 class ChannelMasker:
@@ -63,6 +82,34 @@ class ChannelMasker:
                     self._masks[u.module] = t
                 t[r, u.channel] = True
                 self._active.add(u.module)
+
+    def set_prefixes(self, index: PrefixIndex, sizes: Sequence[int]) -> None:
+        """Row ``r`` masks the first ``sizes[r]`` units of the ranking ``index`` was built on.
+
+        One comparison and one indexed write per site, so a long scan over the prefixes of a
+        large ranking spends no per-unit Python time.
+        """
+        if len(sizes) > self.rows:
+            raise ValueError(f"{len(sizes)} masks for a masker with {self.rows} rows")
+        for m in self._masks.values():
+            m.zero_()
+        self._active.clear()
+        self._device_masks.clear()
+        if not sizes:
+            return
+        n = torch.tensor(list(sizes)).unsqueeze(1)  # [R, 1]
+        row_ids = torch.arange(len(sizes)).unsqueeze(1)  # [R, 1]
+        for module, (ranks, chans) in index.sites.items():
+            on = ranks.unsqueeze(0) < n  # [R, k]: the site's k-th ranked unit is in row r's prefix
+            if not bool(on.any()):
+                continue
+            t = self._masks.get(module)
+            if t is None:
+                width = self.pool.sites[self.pool.by_module[module]].width
+                t = torch.zeros(self.rows, width, dtype=torch.bool)
+                self._masks[module] = t
+            t[row_ids.expand_as(on)[on], chans.expand_as(on)[on]] = True
+            self._active.add(module)
 
     def clear(self) -> None:
         self.set_rows([])

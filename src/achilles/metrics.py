@@ -42,10 +42,6 @@ class NLLResult:
         return self.mean / LN10
 
 
-def _model_input_device(model: torch.nn.Module) -> torch.device:
-    return input_device(model)
-
-
 @torch.no_grad()
 def sequence_nll(
     model: torch.nn.Module, input_ids: torch.Tensor, *, logit_chunk: int = 8
@@ -55,7 +51,7 @@ def sequence_nll(
     Every row is scored on its ``T - 1`` next-token predictions. Logits are upcast to
     float32 ``logit_chunk`` rows at a time, so the float32 copy never holds the whole batch.
     """
-    input_ids = input_ids.to(_model_input_device(model))
+    input_ids = input_ids.to(input_device(model))
     logits = model(input_ids=input_ids, use_cache=False).logits  # [B, T, V]
     targets = input_ids[:, 1:]
     out = []

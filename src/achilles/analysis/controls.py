@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from achilles.batching import input_device
 from achilles.config import ModelSpec
 from achilles.hooks import recorded
 from achilles.identify import MaskEvaluator
@@ -101,7 +102,7 @@ def _channel_means(
     model: torch.nn.Module, input_ids: torch.Tensor, units: Sequence[Unit]
 ) -> list[float]:
     names = list(dict.fromkeys(u.module for u in units))
-    dev = model.get_input_embeddings().weight.device
+    dev = input_device(model)
     with recorded(model, names) as rec, torch.no_grad():
         model(input_ids=input_ids.to(dev), use_cache=False)
     return [float(rec[u.module][1][0, :, u.channel].mean()) for u in units]

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from achilles.batching import input_device
 from achilles.hooks import recorded
 from achilles.units import Unit
 
@@ -100,7 +101,7 @@ def unit_weights(
     if not chosen:
         return []
     names = list(dict.fromkeys(u.module for u in chosen))
-    dev = model.get_input_embeddings().weight.device
+    dev = input_device(model)
     with recorded(model, names) as rec, torch.no_grad():
         model(input_ids=input_ids.to(dev), use_cache=False)
     out: list[UnitWeights] = []

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from achilles.batching import input_device
 from achilles.config import opt
 from achilles.errors import AchillesError, require
 from achilles.io import SCHEMA_VERSION, write_json
@@ -347,7 +348,7 @@ def sliding_windows(ids: torch.Tensor, max_length: int, stride: int) -> list[_Wi
 
 def window_nll(model: torch.nn.Module, windows: Sequence[_Window]) -> list[float]:
     """Summed float32 NLL of each window's targets (right-padded into one batch)."""
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     lengths = [int(w.ids.shape[0]) for w in windows]
     t = max(lengths)
     ids = torch.zeros(len(windows), t, dtype=torch.long)
