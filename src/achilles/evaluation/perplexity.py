@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from achilles.batching import input_device
+from achilles.batching import input_device, run_batched
 from achilles.config import opt
 from achilles.errors import AchillesError, require
 from achilles.io import SCHEMA_VERSION, write_json
@@ -286,13 +286,15 @@ class PerplexityEvaluator:
         sums = [0.0] * len(self.windows)
         order = sorted(range(len(self.windows)), key=lambda i: -self.windows[i].ids.shape[0])
         bar = tqdm(total=len(order), desc="perplexity", disable=not self.progress)
-        with ctx:
-            for k in range(0, len(order), self.batch_size):
-                idx = order[k : k + self.batch_size]
-                for i, s in zip(idx, window_nll(self.model, [self.windows[i] for i in idx]),
-                                strict=True):
-                    sums[i] = s
-                bar.update(len(idx))
+
+        def run(idx: Sequence[int]) -> None:
+            for i, s in zip(idx, window_nll(self.model, [self.windows[i] for i in idx]),
+                            strict=True):
+                sums[i] = s
+
+        with ctx, torch.no_grad():
+            # halves the batch on out-of-memory and keeps the smaller size for later masks
+            self.batch_size = run_batched(order, run, self.batch_size, on_progress=bar.update)
         bar.close()
         total = math.fsum(sums)
         finite = [(s, w) for s, w in zip(sums, self.windows, strict=True) if math.isfinite(s)]
