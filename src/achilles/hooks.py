@@ -102,33 +102,22 @@ def observed_io(model: torch.nn.Module, fns: Mapping[str, InputOutputFn]) -> Ite
 
 
 @contextmanager
-def recorded(model: torch.nn.Module, names: list[str] | tuple[str, ...]) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def recorded(
+    model: torch.nn.Module, names: Iterable[str]
+) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Record ``(first input, output)`` of each named module during the block.
 
     Yields a dict filled by the forward passes run inside the block: ``name -> (input,
-    output)``, detached float32 CPU copies of the **last** call of each module. Used by
-    analyses that need a module's input (e.g. which input channel drives an output).
+    output)``, detached float32 CPU copies of the **last** call of each module. Meant for a
+    few modules (the analyses of a critical set), not a whole pool.
     """
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise AchillesError(f"model has no module(s) {', '.join(missing[:5])}")
     store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
 
-    def make(name: str) -> Callable[..., None]:
-        def hook(_module: torch.nn.Module, inputs: tuple[object, ...], output: object) -> None:
-            x = inputs[0] if inputs else None
-            if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
-                raise AchillesError(f"module {name!r} does not map a tensor to a tensor")
-            store[name] = (x.detach().float().cpu(), output.detach().float().cpu())
+    def keep(name: str) -> InputOutputFn:
+        def fn(x: torch.Tensor, out: torch.Tensor) -> None:
+            store[name] = (x.detach().float().cpu(), out.detach().float().cpu())
 
-        return hook
+        return fn
 
-    try:
-        for name in names:
-            handles.append(modules[name].register_forward_hook(make(name)))
+    with observed_io(model, {n: keep(n) for n in names}):
         yield store
-    finally:
-        for h in handles:
-            h.remove()
