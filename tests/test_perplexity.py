@@ -85,44 +85,56 @@ def _stream(tok) -> list[int]:
     return list(tok("\n\n".join(DOCS)).input_ids)
 
 
+@pytest.mark.parametrize("window_bos", [False, True])
 @pytest.mark.parametrize("max_length,stride", [(32, 32), (32, 12), (256, 256)])
-def test_standard_matches_hand_computation(model, tok, max_length, stride):
+def test_standard_matches_hand_computation(model, tok, max_length, stride, window_bos):
     ids = _stream(tok)
+    bos = tok.bos_token_id
+    assert ids[0] == bos
     # independent window construction: token t is scored in the first window that holds it
-    # with at least one token of context before it.
+    # with at least one token of context before it; with window_bos, windows after the
+    # first are [BOS] + (max_length - 1) stream tokens.
     windows, scored = [], set()
     begin = 0
     while True:
-        end = min(begin + max_length, len(ids))
-        first = next((j for j in range(begin + 1, end) if j not in scored), None)
+        prefixed = window_bos and begin > 0
+        span = max_length - 1 if prefixed else max_length
+        end = min(begin + span, len(ids))
+        lo = begin if prefixed else begin + 1
+        first = next((j for j in range(lo, end) if j not in scored), None)
         if first is not None:
-            windows.append((ids[begin:end], first - begin))
+            window = ([bos] if prefixed else []) + ids[begin:end]
+            windows.append((window, first - begin + (1 if prefixed else 0)))
             scored.update(range(first, end))
         if end == len(ids):
             break
-        begin += stride
+        begin += min(stride, span)
     ref, n = hand_nll(model, windows)
-    res = evaluate_perplexity(model, tok, DOCS, max_length=max_length, stride=stride, batch_size=3)
+    res = evaluate_perplexity(model, tok, DOCS, max_length=max_length, stride=stride,
+                              batch_size=3, window_bos=window_bos)
     assert res.tokens == n
     assert res.windows == len(windows)
     assert math.isclose(res.nll_sum, ref, rel_tol=1e-5)
     assert math.isclose(res.ppl, math.exp(ref / n), rel_tol=1e-5)
     assert math.isclose(res.log10_ppl, ref / n / math.log(10), rel_tol=1e-5)
-    if stride == max_length:  # disjoint windows: each window's first token is not predicted
+    if stride == max_length and not window_bos:  # each window's first token is not predicted
         assert n == len(ids) - math.ceil(len(ids) / max_length)
     else:
         assert n == len(ids) - 1
     assert res.nonfinite_windows == 0
 
 
-def test_sliding_windows_score_each_token_once():
+@pytest.mark.parametrize("bos", [None, 999])
+def test_sliding_windows_score_each_token_once(bos):
     ids = torch.arange(100)
     for L, s in [(10, 10), (10, 3), (10, 1), (7, 5)]:
         targets = []
-        for w in sliding_windows(ids, L, s):
+        for w in sliding_windows(ids, L, s, bos=bos):
+            assert w.ids.shape[0] <= L
             targets += w.ids[w.first_target:].tolist()
+        assert bos not in targets
         assert len(targets) == len(set(targets))
-        if s < L:
+        if s < L or bos is not None:
             assert sorted(targets) == list(range(1, 100))
 
 
@@ -147,8 +159,10 @@ def test_paper_protocol(model, tok):
 
 
 def test_limits(model, tok):
-    res = evaluate_perplexity(model, tok, DOCS, max_length=16, max_tokens=50)
+    res = evaluate_perplexity(model, tok, DOCS, max_length=16, max_tokens=50, window_bos=False)
     assert res.tokens == 50 - math.ceil(50 / 16)
+    res = evaluate_perplexity(model, tok, DOCS, max_length=16, max_tokens=50)
+    assert res.tokens == 49  # BOS-opened windows: every token after the first is scored
     res = evaluate_perplexity(model, tok, DOCS, protocol="paper", max_samples=2)
     assert res.samples == 2
 

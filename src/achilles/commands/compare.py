@@ -19,7 +19,7 @@ from achilles.compare import RANDOM, compare, parse_levels
 from achilles.config import _parse_list, add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
-from achilles.evaluation.perplexity import PerplexityConfig, PerplexityEvaluator
+from achilles.evaluation.perplexity import PerplexityConfig, evaluator_from_config
 from achilles.loading import load_model, tokenize
 from achilles.plots.comparison import plot_comparison
 from achilles.ranking import METHODS
@@ -52,10 +52,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     corpus = load_corpus(pcfg.data, max_documents=pcfg.max_samples)
     lm = load_model(spec)
     tokenize(lm.tokenizer, text)  # refuse a short ranking text before any work
-    ev = PerplexityEvaluator(
-        lm.model, lm.tokenizer, corpus.documents, protocol=pcfg.protocol,
-        max_length=pcfg.max_length, stride=pcfg.stride, batch_size=pcfg.batch_size,
-        max_samples=pcfg.max_samples, max_tokens=pcfg.max_tokens, progress=False,
+    ev = evaluator_from_config(
+        lm.model, lm.tokenizer, corpus.documents, pcfg, progress=False
     )
     result = compare(lm, text, rcfg, methods, levels, ev, random_runs=args.random_runs,
                      progress=progress(args))

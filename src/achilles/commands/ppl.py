@@ -11,7 +11,7 @@ from achilles.config import add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
 from achilles.evaluation.masks import load_mask
-from achilles.evaluation.perplexity import PerplexityConfig, PerplexityEvaluator
+from achilles.evaluation.perplexity import PerplexityConfig, evaluator_from_config
 from achilles.io import environment, read_json
 from achilles.loading import load_model
 
@@ -57,10 +57,8 @@ def _run_ppl(args: argparse.Namespace) -> int:
     mask = None
     if args.mask is not None:
         mask = load_mask(lm, args.mask, top=args.top, set_name=args.set_name)
-    ev = PerplexityEvaluator(
-        lm.model, lm.tokenizer, corpus.documents, protocol=cfg.protocol,
-        max_length=cfg.max_length, stride=cfg.stride, batch_size=cfg.batch_size,
-        max_samples=cfg.max_samples, max_tokens=cfg.max_tokens, progress=progress(args),
+    ev = evaluator_from_config(
+        lm.model, lm.tokenizer, corpus.documents, cfg, progress=progress(args)
     )
     result = ev.evaluate(mask.pool if mask else None, mask.units if mask else ())
     result.config = {

@@ -71,6 +71,11 @@ class PerplexityConfig:
     batch_size: int = opt(4, "windows per forward pass")
     max_samples: int | None = opt(None, "use at most this many documents")
     max_tokens: int | None = opt(None, "use at most this many tokens")
+    window_bos: bool = opt(
+        True,
+        "open every sliding window with the tokenizer's BOS (when it adds one), as in "
+        "training; without it models whose first-token massive activations need BOS collapse",
+    )
 
     def __post_init__(self) -> None:
         require(self.max_length is None or self.max_length >= 2, "--max-length must be >= 2")
@@ -197,7 +202,7 @@ def model_max_positions(model: torch.nn.Module) -> int | None:
 
 
 def _token_ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text).input_ids)
+    return list(tokenizer(text, verbose=False).input_ids)  # long streams are windowed later
 
 
 class PerplexityEvaluator:
@@ -219,6 +224,7 @@ class PerplexityEvaluator:
         batch_size: int = 4,
         max_samples: int | None = None,
         max_tokens: int | None = None,
+        window_bos: bool = True,
         progress: bool = False,
     ) -> None:
         require(protocol in DEFAULT_MAX_LENGTH, f"unknown protocol {protocol!r}: standard or paper")
@@ -250,7 +256,10 @@ class PerplexityEvaluator:
             ids = _token_ids(tokenizer, "\n\n".join(docs))
             if max_tokens is not None:
                 ids = ids[:max_tokens]
-            self.windows = sliding_windows(torch.tensor(ids, dtype=torch.long), length, self.stride)
+            bos = leading_bos(tokenizer) if window_bos else None
+            self.windows = sliding_windows(
+                torch.tensor(ids, dtype=torch.long), length, self.stride, bos=bos
+            )
         self.samples = len(docs)
         if not self.windows:
             raise AchillesError("the evaluation text is too short: it gives no token to predict")
@@ -332,19 +341,45 @@ class PerplexityEvaluator:
         }
 
 
-def sliding_windows(ids: torch.Tensor, max_length: int, stride: int) -> list[_Window]:
-    """Windows of the HF guide over the 1-D stream ``ids``: each token scored at most once."""
+def leading_bos(tokenizer: Any) -> int | None:
+    """The BOS id if the tokenizer puts one in front of every text (Llama), else ``None``."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = list(tokenizer("a").input_ids)
+    return bos if ids and ids[0] == bos else None
+
+
+def sliding_windows(
+    ids: torch.Tensor, max_length: int, stride: int, *, bos: int | None = None
+) -> list[_Window]:
+    """Strided windows over the 1-D stream ``ids``; every token is scored at most once.
+
+    As in the HF perplexity guide, a window scores only the tokens no earlier window
+    scored, with the rest of the window as context. With ``bos``, every window after the
+    first (which starts with the stream's own BOS) is opened by ``bos``, which is never
+    scored; windows then hold ``max_length - 1`` stream tokens and advance by at most that.
+    """
     n = int(ids.shape[0])
     windows: list[_Window] = []
     prev_end = 0
-    for begin in range(0, n, stride):
-        end = min(begin + max_length, n)
-        first = max(prev_end - begin, 1)
-        if end - begin >= 2 and first < end - begin:
-            windows.append(_Window(ids[begin:end], first, -1))
+    begin = 0
+    while begin < n:
+        prefixed = bos is not None and begin > 0
+        span = max_length - 1 if prefixed else max_length
+        end = min(begin + span, n)
+        toks = ids[begin:end]
+        if prefixed:
+            toks = torch.cat([torch.tensor([bos], dtype=ids.dtype), toks])
+            first = max(prev_end - begin + 1, 1)  # window index k holds stream token begin+k-1
+        else:
+            first = max(prev_end - begin, 1)
+        if toks.shape[0] >= 2 and first < toks.shape[0]:
+            windows.append(_Window(toks, first, -1))
         prev_end = end
         if end == n:
             break
+        begin += min(stride, span)
     return windows
 
 
@@ -370,6 +405,22 @@ def window_nll(model: torch.nn.Module, windows: Sequence[_Window]) -> list[float
     return out
 
 
+def evaluator_from_config(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    cfg: PerplexityConfig,
+    *,
+    progress: bool = False,
+) -> PerplexityEvaluator:
+    """A :class:`PerplexityEvaluator` with every option taken from ``cfg``."""
+    return PerplexityEvaluator(
+        model, tokenizer, texts, protocol=cfg.protocol, max_length=cfg.max_length,
+        stride=cfg.stride, batch_size=cfg.batch_size, max_samples=cfg.max_samples,
+        max_tokens=cfg.max_tokens, window_bos=cfg.window_bos, progress=progress,
+    )
+
+
 def evaluate_perplexity(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -381,6 +432,7 @@ def evaluate_perplexity(
     batch_size: int = 4,
     max_samples: int | None = None,
     max_tokens: int | None = None,
+    window_bos: bool = True,
     pool: UnitPool | None = None,
     units: Sequence[Unit] = (),
     progress: bool = False,
@@ -388,6 +440,7 @@ def evaluate_perplexity(
     """Perplexity of ``model`` on ``texts`` (see the module docstring for the protocols)."""
     ev = PerplexityEvaluator(
         model, tokenizer, texts, protocol=protocol, max_length=max_length, stride=stride,
-        batch_size=batch_size, max_samples=max_samples, max_tokens=max_tokens, progress=progress,
+        batch_size=batch_size, max_samples=max_samples, max_tokens=max_tokens,
+        window_bos=window_bos, progress=progress,
     )
     return ev.evaluate(pool, units)

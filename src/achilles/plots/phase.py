@@ -49,7 +49,9 @@ def plot_phase(
         ax.plot(bad, [top - pad / 2] * len(bad), "x", color="red", ms=8, mew=2,
                 label=f"non-finite Δ ({len(bad)} point{'s' if len(bad) != 1 else ''})")
     if phase and phase.get("jump") is not None and phase.get("n_jump"):
-        nb, na = max(phase["n_before"], 0.5), phase["n_jump"]
+        na = phase["n_jump"]
+        # n = 0 (no mask) has no place on a log axis: draw a jump from it as a vertical arrow
+        nb = phase["n_before"] if phase["n_before"] > 0 else na
         ax.annotate(
             "", xy=(na, phase["delta_after"]), xytext=(nb, phase["delta_before"]),
             arrowprops={"arrowstyle": "->", "color": "#ff7f0e", "lw": 2},
