@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from achilles.io import decode_float  # noqa: E402
+from achilles.plots import save_figure
 
 
 def _f(x: Any) -> float:
@@ -64,7 +65,4 @@ def plot_comparison(data: dict[str, Any], path: str | Path, *, title: str | None
         fig.text(0.01, 0.01, "non-finite perplexity (not drawn): " + ", ".join(nonfinite),
                  fontsize=7, color="firebrick")
     fig.tight_layout(rect=(0, 0.04 if nonfinite else 0, 1, 1))
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi="figure")  # the figure was made at 150 dpi

@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from achilles.plots import save_figure
 
 
 def control_bars(controls: Mapping[str, Any]) -> list[tuple[str, float, float | None]]:
@@ -78,8 +79,4 @@ def plot_controls(controls: Mapping[str, Any], path: str | Path, *, epsilon: flo
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from achilles.plots import save_figure
 
 KIND_COLORS = {
     "mlp.down": "#d62728", "attn.o": "#1f77b4", "mlp.up": "#ff7f0e", "mlp.gate": "#2ca02c",
@@ -64,8 +65,4 @@ def plot_layers(loc: dict[str, Any], path: str | Path, *, title: str | None = No
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from achilles.probe import ProbeResult  # noqa: E402
+from achilles.plots import save_figure
 
 
 def _label(token: str, limit: int = 12) -> str:
@@ -49,7 +50,4 @@ def plot_probe(result: ProbeResult, path: str | Path, *, max_cols: int = 3) -> P
     fig.suptitle(f"Next token after {result.prompt!r} (target {result.target_token!r} in red; "
                  f"masking the {result.set} set in order)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

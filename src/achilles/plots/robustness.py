@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from achilles.robustness import Robustness  # noqa: E402
+from achilles.plots import save_figure
 
 
 def plot_robustness(result: Robustness, path: str | Path) -> Path:
@@ -46,7 +47,4 @@ def plot_robustness(result: Robustness, path: str | Path) -> Path:
     if np.isnan(np.array(result.jaccard_minimal, dtype=float)).any():
         fig.text(0.5, 0.0, "n/a: both sets empty (no collapse found on either text)",
                  ha="center", va="bottom", fontsize=8, color="dimgrey")
-    path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from achilles.sweep import SweepPoint, SweepResult  # noqa: E402
+from achilles.plots import save_figure
 
 
 def _panel(ax, pts: list[SweepPoint], x_attr: str, result: SweepResult, label: str | None) -> bool:  # noqa: ANN001
@@ -68,7 +69,4 @@ def plot_sweep(result: SweepResult, path: str | Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle("Sensitivity of the critical set to the stage-1 hyper-parameters")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
