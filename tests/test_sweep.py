@@ -11,7 +11,8 @@ import torch
 from achilles.cli import main
 from achilles.errors import AchillesError
 from achilles.overlap import jaccard
-from achilles.sweep import SweepConfig, parse_floats, point_name
+from achilles.config import parse_numbers
+from achilles.sweep import SweepConfig, point_name
 from tiny import TEXT, make_model, make_tokenizer
 
 # small enough for CPU, large enough that stage 2 finds a set on the memorised text
@@ -57,7 +58,7 @@ def test_grid_points() -> None:
     assert (7.0, 9) in SweepConfig(alphas=(1,), samples=(2,), anchor_alpha=7, anchor_samples=9).points()
     assert point_name(0.5, 25) == "alpha=0.5_K=25"
     with pytest.raises(AchillesError, match="--alpha"):
-        parse_floats("1,x", "--alpha")
+        parse_numbers("1,x", "--alpha", float)
     with pytest.raises(AchillesError, match="> 0"):
         SweepConfig(alphas=(0.0,))
 

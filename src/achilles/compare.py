@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from achilles.config import RankConfig
+from achilles.config import RankConfig, parse_numbers
 from achilles.errors import AchillesError
 from achilles.evaluation.perplexity import PerplexityEvaluator, PerplexityResult
 from achilles.io import SCHEMA_VERSION, environment, write_json
@@ -80,11 +80,8 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
 
 def parse_levels(s: str) -> list[int]:
     """``"1,2,5,10"`` -> sorted unique positive ints."""
-    try:
-        levels = sorted({int(x) for x in s.split(",") if x.strip()})
-    except ValueError:
-        raise AchillesError(f"--levels {s!r}: give comma-separated integers, e.g. 1,2,5,10") from None
-    if not levels or levels[0] < 1:
+    levels = sorted(set(parse_numbers(s, "--levels", int)))
+    if levels[0] < 1:
         raise AchillesError(f"--levels {s!r}: give positive integers, e.g. 1,2,5,10")
     return levels
 

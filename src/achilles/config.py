@@ -146,6 +146,17 @@ def _parse_list(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
+def parse_numbers(s: str, flag: str, kind: type = int) -> tuple:
+    """``"1,3,5"`` -> ``(1, 3, 5)`` of ``kind``; an :class:`AchillesError` naming ``flag`` otherwise."""
+    name = "integers" if kind is int else "numbers"
+    try:
+        vals = tuple(kind(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise AchillesError(f"{flag} takes a comma-separated list of {name}, got {s!r}") from None
+    require(bool(vals), f"{flag} is empty: give at least one value, e.g. {flag} 1,3,5")
+    return vals
+
+
 def _parse_float(s: str) -> float:
     try:
         return float(s)

@@ -36,26 +36,6 @@ from achilles.ranking import Ranking
 logger = logging.getLogger(__name__)
 
 
-def parse_floats(s: str, flag: str) -> tuple[float, ...]:
-    """``"1,3,5"`` -> ``(1.0, 3.0, 5.0)``; an :class:`AchillesError` naming ``flag`` otherwise."""
-    try:
-        vals = tuple(float(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise AchillesError(f"{flag} takes a comma-separated list of numbers, got {s!r}") from None
-    require(bool(vals), f"{flag} is empty: give at least one value, e.g. {flag} 1,3,5")
-    return vals
-
-
-def parse_ints(s: str, flag: str) -> tuple[int, ...]:
-    """``"25,50"`` -> ``(25, 50)``; an :class:`AchillesError` naming ``flag`` otherwise."""
-    try:
-        vals = tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise AchillesError(f"{flag} takes a comma-separated list of integers, got {s!r}") from None
-    require(bool(vals), f"{flag} is empty: give at least one value, e.g. {flag} 25,50")
-    return vals
-
-
 @dataclass(frozen=True)
 class SweepConfig:
     """The (α, K) grid of a sweep.

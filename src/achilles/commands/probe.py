@@ -10,7 +10,7 @@ from achilles.identify import Identification
 from achilles.loading import load_model
 from achilles.pipeline import preflight
 from achilles.probe import ProbeConfig, check_mask, mask_units, probe
-from achilles.sweep import parse_ints
+from achilles.config import parse_numbers
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -20,7 +20,7 @@ def _run(args: argparse.Namespace) -> int:
         set=args.set,
         top_k=args.top_k,
         max_new_tokens=args.max_new_tokens,
-        levels=parse_ints(args.levels, "--levels") if args.levels else None,
+        levels=parse_numbers(args.levels, "--levels", int) if args.levels else None,
     )
     ident = Identification.load(args.mask)
     cfg.resolve_levels(len(mask_units(ident, cfg.set)))  # refuse bad levels before loading

@@ -18,13 +18,14 @@ from achilles.config import RankConfig, add_arguments, from_args
 from achilles.loading import load_model
 from achilles.pipeline import preflight
 from achilles.ranking import METHODS
-from achilles.sweep import SweepConfig, parse_floats, parse_ints, run_sweep
+from achilles.config import parse_numbers
+from achilles.sweep import SweepConfig, run_sweep
 
 
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(
-        alphas=parse_floats(args.alpha_grid, "--alpha"),
-        samples=parse_ints(args.samples_grid, "--samples"),
+        alphas=parse_numbers(args.alpha_grid, "--alpha", float),
+        samples=parse_numbers(args.samples_grid, "--samples", int),
         grid=args.grid,
         anchor_alpha=args.anchor_alpha,
         anchor_samples=args.anchor_samples,
