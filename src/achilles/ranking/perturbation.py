@@ -158,14 +158,5 @@ def perturbation_scores(
         run_batched(range(config.samples), run, batch, on_progress=bar.update)
     bar.close()
 
-    values: dict[str, torch.Tensor] = {}
-    positions: dict[str, torch.Tensor] = {}
-    for s in pool.sites:
-        mean = total[s.module] / config.samples  # [T, C]
-        if config.reduce == "max":
-            v, p = mean.max(0)
-        else:
-            v, p = mean.mean(0), mean.argmax(0)
-        values[s.module] = v
-        positions[s.module] = p
-    return Scores(values, positions)
+    # mean over samples per (position, channel), then reduced over positions
+    return Scores.from_positions(pool, config.reduce, lambda m: total[m] / config.samples)
