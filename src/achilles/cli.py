@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -66,6 +67,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
     if getattr(args, "quiet", False):
         import transformers
 
+        os.environ["TQDM_DISABLE"] = "1"  # also silences lm-eval's and datasets' own bars
         transformers.utils.logging.disable_progress_bar()
     for noisy in ("transformers", "datasets", "accelerate", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -40,6 +40,7 @@ def _run_downstream(args: argparse.Namespace) -> int:
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     result = run_downstream(
         lm.model, lm.tokenizer, mask.pool, mask.units, levels, tasks, limit=limit,
+        add_bos=args.add_bos,
         batch_size=batch, include_path=args.include_path,
         num_fewshot=args.num_fewshot, confirm_run_unsafe_code=args.confirm_run_unsafe_code,
         bootstrap_iters=args.bootstrap_iters, seed=args.seed, task_manager=tm,
@@ -106,5 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--bootstrap-iters", type=int, default=100000,
                    help="bootstrap iterations for stderr (0: none; default: 100000)")
     g.add_argument("--seed", type=int, default=0, help="lm-eval random seeds (default: 0)")
+    g.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=True,
+                   help="prepend BOS to every request when the tokenizer adds one, as in "
+                   "training (lm-eval's own default is off) (default: on)")
     p.add_argument("--out-dir", required=True, help="folder for downstream.json")
     p.set_defaults(run=_run_downstream)

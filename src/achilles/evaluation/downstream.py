@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from achilles.errors import AchillesError
+from achilles.evaluation.perplexity import leading_bos
 from achilles.io import SCHEMA_VERSION, write_json
 from achilles.masking import masked
 from achilles.units import Unit, UnitPool
@@ -122,13 +123,18 @@ def run_downstream(
     bootstrap_iters: int = 100000,
     seed: int = 0,
     task_manager: Any | None = None,
+    add_bos: bool = True,
 ) -> DownstreamResult:
     """lm-eval ``tasks`` with the first ``level`` units masked, for each level."""
     lm_eval = import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
     tm = task_manager or task_manager_for(tasks, include_path)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # lm-eval adds no BOS for most models; a model trained with BOS first (Llama, and the
+    # bundled models, whose massive activation fires on BOS) must see it, as in achilles' own
+    # perplexity windows. ``add_bos=False`` restores lm-eval's default.
+    bos = add_bos and leading_bos(tokenizer) is not None
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
     out: list[dict[str, Any]] = []
     for n in levels:
         if n > len(units):
