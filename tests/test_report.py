@@ -26,9 +26,17 @@ def report(tmp_path_factory):  # noqa: ANN001, ANN201
     d = tmp_path_factory.mktemp("run")
     ranking.save(d / "ranking.json")
     ident.save(d / "identification.json")
-    write_json(d / "comparison.json", {"kind": "comparison", "methods": {
-        "random": {"100": 5.54, "200": 5.55}, "ours": {"3": 22315.5}}})
-    write_json(d / "downstream.json", {"kind": "downstream", "results": {"mmlu": 0.4441}})
+    # the shapes `achilles compare` and `achilles downstream` write
+    write_json(d / "comparison.json", {
+        "kind": "comparison", "baseline": {"ppl": 5.5408},
+        "methods": {"ours": [{"n": 3, "ppl": 22315.5}], "activation": [{"n": 3, "ppl": 7.1025}]},
+        "random": {"runs": 10, "levels": [{"n": 3, "ppl_mean": 5.5408, "ppl_sd": 0.0003}]},
+        "skipped": [],
+    })
+    write_json(d / "downstream.json", {"kind": "downstream", "levels": [
+        {"level": 0, "results": {"mmlu": {"acc,none": 0.4441, "acc_stderr,none": 0.01}}},
+        {"level": 3, "results": {"mmlu": {"acc,none": 0.1075, "acc_stderr,none": 0.01}}},
+    ]})
     files = write_report(d, lm, seeds=3)
     return d, files
 
@@ -91,8 +99,10 @@ def test_report_numbers_equal_json(report) -> None:  # noqa: ANN001
 def test_comparison_and_downstream_sections(report) -> None:  # noqa: ANN001
     _, files = report
     md = files.markdown.read_text()
-    assert "## Baseline comparison" in md and "| ours.3 | 2.232e+04 |" in md
-    assert "## Downstream results" in md and "| mmlu | 0.4441 |" in md
+    assert "## Baseline comparison" in md and "unmasked: 5.541" in md
+    assert "| 3 | 2.232e+04 | 7.103 | 5.541 ± 0.0003 |" in md
+    assert "## Downstream results" in md
+    assert "| 0 | mmlu | acc=0.4441 |" in md and "| 3 | mmlu | acc=0.1075 |" in md
 
 
 def test_report_without_model_keeps_model_sections(report) -> None:  # noqa: ANN001

@@ -170,6 +170,57 @@ def _flatten(d: Any, prefix: str = "", depth: int = 3) -> list[tuple[str, Any]]:
     return [(prefix, d if isinstance(d, (int, float, str, bool)) or d is None else json.dumps(d)[:200])]
 
 
+def _comparison(run_dir: Path) -> list[Block]:
+    """Perplexity per level (rows) and ranking method (columns) from ``comparison.json``."""
+    data = _read_optional(run_dir / "comparison.json")
+    png = run_dir / "comparison.png"
+    if data is None or not isinstance(data.get("methods"), Mapping):
+        return _external(run_dir, "comparison", "Baseline comparison", ("methods",))
+    methods = {m: {p["n"]: p for p in pts} for m, pts in data["methods"].items()}
+    rand = {p["n"]: p for p in (data.get("random") or {}).get("levels", [])}
+    runs = (data.get("random") or {}).get("runs")
+    levels = sorted({n for pts in methods.values() for n in pts} | set(rand))
+    header = ["n masked", *methods]
+    if rand:
+        header.append(f"random (mean ± sd, {runs} runs)")
+    rows = []
+    for n in levels:
+        row: list[Any] = [n, *(fmt(methods[m][n]["ppl"]) if n in methods[m] else "-" for m in methods)]
+        if rand:
+            r = rand.get(n)
+            row.append(f"{fmt(r['ppl_mean'])} ± {fmt(r['ppl_sd'])}" if r else "-")
+        rows.append(row)
+    base = (data.get("baseline") or {}).get("ppl")
+    out: list[Block] = [
+        Heading("Baseline comparison"),
+        Para(f"Perplexity on the evaluation data with the top-n units of each ranking masked "
+             f"(from comparison.json; unmasked: {fmt(base)})."),
+        Table(header, rows),
+    ]
+    for skip in data.get("skipped") or []:
+        out.append(Para(f"skipped: {skip}"))
+    if png.is_file():
+        out.append(Figure(png, "Perplexity against the number of masked units (comparison.png)"))
+    return out
+
+
+def _downstream(run_dir: Path) -> list[Block]:
+    """One row per (level, task) with the task's metrics from ``downstream.json``."""
+    data = _read_optional(run_dir / "downstream.json")
+    if data is None or not isinstance(data.get("levels"), list):
+        return _external(run_dir, "downstream", "Downstream results", ("results", "tasks"))
+    rows = []
+    for lv in data["levels"]:
+        for task, res in (lv.get("results") or {}).items():
+            metrics = ", ".join(
+                f"{k.split(',')[0]}={fmt(v)}" for k, v in res.items()
+                if "," in k and "stderr" not in k and isinstance(v, (int, float))
+            )
+            rows.append([lv.get("level"), task, metrics])
+    return [Heading("Downstream results"), Para("lm-evaluation-harness, from downstream.json."),
+            Table(["units masked", "task", "metrics"], rows)]
+
+
 def _external(run_dir: Path, name: str, title: str, keys: tuple[str, ...]) -> list[Block]:
     data = _read_optional(run_dir / f"{name}.json")
     png = run_dir / f"{name}.png"
@@ -257,8 +308,8 @@ def write_report(
     ), Figure(f_phase, "Δ vs number of masked units (log x): ε dashed, n* dotted, largest jump arrowed, non-finite points as red crosses")]
     blocks += _weights(analysis.get("weights"))
     blocks += _controls(analysis.get("controls"), f_controls)
-    blocks += _external(run_dir, "comparison", "Baseline comparison", ("methods",))
-    blocks += _external(run_dir, "downstream", "Downstream results", ("results", "tasks", "benchmarks"))
+    blocks += _comparison(run_dir)
+    blocks += _downstream(run_dir)
 
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     _atomic_text(md_path, to_markdown(blocks, run_dir))
