@@ -110,7 +110,7 @@ def compare(
         )
         rankings[m] = []
         for s in seeds:
-            logger.info("ranking with %s (seed %d)", m, s)
+            logger.debug("ranking with %s (seed %d)", m, s)
             ranking, pool = rank(lm, text, dataclasses.replace(rank_config, method=m, seed=s),
                                  progress=progress)
             rankings[m].append(ranking)
@@ -145,7 +145,7 @@ def compare(
                 })
             else:
                 points.append(_point(n, per_run[0]))
-            logger.info("%s n=%d: %s", m, n, points[-1].get("ppl", points[-1].get("ppl_mean")))
+            logger.debug("%s n=%d: %s", m, n, points[-1].get("ppl", points[-1].get("ppl_mean")))
         if m == RANDOM:
             random_block = {
                 "runs": len(runs), "seeds": [r.config["rank"]["seed"] for r in runs],
