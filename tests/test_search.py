@@ -98,3 +98,29 @@ def test_minimize_refuses_a_non_collapse_set() -> None:
     f, _ = _threshold_set_objective({"a"}, need=1)
     with pytest.raises(ValueError):
         minimize_set(f, ["b"], epsilon=1.0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_batched_minimize_equals_sequential_on_arbitrary_set_functions(seed: int) -> None:
+    """Non-monotone Δ: a fixed pseudo-random value per subset."""
+    rng = random.Random(seed)
+    members = [f"u{i}" for i in range(rng.randint(2, 14))]
+    table: dict[frozenset, float] = {}
+
+    def f(sets):  # noqa: ANN001, ANN202
+        out = []
+        for s in sets:
+            key = frozenset(s)
+            if key not in table:
+                # the full set collapses, nothing masked is Δ = 0, the rest is arbitrary
+                table[key] = 5.0 if len(key) == len(members) else rng.uniform(0, 2) if key else 0.0
+            out.append(table[key])
+        return out
+
+    sequential = minimize_set(f, members, epsilon=1.0, batch=1)
+    for batch in (2, 3, 8, 64):
+        batched = minimize_set(f, members, epsilon=1.0, batch=batch)
+        assert batched.members == sequential.members
+        assert batched.delta == sequential.delta
+        assert batched.necessity == sequential.necessity
+    assert all(d < 1.0 for d in sequential.necessity)

@@ -142,15 +142,27 @@ class MinimizeTrace:
 
 
 def minimize_set(
-    objective: SetObjective, members: Sequence[U], *, epsilon: float, delta: float | None = None
+    objective: SetObjective,
+    members: Sequence[U],
+    *,
+    epsilon: float,
+    delta: float | None = None,
+    batch: int = 1,
 ) -> MinimizeTrace:
     """Drop members of a collapse set (last first) while Δ stays ≥ ε, until none can go.
+
+    The result is that of the plain sequential loop (try removing each member, last first,
+    keep the removal when Δ stays ≥ ε, repeat passes until one removes nothing) for any
+    ``batch``: the next ``batch`` removals are evaluated against the current set in one call;
+    rejections before the first acceptance stand, and the candidates after it are evaluated
+    again against the smaller set. Larger batches trade wasted rows for fewer calls.
 
     Args:
         objective: maps a list of candidate sets to their Δ values.
         members: a set with Δ ≥ ε (e.g. the prefix found by the search), in rank order.
         epsilon: the threshold.
         delta: Δ of ``members`` if already known.
+        batch: candidate removals per objective call.
     """
     current = list(members)
     evaluations = 0
@@ -162,14 +174,18 @@ def minimize_set(
     changed = True
     while changed and len(current) > 1:
         changed = False
-        for u in reversed(list(current)):
-            if len(current) == 1:
-                break
-            candidate = [x for x in current if x != u]
-            (d,) = objective([candidate])
-            evaluations += 1
-            if d >= epsilon:
-                current, delta, changed = candidate, d, True
+        queue = list(reversed(current))  # this pass's candidates, last first
+        while queue and len(current) > 1:
+            chunk = queue[:batch]
+            candidates = [[x for x in current if x != u] for u in chunk]
+            deltas = list(objective(candidates))
+            evaluations += len(chunk)
+            hit = next((i for i, d in enumerate(deltas) if d >= epsilon), None)
+            if hit is None:
+                queue = queue[len(chunk) :]
+            else:
+                current, delta, changed = candidates[hit], deltas[hit], True
+                queue = queue[hit + 1 :]
     necessity = list(objective([[x for x in current if x != u] for u in current]))
     evaluations += len(current)
     return MinimizeTrace(current, float(delta), [float(x) for x in necessity], evaluations)
