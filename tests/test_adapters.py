@@ -8,7 +8,7 @@ from tiny import ARCHS, D, FF, HEADS, KV, LAYERS, llama_param_count, make_model
 
 from achilles import AchillesError, ArchAdapter, build_pool, get_adapter, register_adapter
 from achilles.adapters import COMPONENT_KINDS
-from achilles.hooks import hooked
+from achilles.hooks import hooked, split_site
 
 
 def test_tiny_llama_parameter_count() -> None:
@@ -31,7 +31,7 @@ def test_every_component_resolves_with_true_width(arch: str) -> None:
         model(ids)
     for s in pool.sites:
         assert seen[s.module] == (1, 12, s.width), s
-        assert dict(model.named_modules())[s.module] is not None
+        assert split_site(s.module)[0] in dict(model.named_modules())
     assert pool.n_units == sum(s.width for s in pool.sites)
 
 
@@ -90,3 +90,32 @@ def test_adapter_table_uses_known_kinds_only() -> None:
     with pytest.raises(ValueError):
         ArchAdapter(layers="x", components={"mlp.nope": "y"}, paper=())
     assert "mlp.down" in COMPONENT_KINDS
+
+
+def test_mlp_neuron_is_act_gate_times_up() -> None:
+    """The down_proj input site equals act(gate(h)) * up(h), computed from the MLP's input h."""
+    model = make_model("llama")
+    pool = build_pool(model, components=["mlp.neuron", "norm.mlp"])
+    seen: dict[str, torch.Tensor] = {}
+    ids = torch.arange(2, 14).unsqueeze(0)
+    with hooked(model, {s.module: (lambda n: lambda t: seen.__setitem__(n, t.detach()))(s.module)
+                        for s in pool.sites}), torch.no_grad():
+        model(ids)
+    for layer in range(LAYERS):
+        mlp = model.get_submodule(f"model.layers.{layer}.mlp")
+        h = seen[f"model.layers.{layer}.post_attention_layernorm"]
+        want = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
+        torch.testing.assert_close(seen[f"model.layers.{layer}.mlp.down_proj:input"], want)
+    assert {s.width for s in pool.sites if s.component == "mlp.neuron"} == {FF}
+
+
+def test_mlp_neuron_equals_act_in_ungated_mlps() -> None:
+    model = make_model("gpt2")
+    pool = build_pool(model, components=["mlp.neuron", "mlp.act"])
+    seen: dict[str, torch.Tensor] = {}
+    with hooked(model, {s.module: (lambda n: lambda t: seen.__setitem__(n, t.detach()))(s.module)
+                        for s in pool.sites}), torch.no_grad():
+        model(torch.arange(2, 14).unsqueeze(0))
+    torch.testing.assert_close(seen["transformer.h.0.mlp.c_proj:input"], seen["transformer.h.0.mlp.act"])
+    assert "mlp.neuron" not in get_adapter(model).preset("mlp")
+    assert "mlp.neuron" in get_adapter(model).preset("all")

@@ -27,6 +27,9 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
         ("gpt2", "transformer.h.0.mlp.c_proj", [4, 9]),  # Conv1D, weight [in, out]
         ("gpt2", "transformer.h.1.attn.c_attn", [30]),
         ("gpt_neox", "gpt_neox.layers.0.mlp.dense_4h_to_h", [1]),
+        # mlp.neuron: an input channel; the oracle zeroes the weight column reading it
+        ("llama", "model.layers.1.mlp.down_proj:input", [0, 33]),
+        ("gpt2", "transformer.h.0.mlp.c_proj:input", [12]),
     ],
 )
 def test_hook_mask_equals_zeroing_weight_row_and_bias(arch: str, module: str, channels: list[int]) -> None:

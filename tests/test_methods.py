@@ -34,16 +34,28 @@ def _one_thread():  # noqa: ANN202
 
 
 def _modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return dict(model.named_modules())
+    """Site name -> module (a ``path:input`` site maps to the module whose input it is)."""
+    mods = dict(model.named_modules())
+    return {**mods, **{f"{n}:input": m for n, m in mods.items() if n}}
+
+
+def _hook_site(mods, name, fn):  # noqa: ANN001, ANN202
+    """Plain PyTorch hook on a site: ``fn(tensor) -> replacement | None``, output or input."""
+    if name.endswith(":input"):
+        def pre(_m, args):  # noqa: ANN001, ANN202
+            new = fn(args[0])
+            return None if new is None else (new, *args[1:])
+        return mods[name].register_forward_pre_hook(pre)
+    return mods[name].register_forward_hook(lambda _m, _i, out: fn(out))
 
 
 def _oracle_outputs(model: torch.nn.Module, pool) -> dict[str, torch.Tensor]:  # noqa: ANN001
     """Each site's output ``[T, C]`` from plain forward hooks on an ordinary full forward."""
     mods, outs, handles = _modules(model), {}, []
     for s in pool.sites:
-        def hook(_m, _i, out, name=s.module):  # noqa: ANN001, ANN202
+        def hook(out, name=s.module):  # noqa: ANN001, ANN202
             outs[name] = out[0].detach().clone()
-        handles.append(mods[s.module].register_forward_hook(hook))
+        handles.append(_hook_site(mods, s.module, hook))
     with torch.no_grad():
         model(IDS)
     for h in handles:
@@ -55,12 +67,12 @@ def _oracle_grad(model: torch.nn.Module, module: str) -> tuple[torch.Tensor, tor
     """``(a, ∂L/∂a)`` of one site: its output replaced by a leaf, L from ``labels=``."""
     leaf: list[torch.Tensor] = []
 
-    def hook(_m, _i, out):  # noqa: ANN001, ANN202
+    def hook(out):  # noqa: ANN001, ANN202
         x = out.detach().clone().requires_grad_(True)
         leaf.append(x)
         return x
 
-    h = _modules(model)[module].register_forward_hook(hook)
+    h = _hook_site(_modules(model), module, hook)
     try:
         loss = model(IDS, labels=IDS).loss  # HF's own shifted mean NLL over T-1 targets
     finally:
@@ -191,6 +203,8 @@ def test_gradient_works_under_no_grad_and_keeps_frozen_flags() -> None:
 def _captured_inputs(model: torch.nn.Module, pool) -> dict[str, torch.Tensor]:  # noqa: ANN001
     mods, ins, handles = _modules(model), {}, []
     for s in pool.sites:
+        if s.module.endswith(":input"):  # an identity site: its input is its output
+            continue
         def pre(_m, args, name=s.module):  # noqa: ANN001, ANN202
             ins[name] = args[0][0].detach().clone()
         handles.append(mods[s.module].register_forward_pre_hook(pre))
@@ -210,7 +224,12 @@ def test_wanda_equals_hand_computation(arch: str) -> None:
     got = _scores("wanda", model, pool)
     kinds = set()
     for s in pool.sites:
-        mod, x, a = mods[s.module], ins[s.module], outs[s.module]
+        mod, x, a = mods[s.module], ins.get(s.module, outs[s.module]), outs[s.module]
+        if s.component == "mlp.neuron":  # parameter-free view of down_proj's input: ‖a_c‖₂
+            torch.testing.assert_close(got.values[s.module], torch.sqrt((a * a).sum(0)),
+                                       rtol=1e-4, atol=1e-6)
+            kinds.add("neuron")
+            continue
         norm_j = torch.sqrt((x * x).sum(0))  # ‖x_j‖₂ over positions
         if isinstance(mod, torch.nn.Linear):
             want = torch.stack([(mod.weight[c].abs() * norm_j).sum() for c in range(s.width)])
@@ -233,7 +252,7 @@ def test_wanda_equals_hand_computation(arch: str) -> None:
         torch.testing.assert_close(got.values[s.module], want.detach(), rtol=1e-4, atol=1e-6)
         assert torch.equal(got.positions[s.module], a.abs().argmax(0))
     # every rule was exercised: GPT-2's projections are all Conv1D, Llama's all Linear
-    assert kinds == {"conv1d" if arch == "gpt2" else "linear", "norm", "act"}
+    assert kinds == {"conv1d" if arch == "gpt2" else "linear", "norm", "act", "neuron"}
 
 
 # --------------------------------------------------------------------------------- massive

@@ -18,9 +18,14 @@ Component kinds (the vocabulary shared by the CLI, results and reports):
 ``mlp.gate_up`` fused gate/up projection output (Phi-3)
 ``mlp.act``    activation-function output
 ``mlp.down``   down projection output           (a residual-stream channel)
+``mlp.neuron`` input of the down projection      (``act(gate) · up``: the classic MLP neuron)
 ``norm.attn``  norm in front of attention       (``input_layernorm``)
 ``norm.mlp``   norm in front of the MLP         (``post_attention_layernorm`` in Llama)
 =============  ====================================================================
+
+``mlp.neuron`` is a module *input* (path ``mlp.down_proj:input``, hooked by a pre-hook): in
+gated MLPs no module outputs ``act(gate) · up``. It is in ``--pool all`` and ``--components``
+only; for GPT-2 and GPT-NeoX it equals ``mlp.act``.
 
 Gemma-2 has extra norms around each sub-block; its ``post_attention_layernorm`` normalises
 the attention *output* (kind ``norm.attn_out``), and its MLP input norm is
@@ -55,6 +60,7 @@ COMPONENT_KINDS: tuple[str, ...] = (
     "mlp.gate_up",
     "mlp.act",
     "mlp.down",
+    "mlp.neuron",
     "norm.attn",
     "norm.mlp",
     "norm.attn_out",
@@ -93,7 +99,7 @@ class ArchAdapter:
         if name == "paper":
             return self.paper
         if name == "mlp":
-            return tuple(k for k in self.components if k.startswith("mlp."))
+            return tuple(k for k in self.components if k.startswith("mlp.") and k != "mlp.neuron")
         if name == "down":
             return ("mlp.down",)
         if name == "all":
@@ -110,6 +116,7 @@ _LLAMA_COMPONENTS = {
     "mlp.up": "mlp.up_proj",
     "mlp.act": "mlp.act_fn",
     "mlp.down": "mlp.down_proj",
+    "mlp.neuron": "mlp.down_proj:input",
     "norm.attn": "input_layernorm",
     "norm.mlp": "post_attention_layernorm",
 }
@@ -141,6 +148,7 @@ _PHI3 = ArchAdapter(
         "mlp.gate_up": "mlp.gate_up_proj",
         "mlp.act": "mlp.activation_fn",
         "mlp.down": "mlp.down_proj",
+        "mlp.neuron": "mlp.down_proj:input",
         "norm.attn": "input_layernorm",
         "norm.mlp": "post_attention_layernorm",
     },
@@ -156,6 +164,7 @@ _GPT2 = ArchAdapter(
         "mlp.up": "mlp.c_fc",
         "mlp.act": "mlp.act",
         "mlp.down": "mlp.c_proj",
+        "mlp.neuron": "mlp.c_proj:input",
         "norm.attn": "ln_1",
         "norm.mlp": "ln_2",
     },
@@ -173,6 +182,7 @@ _NEOX = ArchAdapter(
         "mlp.up": "mlp.dense_h_to_4h",
         "mlp.act": "mlp.act",
         "mlp.down": "mlp.dense_4h_to_h",
+        "mlp.neuron": "mlp.dense_4h_to_h:input",
         "norm.attn": "input_layernorm",
         "norm.mlp": "post_attention_layernorm",
     },

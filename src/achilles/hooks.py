@@ -1,5 +1,10 @@
 """The only module that registers PyTorch hooks.
 
+A site name is a module's dotted path (its **output** is hooked) or that path followed by
+``:input`` (its first tensor **input** is hooked, through a forward pre-hook): the input of
+``mlp.down_proj`` is the classic MLP neuron, ``act(gate) · up`` in gated MLPs, which no module
+outputs on its own.
+
 Hooks are global state on a model, so every hook lives inside a context manager that
 removes it in ``finally`` (even when the forward pass raises). Names that do not resolve to a
 module raise before anything is registered.
@@ -34,23 +39,62 @@ def _wrap(name: str, fn: OutputFn) -> Callable[..., torch.Tensor | None]:
     return hook
 
 
+INPUT_SUFFIX = ":input"
+
+
+def split_site(name: str) -> tuple[str, bool]:
+    """``"a.b:input"`` -> ``("a.b", True)``; ``"a.b"`` -> ``("a.b", False)``."""
+    if name.endswith(INPUT_SUFFIX):
+        return name[: -len(INPUT_SUFFIX)], True
+    return name, False
+
+
 def _resolve(model: torch.nn.Module, names: Iterable[str]) -> dict[str, torch.nn.Module]:
-    """The named modules, or an error naming the ones that do not exist (nothing registered)."""
+    """Site name -> module, or an error naming the sites that do not exist (nothing registered)."""
     modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
+    out, missing = {}, []
+    for n in names:
+        m = modules.get(split_site(n)[0])
+        if m is None:
+            missing.append(n)
+        else:
+            out[n] = m
     if missing:
         raise AchillesError(f"model has no module(s) {', '.join(missing[:5])}")
-    return modules
+    return out
+
+
+def _wrap_input(name: str, fn: OutputFn) -> Callable[..., object]:
+    """A forward pre-hook calling ``fn`` on the first tensor input (and replacing it)."""
+
+    def hook(_module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> object:
+        if args and isinstance(args[0], torch.Tensor):
+            new = fn(args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                new = fn(v)
+                return None if new is None else (args, {**kwargs, k: new})
+        raise AchillesError(f"site {name!r} has no tensor input; it cannot be a unit site")
+
+    return hook
+
+
+def _register(module: torch.nn.Module, name: str, fn: OutputFn) -> torch.utils.hooks.RemovableHandle:
+    if split_site(name)[1]:
+        return module.register_forward_pre_hook(_wrap_input(name, fn), with_kwargs=True)
+    return module.register_forward_hook(_wrap(name, fn))
 
 
 @contextmanager
 def hooked(model: torch.nn.Module, fns: Mapping[str, OutputFn]) -> Iterator[None]:
-    """Run the block with ``fns[name](output)`` hooked on each named module's output."""
+    """Run the block with ``fns[name](tensor)`` hooked on each site (module output, or input
+    for ``path:input`` sites); a returned tensor replaces the original."""
     modules = _resolve(model, fns)
     handles = []
     try:
         for name, fn in fns.items():
-            handles.append(modules[name].register_forward_hook(_wrap(name, fn)))
+            handles.append(_register(modules[name], name, fn))
         yield
     finally:
         for h in handles:
@@ -86,13 +130,18 @@ def observed_io(model: torch.nn.Module, fns: Mapping[str, InputOutputFn]) -> Ite
     """Run the block with ``fns[name](input, output)`` called after each named module's forward.
 
     ``input`` is the module's first tensor argument (positional or keyword), the one a
-    ``Linear``/``Conv1D``/norm transforms. The functions only observe; the forward pass is
-    unchanged. Hooks are removed on exit, even if the block raises.
+    ``Linear``/``Conv1D``/norm transforms. A ``path:input`` site is an identity on that
+    tensor: its function gets it as both input and output. The functions only observe; the
+    forward pass is unchanged. Hooks are removed on exit, even if the block raises.
     """
     modules = _resolve(model, fns)
     handles = []
     try:
         for name, fn in fns.items():
+            if split_site(name)[1]:
+                observe = (lambda f: lambda x: f(x, x))(fn)  # noqa: E731 - bind fn now
+                handles.append(_register(modules[name], name, observe))
+                continue
             hook = _wrap_io(name, fn)
             handles.append(modules[name].register_forward_hook(hook, with_kwargs=True))
         yield

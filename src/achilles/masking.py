@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from achilles.errors import AchillesError
-from achilles.hooks import hooked
+from achilles.hooks import hooked, split_site
 from achilles.units import Unit, UnitPool
 
 
@@ -166,13 +166,22 @@ def zero_weights_(model: torch.nn.Module, units: Sequence[Unit]) -> dict[str, to
     """
     saved: dict[str, torch.Tensor] = {}
     for u in units:
-        mod = model.get_submodule(u.module)
+        path, is_input = split_site(u.module)
+        mod = model.get_submodule(path)
         params = dict(mod.named_parameters(recurse=False))
         for pname, p in params.items():
-            key = f"{u.module}.{pname}"
+            key = f"{path}.{pname}"
             if key not in saved:
                 saved[key] = p.detach().clone()
         with torch.no_grad():
+            if is_input:  # an input channel: zero the weight column that reads it
+                if isinstance(mod, torch.nn.Linear):
+                    mod.weight[:, u.channel].zero_()
+                elif type(mod).__name__ == "Conv1D":
+                    mod.weight[u.channel].zero_()
+                else:
+                    raise AchillesError(f"cannot zero the input weights of {u.module!r}")
+                continue
             if isinstance(mod, torch.nn.Linear):
                 mod.weight[u.channel].zero_()
             elif type(mod).__name__ == "Conv1D":

@@ -21,6 +21,7 @@ import torch
 
 from achilles.adapters import COMPONENT_KINDS, ArchAdapter, get_adapter, layer_list
 from achilles.errors import AchillesError
+from achilles.hooks import split_site
 
 
 @dataclass(frozen=True, order=True)
@@ -183,6 +184,15 @@ def _output_width(module: torch.nn.Module) -> int | None:
     return None
 
 
+def _input_width(module: torch.nn.Module) -> int | None:
+    """Input width of a ``Linear`` or ``Conv1D`` (weight ``[in, out]``)."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features
+    if type(module).__name__ == "Conv1D":
+        return int(module.weight.shape[0])
+    return None
+
+
 def _activation_width(layer: torch.nn.Module, adapter: ArchAdapter, kind: str) -> int:
     """Width of a parameter-free module (an activation) from the MLP projection feeding it."""
     for src in ("mlp.gate", "mlp.up"):
@@ -208,15 +218,18 @@ def build_pool(
     for li, layer in enumerate(layer_list(model, adapter)):
         for kind in kinds:
             rel = adapter.components[kind]
+            path, is_input = split_site(rel)
             try:
-                mod = layer.get_submodule(rel)
+                mod = layer.get_submodule(path)
             except AttributeError:
                 raise AchillesError(
-                    f"layer {li} has no module {rel!r} ({kind}); the adapter does not match "
+                    f"layer {li} has no module {path!r} ({kind}); the adapter does not match "
                     "this model's code"
                 ) from None
-            width = _output_width(mod)
-            if width is None:
+            width = _input_width(mod) if is_input else _output_width(mod)
+            if width is None and not is_input:
                 width = _activation_width(layer, adapter, kind)
+            if width is None:
+                raise AchillesError(f"cannot tell the width of {rel!r} ({kind})")
             sites.append(Site(f"{prefix}.{li}.{rel}", li, kind, width))
     return UnitPool(model.config.model_type, tuple(sites), kinds)

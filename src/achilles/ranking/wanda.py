@@ -43,11 +43,11 @@ def _is_conv1d(module: torch.nn.Module) -> bool:
     return isinstance(nf, int) and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == nf
 
 
-def channel_scores(module: torch.nn.Module, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def channel_scores(module: torch.nn.Module | None, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """Wanda score ``[C]`` of each output channel of ``module`` (see the module docstring).
 
     Args:
-        module: the site's module.
+        module: the site's module (None for a parameter-free `path:input` site).
         x: its input, float32 ``[T, d_in]``.
         a: its output, float32 ``[T, C]``.
     """
@@ -91,7 +91,7 @@ def wanda_scores(
     """
     embed = model.get_input_embeddings()
     input_ids = input_ids.to(embed.weight.device)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules())  # ``path:input`` sites are parameter-free: None
     values: dict[str, torch.Tensor] = {}
     positions: dict[str, torch.Tensor] = {}
 
@@ -99,7 +99,7 @@ def wanda_scores(
         # Reduce inside the hook, so no site's input is kept after its forward.
         def fn(x: torch.Tensor, out: torch.Tensor) -> None:
             a = out[0].float()
-            values[name] = channel_scores(modules[name], x[0].float(), a)
+            values[name] = channel_scores(modules.get(name), x[0].float(), a)
             positions[name] = a.abs().argmax(0)
 
         return fn
