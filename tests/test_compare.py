@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from achilles.cli import main
-from achilles.compare import compare, parse_levels
+from achilles.experiments.compare import compare, parse_levels
 from achilles.config import RankConfig
 from achilles.errors import AchillesError
 from achilles.evaluation.perplexity import PerplexityEvaluator

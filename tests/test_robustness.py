@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from achilles.cli import main
-from achilles.overlap import compare_runs, jaccard, spearman
+from achilles.experiments.overlap import compare_runs, jaccard, spearman
 from test_sweep import STAGE_ARGS, save_trained_model
 from tiny import CORPUS, TEXT
 
@@ -166,7 +166,7 @@ def test_overlap_hand_computed_sets(robust: Path, tmp_path: Path,
 
     # different sizes: a warning, but compared
     _edit(b, "ranking.json", lambda d: d["pool"].update(n_units=d["pool"]["n_units"] * 2))
-    with caplog.at_level(logging.WARNING, logger="achilles.overlap"):
+    with caplog.at_level(logging.WARNING, logger="achilles.experiments.overlap"):
         assert compare_runs(a, b, top=5).same_size is False
     assert "different sizes" in caplog.text
 

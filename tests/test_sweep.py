@@ -10,9 +10,9 @@ import torch
 
 from achilles.cli import main
 from achilles.errors import AchillesError
-from achilles.overlap import jaccard
+from achilles.experiments.overlap import jaccard
 from achilles.config import parse_numbers
-from achilles.sweep import SweepConfig, point_name
+from achilles.experiments.sweep import SweepConfig, point_name
 from tiny import TEXT, make_model, make_tokenizer
 
 # small enough for CPU, large enough that stage 2 finds a set on the memorised text

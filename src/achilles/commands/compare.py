@@ -15,7 +15,7 @@ from achilles.commands.common import (
     rank_config,
     text_of,
 )
-from achilles.compare import RANDOM, compare, parse_levels
+from achilles.experiments.compare import RANDOM, compare, parse_levels
 from achilles.config import _parse_list, add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus

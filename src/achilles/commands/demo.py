@@ -75,7 +75,7 @@ DEMO_LEVELS = (1, 2, 3, 5, 10, 20, 50, 100)
 
 def _extras(lm, text, heldout, rcfg, out_dir, show_progress) -> list[str]:  # noqa: ANN001
     """The baseline comparison on held-out text, then the analysis report."""
-    from achilles.compare import compare
+    from achilles.experiments.compare import compare
     from achilles.evaluation.data import load_corpus
     from achilles.evaluation.perplexity import PerplexityEvaluator
     from achilles.report import write_report

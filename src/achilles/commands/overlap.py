@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from achilles.commands.common import check_writable
-from achilles.overlap import compare_runs
+from achilles.experiments.overlap import compare_runs
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from achilles.commands.common import add_common, check_writable, model_spec
 from achilles.identify import Identification
 from achilles.loading import load_model
 from achilles.pipeline import preflight
-from achilles.probe import ProbeConfig, check_mask, mask_units, probe
+from achilles.experiments.probe import ProbeConfig, check_mask, mask_units, probe
 from achilles.config import parse_numbers
 
 

@@ -18,7 +18,7 @@ from achilles.commands.common import (
 from achilles.errors import require
 from achilles.loading import load_model, tokenize
 from achilles.pipeline import preflight
-from achilles.robustness import run_robustness, texts_from_files
+from achilles.experiments.robustness import run_robustness, texts_from_files
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from achilles.loading import load_model
 from achilles.pipeline import preflight
 from achilles.ranking import METHODS
 from achilles.config import parse_numbers
-from achilles.sweep import SweepConfig, run_sweep
+from achilles.experiments.sweep import SweepConfig, run_sweep
 
 
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:

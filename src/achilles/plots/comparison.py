@@ -1,6 +1,6 @@
 """Figure 3: perplexity against the number of masked units, one line per ranking method.
 
-Input is the ``comparison.json`` payload (:meth:`achilles.compare.Comparison.to_dict`), so a
+Input is the ``comparison.json`` payload (:meth:`achilles.experiments.compare.Comparison.to_dict`), so a
 figure can be redrawn from a saved file. Log y (perplexity) against log x (n); ``random`` is
 drawn as its mean with a ±sd band; the unmasked baseline is a horizontal line. Non-finite
 perplexities cannot be drawn: they are listed in a note under the axes.

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from achilles.probe import ProbeResult  # noqa: E402
+from achilles.experiments.probe import ProbeResult  # noqa: E402
 from achilles.plots import save_figure
 
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from achilles.robustness import Robustness  # noqa: E402
+from achilles.experiments.robustness import Robustness  # noqa: E402
 from achilles.plots import save_figure
 
 

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from achilles.sweep import SweepPoint, SweepResult  # noqa: E402
+from achilles.experiments.sweep import SweepPoint, SweepResult  # noqa: E402
 from achilles.plots import save_figure
 
 

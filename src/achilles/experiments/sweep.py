@@ -29,7 +29,7 @@ from achilles.errors import AchillesError, require
 from achilles.identify import Identification
 from achilles.io import SCHEMA_VERSION, _jsonable, environment, write_json
 from achilles.loading import LoadedModel
-from achilles.overlap import jaccard
+from achilles.experiments.overlap import jaccard
 from achilles.pipeline import find
 from achilles.ranking import Ranking
 

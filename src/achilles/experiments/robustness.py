@@ -20,8 +20,8 @@ from achilles.config import IdentifyConfig, RankConfig
 from achilles.errors import AchillesError, require
 from achilles.io import SCHEMA_VERSION, environment, write_json
 from achilles.loading import LoadedModel
-from achilles.overlap import jaccard
-from achilles.sweep import find_cached
+from achilles.experiments.overlap import jaccard
+from achilles.experiments.sweep import find_cached
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Robustness:
 
 
 def pairwise(sets: Sequence[set[Any]]) -> Matrix:
-    """The matrix of :func:`~achilles.overlap.jaccard` indices between ``sets``."""
+    """The matrix of :func:`~achilles.experiments.overlap.jaccard` indices between ``sets``."""
     return [[jaccard(a, b) for b in sets] for a in sets]
 
 
