@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -48,6 +49,21 @@ def input_device(model: torch.nn.Module) -> torch.device:
         if execution is not None:
             return torch.device(execution)
     return device
+
+
+@contextmanager
+def weights_on_device(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run the block with ``module``'s own parameters readable (not on ``meta``).
+
+    Under accelerate offloading (``cpu_offload``, a ``device_map`` with ``"cpu"``/``"disk"``)
+    a module's weights sit on ``meta`` outside its forward; this moves them to its execution
+    device for the block (``accelerate.utils.align_module_device``) and back afterwards.
+    A plain module is left as it is.
+    """
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
+        yield module
 
 
 def model_devices(model: torch.nn.Module) -> list[torch.device]:

@@ -169,6 +169,11 @@ def zero_weights_(model: torch.nn.Module, units: Sequence[Unit]) -> dict[str, to
         path, is_input = split_site(u.module)
         mod = model.get_submodule(path)
         params = dict(mod.named_parameters(recurse=False))
+        if any(p.device.type == "meta" for p in params.values()):
+            raise AchillesError(
+                f"cannot edit the weights of {u.module!r}: they are offloaded (on 'meta'); "
+                "load the model without CPU/disk offloading to edit weights"
+            )
         for pname, p in params.items():
             key = f"{path}.{pname}"
             if key not in saved:

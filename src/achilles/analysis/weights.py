@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from achilles.batching import input_device
+from achilles.batching import input_device, weights_on_device
 from achilles.hooks import recorded
 from achilles.units import Unit
 
@@ -61,15 +61,19 @@ class UnitWeights:
 
 
 def weight_row(module: torch.nn.Module, channel: int) -> torch.Tensor | None:
-    """The weights producing output ``channel`` (float32 CPU), or ``None`` if unsupported."""
-    w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+    """The weights producing output ``channel`` (float32 CPU), or ``None`` if unsupported.
+
+    Offloaded weights (on ``meta`` outside a forward) are read on their execution device.
+    """
+    with weights_on_device(module):
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            return None
+        if isinstance(module, torch.nn.Linear):
+            return w[channel].detach().float().cpu()
+        if type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight [in, out]
+            return w[:, channel].detach().float().cpu()
         return None
-    if isinstance(module, torch.nn.Linear):
-        return w[channel].detach().float().cpu()
-    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight [in, out]
-        return w[:, channel].detach().float().cpu()
-    return None
 
 
 def _ratio(num: float, den: float) -> float:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from achilles.batching import input_device
 from achilles.errors import AchillesError, require
 from achilles.identify import Identification
 from achilles.io import SCHEMA_VERSION, environment, write_json
@@ -218,7 +219,7 @@ def probe(
     units = mask_units(ident, config.set)
     levels = config.resolve_levels(len(units))
     pool, units = check_mask(lm.model, units, source)
-    device = next(lm.model.parameters()).device
+    device = input_device(lm.model)
     input_ids = tokenize(lm.tokenizer, config.prompt, min_tokens=1).to(device)
     target_ids = lm.tokenizer(config.target, add_special_tokens=False).input_ids  # type: ignore[operator]
     if not target_ids:

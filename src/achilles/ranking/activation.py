@@ -15,6 +15,7 @@ import logging
 
 import torch
 
+from achilles.batching import input_device
 from achilles.config import RankConfig
 from achilles.hooks import hooked
 from achilles.ranking.base import Scores
@@ -29,8 +30,7 @@ def capture_outputs(
     model: torch.nn.Module, input_ids: torch.Tensor, pool: UnitPool
 ) -> dict[str, torch.Tensor]:
     """Float32 ``[T, C]`` output of every site of ``pool`` on one clean decoder pass."""
-    embed = model.get_input_embeddings()
-    input_ids = input_ids.to(embed.weight.device)
+    input_ids = input_ids.to(input_device(model))
     acts: dict[str, torch.Tensor] = {}
 
     def keep(name: str):  # noqa: ANN202

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from achilles.batching import input_device
 from achilles.config import RankConfig
 from achilles.hooks import hooked
 from achilles.ranking.base import Scores
@@ -70,7 +71,7 @@ def activations_and_grads(
     A site whose output does not reach the loss (never the case in a decoder) gets zeros.
     """
     embed = model.get_input_embeddings()
-    input_ids = input_ids.to(embed.weight.device)
+    input_ids = input_ids.to(input_device(model))
     live: dict[str, torch.Tensor] = {}
 
     def keep(name: str):  # noqa: ANN202

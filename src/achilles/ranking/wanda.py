@@ -27,6 +27,7 @@ import logging
 
 import torch
 
+from achilles.batching import input_device, weights_on_device
 from achilles.config import RankConfig
 from achilles.hooks import observed_io
 from achilles.ranking.base import Scores
@@ -89,8 +90,7 @@ def wanda_scores(
     Returns:
         One float32 score per unit, with the position of its largest ``|a|``.
     """
-    embed = model.get_input_embeddings()
-    input_ids = input_ids.to(embed.weight.device)
+    input_ids = input_ids.to(input_device(model))
     modules = dict(model.named_modules())  # ``path:input`` sites are parameter-free: None
     values: dict[str, torch.Tensor] = {}
     positions: dict[str, torch.Tensor] = {}
@@ -99,7 +99,12 @@ def wanda_scores(
         # Reduce inside the hook, so no site's input is kept after its forward.
         def fn(x: torch.Tensor, out: torch.Tensor) -> None:
             a = out[0].float()
-            values[name] = channel_scores(modules.get(name), x[0].float(), a)
+            mod = modules.get(name)
+            if mod is None:
+                values[name] = channel_scores(None, x[0].float(), a)
+            else:  # offloaded weights went back to ``meta`` after the forward: bring them in
+                with weights_on_device(mod):
+                    values[name] = channel_scores(mod, x[0].float(), a)
             positions[name] = a.abs().argmax(0)
 
         return fn
