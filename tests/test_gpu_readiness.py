@@ -89,3 +89,68 @@ def test_zero_weights_refuses_offloaded_parameters(plain_and_offloaded) -> None:
     unit = build_pool(model).units([1])
     with pytest.raises(AchillesError, match="offloaded"):
         zero_weights_(off, unit)
+
+
+# 2. masker sized to the rows in use -----------------------------------------------------
+
+
+def test_masks_are_sized_to_the_call_not_the_masker() -> None:
+    from achilles.masking import ChannelMasker, PrefixIndex
+
+    model = make_model("llama")
+    pool = build_pool(model)
+    masker = ChannelMasker(model, pool, rows=544)  # sized for a long linear scan
+    a, b = pool.units([3]), pool.units([200, 201])
+    masker.set_rows([a, b, []])
+    touched = {a[0].module, b[0].module}
+    assert set(masker._masks) == touched
+    width = {s.module: s.width for s in pool.sites}
+    assert masker.mask_bytes() == sum(3 * width[m] for m in touched)  # 3 rows, not 544
+    ranking = pool.units(list(range(0, pool.n_units, 7)))
+    masker.set_prefixes(PrefixIndex.build(pool, ranking), [1, 2])
+    assert set(masker._masks) == {ranking[0].module}  # only the sites the prefixes reach
+    assert masker.mask_bytes() == 2 * width[ranking[0].module]
+    with pytest.raises(ValueError, match="545 masks"):
+        masker.set_rows([[]] * 545)
+
+
+def test_hooks_use_the_masks_built_before_the_forward(ids) -> None:  # noqa: ANN001
+    from achilles.masking import ChannelMasker
+
+    model = make_model("llama")
+    pool = build_pool(model)
+    masker = ChannelMasker(model, pool, rows=4)
+    masker.set_rows([pool.units([3]), pool.units([40])])
+    before = {m: t.data_ptr() for m, t in masker._masks.items()}
+    with masker.installed():
+        model(input_ids=ids.expand(2, -1))
+    assert {m: t.data_ptr() for m, t in masker._masks.items()} == before
+
+
+# 7. Δ against an unmasked row of the same batch; minimisation batch by timing ----------
+
+
+def test_reference_row_takes_delta_within_the_batch(ids) -> None:  # noqa: ANN001
+    model = make_model("llama")
+    pool = build_pool(model)
+    masks = [pool.units([i, i + 50]) for i in range(6)]
+    plain = MaskEvaluator(model, pool, ids, batch_size=1).measure(masks)
+    ev = MaskEvaluator(model, pool, ids, batch_size=4, reference_row=True)
+    assert ev.masks_per_pass == 3
+    ev.baseline_nll = 1e9  # a batched pass must not compare with the 1-row clean NLL
+    passes = ev.forward_passes
+    got = ev.measure(masks)
+    assert ev.forward_passes - passes == 2  # 6 masks, 3 per pass (+ the reference row)
+    for g, p in zip(got, plain, strict=True):
+        assert g.delta == pytest.approx(p.delta, abs=1e-5)
+    seq = ev.measure(masks[:2], sequential=True)  # one mask per pass: the stored clean NLL
+    assert all(m.delta < -1e6 for m in seq)
+
+
+def test_minimize_batch_from_pass_times() -> None:
+    from achilles.identify import minimize_batch
+
+    assert minimize_batch(1.0, 1.2, 16) == 16  # a GPU: 16 rows cost about one
+    assert minimize_batch(1.0, 16.0, 16) == 1  # CPU: rows cost what they cost
+    assert minimize_batch(1.0, 7.9, 16) == 16 and minimize_batch(1.0, 8.0, 16) == 1
+    assert minimize_batch(1.0, 0.1, 1) == 1

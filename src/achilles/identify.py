@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,11 @@ class MaskEvaluator:
         input_ids: the text, ``[1, T]``.
         modules: the sites masks may touch (default: every pool site).
         batch_size: rows per forward pass (default: from free memory).
+        rows_hint: the most masks one call is expected to measure (caps the batch size).
+        reference_row: add an unmasked row to every batched pass and take each row's Δ
+            against it, so that Δ does not depend on the batch's shape (bf16 kernels on a GPU
+            pick different reduction orders for different batch sizes). Default: on CUDA.
+            A pass of one row is measured against the clean NLL of the first pass.
     """
 
     def __init__(
@@ -63,6 +69,7 @@ class MaskEvaluator:
         modules: Sequence[str] | None = None,
         batch_size: int | None = None,
         rows_hint: int = 64,
+        reference_row: bool | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -72,6 +79,9 @@ class MaskEvaluator:
         self.batch_size = choose_batch_size(
             model, int(input_ids.shape[1]), rows_hint, widest, batch_size
         )
+        if reference_row is None:
+            reference_row = input_device(model).type == "cuda"
+        self.reference_row = bool(reference_row) and self.batch_size > 1
         self.masker = ChannelMasker(model, pool, rows=self.batch_size)
         self.modules = modules
         self.forward_passes = 0
@@ -79,37 +89,80 @@ class MaskEvaluator:
         self.baseline_nll = float(sequence_nll(model, input_ids)[0])
         self.forward_passes += 1
 
-    def _nll(self, items: Sequence[Any], install: Callable[[Sequence[Any]], None]) -> list[float]:
+    @property
+    def masks_per_pass(self) -> int:
+        """Masks measured per forward pass (the batch less its reference row, if any)."""
+        return max(1, self.batch_size - self.reference_row)
+
+    def _nll(
+        self,
+        items: Sequence[Any],
+        install: Callable[[Sequence[Any]], None],
+        empty: Any,
+        *,
+        sequential: bool = False,
+    ) -> tuple[list[float], list[float]]:
+        """NLL under each item, and the clean NLL each one is compared with."""
         out: list[float] = []
+        refs: list[float] = []
+        with_ref = self.reference_row and not sequential
 
         def run(chunk: Sequence[Any]) -> None:
-            install(chunk)
-            ids = self.input_ids.expand(len(chunk), -1)
+            rows = [*chunk, empty] if with_ref and len(chunk) > 0 else list(chunk)
+            install(rows)
+            ids = self.input_ids.expand(len(rows), -1)
             with self.masker.installed(self.modules):
-                out.extend(sequence_nll(self.model, ids).tolist())
+                nll = sequence_nll(self.model, ids).tolist()
             self.forward_passes += 1
+            ref = nll.pop() if len(rows) > len(chunk) else self.baseline_nll
+            out.extend(nll)
+            refs.extend([ref] * len(nll))
 
-        # after an OOM run_batched shrinks the batch; the masker's spare rows stay unused
-        self.batch_size = run_batched(list(items), run, self.batch_size)
+        if sequential:
+            run_batched(list(items), run, 1)
+        else:
+            # after an OOM run_batched shrinks the batch; the masker's spare rows stay unused
+            per_pass = run_batched(list(items), run, self.masks_per_pass)
+            self.batch_size = per_pass + with_ref
         self.rows_evaluated += len(items)
-        return out
+        return out, refs
 
     def nll(self, masks: Sequence[Sequence[Unit]]) -> list[float]:
         """Summed NLL of the text under each mask."""
-        return self._nll(masks, self.masker.set_rows)
+        return self._nll(masks, self.masker.set_rows, [])[0]
 
-    def _measurements(self, nlls: Sequence[float]) -> list[Measurement]:
-        return [Measurement(delta_from_nll(n, self.baseline_nll, self.tokens), n) for n in nlls]
+    def _measurements(self, nlls: tuple[list[float], list[float]]) -> list[Measurement]:
+        return [
+            Measurement(delta_from_nll(n, ref, self.tokens), n)
+            for n, ref in zip(*nlls, strict=True)
+        ]
 
-    def measure(self, masks: Sequence[Sequence[Unit]]) -> list[Measurement]:
-        """Δ and NLL under each mask (a list of units)."""
-        return self._measurements(self.nll(masks))
+    def measure(
+        self, masks: Sequence[Sequence[Unit]], *, sequential: bool = False
+    ) -> list[Measurement]:
+        """Δ and NLL under each mask (a list of units).
+
+        ``sequential=True`` measures one mask per pass against the clean NLL of a one-row
+        pass: the answer of the plain loop, whatever the batch size.
+        """
+        return self._measurements(
+            self._nll(masks, self.masker.set_rows, [], sequential=sequential)
+        )
 
     def measure_prefixes(self, index: PrefixIndex, sizes: Sequence[int]) -> list[Measurement]:
         """Δ and NLL with the first ``sizes[i]`` units of an indexed ranking masked."""
         return self._measurements(
-            self._nll(sizes, lambda chunk: self.masker.set_prefixes(index, chunk))
+            self._nll(sizes, lambda chunk: self.masker.set_prefixes(index, chunk), 0)
         )
+
+    def pass_seconds(self, rows: int) -> float:
+        """Wall time of one forward pass of ``rows`` unmasked rows (synchronised)."""
+        ids = self.input_ids.expand(rows, -1)
+        sync = torch.cuda.synchronize if input_device(self.model).type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        sequence_nll(self.model, ids)  # returns on the host: the pass has finished
+        return time.perf_counter() - t0
 
 
 @dataclass
@@ -210,6 +263,12 @@ def _decode_check(check: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def minimize_batch(one_row_s: float, b_rows_s: float, b: int) -> int:
+    """Candidates per minimisation pass: ``b`` when a ``b``-row pass costs under half of ``b``
+    one-row passes (speculation wastes up to about half of its rows), else 1."""
+    return b if b > 1 and b_rows_s < 0.5 * b * one_row_s else 1
+
+
 def identify(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -245,7 +304,7 @@ def identify(
             epsilon=config.epsilon,
             n_max=n_max,
             step=config.step,
-            batch=ev.batch_size,
+            batch=ev.masks_per_pass,
             continue_until=config.curve_until,
         )
     else:
@@ -272,13 +331,30 @@ def identify(
 
         # Speculative batches cut passes (420 -> 102 for 133 -> 46 units on the sink model) but
         # waste rows after each accepted removal: a win where a pass of a few dozen rows costs
-        # about one row (a GPU), a 4x loss on CPU (docs/benchmarks.md).
-        on_gpu = input_device(model).type == "cuda"
+        # about one row (a GPU), a 4x loss on CPU (docs/benchmarks.md). On a GPU the batch is
+        # chosen by timing one 1-row and one B-row pass.
+        batch = 1
+        if input_device(model).type == "cuda" and ev.masks_per_pass > 1:
+            b = min(ev.masks_per_pass, 16)
+            ev.pass_seconds(1)  # warm-up
+            batch = minimize_batch(ev.pass_seconds(1), ev.pass_seconds(b + ev.reference_row), b)
         mt = minimize_set(
-            set_objective, critical, epsilon=config.epsilon, delta=d_crit,
-            batch=min(ev.batch_size, 16) if on_gpu else 1,
+            set_objective, critical, epsilon=config.epsilon, delta=d_crit, batch=batch,
         )
         minimal, necessity, d_min = mt.members, mt.necessity, mt.delta
+        if batch > 1:
+            # re-verify the final set one mask per pass, as the sequential loop measures it
+            d_min = ev.measure([minimal], sequential=True)[0].delta
+            necessity = [
+                m.delta
+                for m in ev.measure([[x for x in minimal if x != u] for u in minimal], sequential=True)
+            ]
+            if d_min < config.epsilon or any(d >= config.epsilon for d in necessity):
+                logger.warning(
+                    "stage 2: the minimal set from batched passes is not minimal one mask per "
+                    "pass (Δ=%.4g, largest Δ without one unit %.4g; ε=%g)",
+                    d_min, max(necessity, default=math.nan), config.epsilon,
+                )
     elif n_star:
         minimal, d_min = list(critical), d_crit
         necessity = [m.delta for m in ev.measure([[x for x in critical if x != u] for u in critical])]

@@ -43,95 +43,133 @@ class PrefixIndex:
         return cls({m: (torch.tensor(r), torch.tensor(c)) for m, (r, c) in grouped.items()})
 
 
+def site_device(model: torch.nn.Module, module: str) -> torch.device:
+    """The device a site's output is computed on.
+
+    The first parameter of the site's module or of its closest parent that has one; for an
+    offloaded module (weights on ``meta``), the execution device of its accelerate hook.
+    """
+    path, _ = split_site(module)
+    parts = path.split(".")
+    for k in range(len(parts), -1, -1):
+        mod = model.get_submodule(".".join(parts[:k]))
+        execution = getattr(getattr(mod, "_hf_hook", None), "execution_device", None)
+        for p in mod.parameters(recurse=False):
+            if p.device.type != "meta":
+                return p.device
+            if execution is not None:
+                return torch.device(execution)
+        if execution is not None and k < len(parts):
+            return torch.device(execution)
+    return torch.device("cpu")
+
+
 class ChannelMasker:
     """Per-row channel masks over the sites of a pool, applied by forward hooks.
+
+    Each :meth:`set_rows` / :meth:`set_prefixes` call builds one boolean ``[R, width]`` mask
+    per site it touches, where ``R`` is the number of masks of *that* call, directly on the
+    site's device (only index tensors, proportional to the units in use, are copied), so the
+    hooks never copy or allocate a mask during the forward pass.
 
     Args:
         model: the model to mask.
         pool: the unit pool; only its sites can be masked.
-        rows: number of masks (batch rows) held; a batch of ``rows`` sequences gets one mask
-            each, and a batch of any size gets row 0's mask when ``rows == 1``.
+        rows: the most masks (batch rows) one call may set; a call with a single mask
+            applies it to every row of a batch of any size.
     """
 
     def __init__(self, model: torch.nn.Module, pool: UnitPool, rows: int = 1) -> None:
         self.model = model
         self.pool = pool
         self.rows = rows
-        # site module -> bool [rows, width], True = zeroed (host copy; device copies cached)
+        self.active_rows = 0
+        # site module -> bool [active_rows, width] on the site's device, True = zeroed
         self._masks: dict[str, torch.Tensor] = {}
-        self._device_masks: dict[tuple[str, torch.device], torch.Tensor] = {}
-        self._active: set[str] = set()
+        self._devices: dict[str, torch.device] = {}
+        self._index_cache: tuple[PrefixIndex, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    def _device(self, module: str) -> torch.device:
+        dev = self._devices.get(module)
+        if dev is None:
+            dev = self._devices[module] = site_device(self.model, module)
+        return dev
+
+    def _width(self, module: str) -> int:
+        return self.pool.sites[self.pool.by_module[module]].width
+
+    def _reset(self, n: int) -> None:
+        if n > self.rows:
+            raise ValueError(f"{n} masks for a masker with {self.rows} rows")
+        self._masks.clear()
+        self.active_rows = n
 
     def set_rows(self, masks: Sequence[Sequence[Unit]]) -> None:
-        """Install ``masks[r]`` as row ``r``'s mask (rows beyond ``len(masks)`` are cleared)."""
-        if len(masks) > self.rows:
-            raise ValueError(f"{len(masks)} masks for a masker with {self.rows} rows")
-        for m in self._masks.values():
-            m.zero_()
-        self._active.clear()
-        self._device_masks.clear()
+        """Install ``masks[r]`` as row ``r``'s mask (no other row is masked)."""
+        self._reset(len(masks))
         by_site = self.pool.by_module
+        pairs: dict[str, tuple[list[int], list[int]]] = {}
         for r, units in enumerate(masks):
             for u in units:
-                i = by_site.get(u.module)
-                if i is None:
+                if u.module not in by_site:
                     raise AchillesError(f"cannot mask {u.module!r}: it is not in the unit pool")
-                t = self._masks.get(u.module)
-                if t is None:
-                    t = torch.zeros(self.rows, self.pool.sites[i].width, dtype=torch.bool)
-                    self._masks[u.module] = t
-                t[r, u.channel] = True
-                self._active.add(u.module)
+                rows, chans = pairs.setdefault(u.module, ([], []))
+                rows.append(r)
+                chans.append(u.channel)
+        for module, (rows, chans) in pairs.items():
+            dev = self._device(module)
+            t = torch.zeros(len(masks), self._width(module), dtype=torch.bool, device=dev)
+            t[torch.tensor(rows).to(dev), torch.tensor(chans).to(dev)] = True
+            self._masks[module] = t
 
     def set_prefixes(self, index: PrefixIndex, sizes: Sequence[int]) -> None:
         """Row ``r`` masks the first ``sizes[r]`` units of the ranking ``index`` was built on.
 
-        One comparison and one indexed write per site, so a long scan over the prefixes of a
-        large ranking spends no per-unit Python time.
+        One comparison and one indexed write per site, on the site's device, so a long scan
+        over the prefixes of a large ranking spends no per-unit Python time; the ranking's
+        index tensors go to each device once per index.
         """
-        if len(sizes) > self.rows:
-            raise ValueError(f"{len(sizes)} masks for a masker with {self.rows} rows")
-        for m in self._masks.values():
-            m.zero_()
-        self._active.clear()
-        self._device_masks.clear()
+        self._reset(len(sizes))
         if not sizes:
             return
-        n = torch.tensor(list(sizes)).unsqueeze(1)  # [R, 1]
-        row_ids = torch.arange(len(sizes)).unsqueeze(1)  # [R, 1]
-        for module, (ranks, chans) in index.sites.items():
-            on = ranks.unsqueeze(0) < n  # [R, k]: the site's k-th ranked unit is in row r's prefix
-            if not bool(on.any()):
+        if self._index_cache is None or self._index_cache[0] is not index:
+            self._index_cache = (index, {
+                m: (r.to(self._device(m)), c.to(self._device(m)))
+                for m, (r, c) in index.sites.items()
+            })
+        on_device = self._index_cache[1]
+        largest = max(sizes)
+        n_by_dev: dict[torch.device, torch.Tensor] = {}
+        for module, (ranks, _) in index.sites.items():
+            if int(ranks[0]) >= largest:  # ranks ascend: no prefix reaches this site
                 continue
-            t = self._masks.get(module)
-            if t is None:
-                width = self.pool.sites[self.pool.by_module[module]].width
-                t = torch.zeros(self.rows, width, dtype=torch.bool)
-                self._masks[module] = t
-            t[row_ids.expand_as(on)[on], chans.expand_as(on)[on]] = True
-            self._active.add(module)
+            dev = self._device(module)
+            n = n_by_dev.get(dev)
+            if n is None:
+                n = n_by_dev[dev] = torch.tensor(list(sizes)).unsqueeze(1).to(dev)  # [R, 1]
+            r_dev, c_dev = on_device[module]
+            t = torch.zeros(len(sizes), self._width(module), dtype=torch.bool, device=dev)
+            t[:, c_dev] = r_dev.unsqueeze(0) < n  # [R, k]: k-th ranked unit of the site in row r
+            self._masks[module] = t
 
     def clear(self) -> None:
         self.set_rows([])
 
+    def mask_bytes(self) -> int:
+        """Bytes held by the installed masks (all devices)."""
+        return sum(t.numel() * t.element_size() for t in self._masks.values())
+
     def _hook_for(self, module: str):  # noqa: ANN202 - closure
         def fn(out: torch.Tensor) -> torch.Tensor | None:
-            if module not in self._active:
-                return None
-            key = (module, out.device)
-            mask = self._device_masks.get(key)
+            mask = self._masks.get(module)
             if mask is None:
-                mask = self._masks[module].to(out.device)
-                self._device_masks[key] = mask
-            b = out.shape[0]
-            if self.rows == 1:
-                m = mask[:1]
-            elif b == self.rows:
-                m = mask
-            else:
-                m = mask[:b]
+                return None
+            b, r = out.shape[0], mask.shape[0]
+            if r != b:
+                if r != 1:
+                    raise ValueError(f"a batch of {b} rows under {r} masks at {module}")
             # out [b, T, C]; mask [b or 1, C] -> broadcast over positions
-            return out.masked_fill(m.unsqueeze(1), 0)
+            return out.masked_fill(mask.unsqueeze(1), 0)
 
         return fn
 
