@@ -83,6 +83,35 @@ def measure(
     }
 
 
+def accumulation_cost(
+    batch: int, tokens: int, width: int, device: str, dtype: torch.dtype, repeat: int
+) -> list[object]:
+    """One site's hook arithmetic per batch: the former batched sum vs the in-order adds.
+
+    ``Σ_b |out - clean|`` as one reduction (fast, but its float32 rounding depends on the
+    batch size) against ``total + |out_0 - clean| + |out_1 - clean| + …`` in sample order
+    (what stage 1 does, bit-identical for every batch size).
+    """
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(batch, tokens, width, generator=g).to(device, dtype)
+    ref = torch.randn(tokens, width, generator=g).to(device)
+    total = torch.zeros(tokens, width, device=device)
+
+    def batched() -> None:
+        total.add_(torch.sub(out, ref).abs_().sum(0))
+
+    def in_order() -> None:
+        diff = torch.sub(out, ref).abs_()
+        acc = total.clone()
+        for row in diff:
+            acc += row
+
+    batched(), in_order()  # warm-up
+    tb = min(timed(batched, device)[0] for _ in range(repeat))
+    to = min(timed(in_order, device)[0] for _ in range(repeat))
+    return [batch, tokens, width, f"{tb * 1e3:.2f}", f"{to * 1e3:.2f}", f"{to / tb:.2f}"]
+
+
 def growth_check(shape: Shape, tokens: int, device: str, dtype: torch.dtype, batch: int) -> list[list[object]]:
     """Peak memory of stage 1 at K=10 and K=100, same model, text and batch size."""
     model = build_model(shape, device, dtype)
@@ -110,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--no-growth-check", action="store_true")
     ap.add_argument(
+        "--accumulation", action="store_true",
+        help="only time one site's hook arithmetic: batched sum vs in-order adds",
+    )
+    ap.add_argument(
         "--threads", type=int, default=1,
         help="CPU threads (default 1: on a shared, oversubscribed CPU, multi-threaded memory-bound "
         "ops wait on descheduled threads and the timings mean nothing)",
@@ -119,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     print(machine())
     print(f"threads {torch.get_num_threads()}")
+    if args.accumulation:
+        head = ["batch", "T", "width", "batched sum ms", "in-order ms", "ratio"]
+        acc = [
+            accumulation_cost(b, t, w, args.device, dtype, max(args.repeat, 3))
+            for b, t, w in [(10, 115, 512), (35, 115, 1376), (100, 115, 4096), (100, 115, 14336)]
+        ]
+        print(table(head, acc))
+        return 0
     print(f"device {args.device}, dtype {args.dtype}, K={args.samples}, paper pool, best of {args.repeat}\n")
     header = ["model", "T", "K", "batch", "units", "bare s", "stage 1 s", "ratio (wall)",
               "bare CPU s", "stage 1 CPU s", "ratio (CPU)", "bare peak MiB", "stage 1 peak MiB",

@@ -154,3 +154,18 @@ def test_minimize_batch_from_pass_times() -> None:
     assert minimize_batch(1.0, 16.0, 16) == 1  # CPU: rows cost what they cost
     assert minimize_batch(1.0, 7.9, 16) == 16 and minimize_batch(1.0, 8.0, 16) == 1
     assert minimize_batch(1.0, 0.1, 1) == 1
+
+
+# stage 1 is batch-invariant ---------------------------------------------------------------
+
+
+def test_stage1_scores_are_bit_identical_for_every_batch_size(ids) -> None:  # noqa: ANN001
+    from achilles.ranking.perturbation import perturbation_scores
+
+    model = make_model("llama")
+    pool = build_pool(model)
+    got = {
+        b: perturbation_scores(model, ids, pool, RankConfig(samples=20, batch_size=b)).flat(pool)
+        for b in (1, 7, None)
+    }
+    assert torch.equal(got[1], got[7]) and torch.equal(got[1], got[None])

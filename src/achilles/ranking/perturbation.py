@@ -8,14 +8,15 @@ Reference-compatible noise: sample ``i``'s noise is the ``i``-th ``randn([1, T, 
 CPU ``torch.Generator`` seeded with ``seed``, whatever the batch size and device.
 
 The implementation is vectorised and streaming: the K copies run in batches, each hooked
-module adds ``Σ_batch |a_clean - a_noisy|`` into a float32 ``[T, C]`` running sum on the
-module's own device, and the ranking is one sort. Memory is O(units × T), never
+module adds each sample's ``|a_clean - a_noisy|`` into a float32 ``[T, C]`` running sum on
+the module's own device, in sample order (so the scores are bit-identical for every batch
+size), and the ranking is one sort. Memory is O(units × T), never
 O(K × units × T); no Python loop touches individual elements. The language-model head is
 skipped: only the decoder stack runs.
 
 Memory, exactly: the model, one batch of activations (and of noise, drawn lazily on the
 host), and three float32 ``[T, C]`` tensors per site: the clean activation, the running sum,
-and the batch's staged sum. The staged sums are committed only after the batch's forward
+and the staged running sum of the batch. The staged sums are committed only after the batch's forward
 pass succeeds, so an out-of-memory error mid-batch (retried at half the batch size) leaves
 no partial sums behind. Under an accelerate ``device_map`` all three live on the site's GPU
 (they are made from the hooked output); the noise goes to the embedding's device.
@@ -121,19 +122,17 @@ def perturbation_scores(
 
     def accumulate(name: str):  # noqa: ANN202
         ref = clean[name]
-        fused = ref.device.type == "cuda"
 
         def fn(out: torch.Tensor) -> None:
-            # out [b, T, C] (model dtype) -> Σ_b |out - clean|  [T, C] float32. The
-            # subtraction promotes to float32 in one kernel (no separate upcast copy).
-            diff = torch.sub(out, ref)
-            if fused:
-                # one reduction kernel reads diff once, abs included (a pass less of HBM
-                # traffic than abs_ + sum; these passes are the hook's whole cost on a GPU)
-                staged[name] = torch.linalg.vector_norm(diff, ord=1, dim=0)
-            else:
-                # on CPU the outer-dim 1-norm is ~10× slower than abs_ + sum(0)
-                staged[name] = diff.abs_().sum(0)
+            # out [b, T, C] (model dtype) -> total + |out_0 - clean| + |out_1 - clean| + …
+            # [T, C] float32, added one sample at a time in sample order: the sums (and so
+            # the scores) are bit-identical whatever the batch size. The subtraction promotes
+            # to float32 in one kernel (no separate upcast copy).
+            diff = torch.sub(out, ref).abs_()
+            acc = total[name].clone()
+            for row in diff:
+                acc += row
+            staged[name] = acc
 
         return fn
 
@@ -149,8 +148,7 @@ def perturbation_scores(
         noisy = eps.mul_(sigma).add_(emb32).to(emb.dtype)
         del eps
         body(inputs_embeds=noisy, use_cache=False)
-        for name, s in staged.items():
-            total[name] += s
+        total.update(staged)  # commit: the staged sums already include the previous total
         staged.clear()
 
     bar = tqdm(total=config.samples, desc="stage 1: noisy passes", disable=not progress)
