@@ -169,3 +169,29 @@ def test_stage1_scores_are_bit_identical_for_every_batch_size(ids) -> None:  # n
         for b in (1, 7, None)
     }
     assert torch.equal(got[1], got[7]) and torch.equal(got[1], got[None])
+
+
+# 5. noise prefetch ------------------------------------------------------------------------
+
+
+def test_prefetched_noise_gives_the_same_draws_with_retries() -> None:
+    from achilles.ranking.perturbation import NoiseStream, PrefetchedNoise, noise_draws
+
+    shape = (1, 5, 3)
+    want = torch.cat(noise_draws(7, 23, shape))
+    with PrefetchedNoise(NoiseStream(7, shape), 23) as noise:
+        got = [noise.take(0, 8), noise.take(8, 8)]
+        got.append(noise.take(16, 4))  # an OOM retry at half the batch: prefetch discarded
+        got += [noise.take(20, 3)]  # the short last batch
+    assert torch.equal(torch.cat(got), want)
+
+
+def test_stage1_with_prefetch_equals_without(ids) -> None:  # noqa: ANN001
+    from achilles.ranking.perturbation import perturbation_scores
+
+    model = make_model("llama")
+    pool = build_pool(model)
+    cfg = RankConfig(samples=11, batch_size=3)
+    a = perturbation_scores(model, ids, pool, cfg, prefetch=False).flat(pool)
+    b = perturbation_scores(model, ids, pool, cfg, prefetch=True).flat(pool)
+    assert torch.equal(a, b)

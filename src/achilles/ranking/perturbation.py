@@ -24,6 +24,9 @@ no partial sums behind. Under an accelerate ``device_map`` all three live on the
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+
 import torch
 from tqdm.auto import tqdm
 
@@ -54,8 +57,9 @@ class NoiseStream:
     calls of ``randn([1, T, d])``.
     """
 
-    def __init__(self, seed: int, shape: tuple[int, ...]) -> None:
+    def __init__(self, seed: int, shape: tuple[int, ...], *, pin_memory: bool = False) -> None:
         self.shape = tuple(shape)
+        self.pin_memory = pin_memory
         self._g = torch.Generator(device="cpu").manual_seed(seed)
         self._next = 0
         self._start, self._start_state = 0, self._g.get_state()
@@ -71,11 +75,62 @@ class NoiseStream:
         else:
             self._start, self._start_state = start, self._g.get_state()
         lead = self.shape[0]
-        out = torch.empty((n * lead, *self.shape[1:]))
+        out = torch.empty((n * lead, *self.shape[1:]), pin_memory=self.pin_memory)
         for j in range(n):
             torch.randn(self.shape, generator=self._g, out=out[j * lead : (j + 1) * lead])
         self._next = start + n
         return out
+
+    def _snapshot(self) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        return self._next, self._start, self._start_state, self._g.get_state()
+
+    def _restore(self, snap: tuple[int, int, torch.Tensor, torch.Tensor]) -> None:
+        self._next, self._start, self._start_state = snap[:3]
+        self._g.set_state(snap[3])
+
+
+class PrefetchedNoise:
+    """A :class:`NoiseStream` that draws the next batch on a thread while this one runs.
+
+    After ``take(start, n)`` returns, draws ``start+n .. start+2n-1`` are made in the
+    background (into pinned memory when the stream pins), so on a GPU the host-side
+    ``randn`` overlaps the forward pass. The tensors are those of the plain stream: a request
+    that is not the prefetched one (a smaller retry after an out-of-memory error, the last
+    short batch) discards the prefetch and rewinds the generator first. Use as a context
+    manager; the thread stops on exit.
+    """
+
+    def __init__(self, stream: NoiseStream, total: int) -> None:
+        self.stream = stream
+        self.total = total
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="achilles-noise")
+        self._pending: tuple[tuple[int, int], Future[torch.Tensor], tuple] | None = None
+
+    def take(self, start: int, n: int) -> torch.Tensor:
+        if self._pending is not None:
+            key, future, snap = self._pending
+            self._pending = None
+            out = future.result()
+            if key != (start, n):
+                self.stream._restore(snap)  # not the batch asked for: as if never drawn
+                out = self.stream.take(start, n)
+        else:
+            out = self.stream.take(start, n)
+        nxt = start + n
+        if nxt < self.total:
+            k = min(n, self.total - nxt)
+            snap = self.stream._snapshot()
+            self._pending = ((nxt, k), self._pool.submit(self.stream.take, nxt, k), snap)
+        return out
+
+    def __enter__(self) -> PrefetchedNoise:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pending is not None:
+            self._pending[1].cancel()
+            self._pending = None
+        self._pool.shutdown(wait=True)
 
 
 def decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -91,8 +146,14 @@ def perturbation_scores(
     config: RankConfig,
     *,
     progress: bool = False,
+    prefetch: bool | None = None,
 ) -> Scores:
-    """Noise-sensitivity scores of every unit of ``pool`` on the text ``input_ids [1, T]``."""
+    """Noise-sensitivity scores of every unit of ``pool`` on the text ``input_ids [1, T]``.
+
+    ``prefetch`` draws the next batch's noise on a thread while the current batch runs
+    (default: on CUDA, where the host-side draws would otherwise idle the GPU); the draws
+    are the same either way.
+    """
     body = decoder(model)
     embed = model.get_input_embeddings()
     input_ids = input_ids.to(input_device(model))
@@ -136,7 +197,10 @@ def perturbation_scores(
 
         return fn
 
-    noise = NoiseStream(config.seed, (1, n_tok, d_model))
+    on_gpu = emb.device.type == "cuda"
+    prefetch = on_gpu if prefetch is None else prefetch
+    stream = NoiseStream(config.seed, (1, n_tok, d_model), pin_memory=on_gpu)
+    noise_source = PrefetchedNoise(stream, config.samples) if prefetch else nullcontext(stream)
     widest = max(s.width for s in pool.sites)
     batch = choose_batch_size(
         model, n_tok, config.samples, widest, config.batch_size, logits=False
@@ -144,7 +208,7 @@ def perturbation_scores(
 
     def run(chunk: range) -> None:
         staged.clear()
-        eps = noise.take(chunk.start, len(chunk)).to(emb.device)  # [b, T, d] float32
+        eps = noise.take(chunk.start, len(chunk)).to(emb.device, non_blocking=True)  # [b, T, d] fp32
         noisy = eps.mul_(sigma).add_(emb32).to(emb.dtype)
         del eps
         body(inputs_embeds=noisy, use_cache=False)
@@ -152,7 +216,7 @@ def perturbation_scores(
         staged.clear()
 
     bar = tqdm(total=config.samples, desc="stage 1: noisy passes", disable=not progress)
-    with hooked(model, {s.module: accumulate(s.module) for s in pool.sites}):
+    with noise_source as noise, hooked(model, {s.module: accumulate(s.module) for s in pool.sites}):
         run_batched(range(config.samples), run, batch, on_progress=bar.update)
     bar.close()
 
