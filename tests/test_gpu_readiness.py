@@ -195,3 +195,23 @@ def test_stage1_with_prefetch_equals_without(ids) -> None:  # noqa: ANN001
     a = perturbation_scores(model, ids, pool, cfg, prefetch=False).flat(pool)
     b = perturbation_scores(model, ids, pool, cfg, prefetch=True).flat(pool)
     assert torch.equal(a, b)
+
+
+# 6. NLL from a chunked head ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "gpt_neox", "phi3"])
+def test_chunked_head_nll_equals_the_full_forward(arch: str, ids) -> None:  # noqa: ANN001
+    from achilles.metrics import _full_nll, sequence_nll
+
+    model = make_model(arch)
+    if arch == "gemma2":
+        model.config.final_logit_softcapping = 0.5  # small enough to bite on tiny logits
+    batch = torch.cat([ids, ids.flip(1)]).repeat(5, 1)  # 10 rows: two head chunks of 8 and 2
+    want = _full_nll(model, batch, 8)
+    torch.testing.assert_close(sequence_nll(model, batch), want, rtol=1e-6, atol=1e-4)
+    # independent oracle: float64 log-softmax of the model's own logits
+    with torch.no_grad():
+        lg = model(input_ids=batch).logits[:, :-1].double()
+    hand = -lg.log_softmax(-1).gather(-1, batch[:, 1:, None]).squeeze(-1).sum(1)
+    torch.testing.assert_close(sequence_nll(model, batch).double(), hand, rtol=1e-5, atol=1e-3)

@@ -42,16 +42,60 @@ class NLLResult:
         return self.mean / LN10
 
 
+_LOGIT_RESCALES = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+"""Config fields of families whose CausalLM rescales the head's output in ways
+:func:`sequence_nll`'s head-only path does not reproduce: these run the whole model."""
+
+
+def _split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """``(decoder stack, LM head)`` when the logits are ``head(last_hidden_state)`` (Gemma-2's
+    final soft-capping included), else ``None``."""
+    body = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or body is model or head is None:
+        return None
+    cfg = getattr(model, "config", None)
+    if any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_RESCALES):
+        return None
+    return body, head
+
+
 @torch.no_grad()
 def sequence_nll(
     model: torch.nn.Module, input_ids: torch.Tensor, *, logit_chunk: int = 8
 ) -> torch.Tensor:
     """Summed NLL of each row of ``input_ids`` ``[B, T]`` (float32 ``[B]``, on CPU).
 
-    Every row is scored on its ``T - 1`` next-token predictions. Logits are upcast to
-    float32 ``logit_chunk`` rows at a time, so the float32 copy never holds the whole batch.
+    Every row is scored on its ``T - 1`` next-token predictions. The decoder stack runs on
+    the whole batch; the LM head then runs ``logit_chunk`` rows at a time on its own device
+    (the last GPU under a ``device_map``), where the float32 log-softmax and the per-row sums
+    are taken, so neither the full logits nor their float32 copy ever exist, and only ``[B]``
+    sums leave that device.
     """
     input_ids = input_ids.to(input_device(model))
+    split = _split_head(model)
+    if split is None:
+        return _full_nll(model, input_ids, logit_chunk)
+    body, head = split
+    hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, d]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    out = []
+    for i in range(0, hidden.shape[0], logit_chunk):
+        lg = head(hidden[i : i + logit_chunk, :-1])  # [b, T-1, V], model dtype, head's device
+        if cap is not None:  # as the model's own forward does, in the model dtype
+            lg = torch.tanh(lg / cap) * cap
+        lg = lg.float()
+        nll = F.cross_entropy(
+            lg.reshape(-1, lg.shape[-1]),
+            input_ids[i : i + logit_chunk, 1:].reshape(-1).to(lg.device),
+            reduction="none",
+        ).view(lg.shape[0], -1)
+        out.append(nll.sum(1))
+    return torch.cat([o.to(out[0].device) for o in out]).cpu()
+
+
+def _full_nll(model: torch.nn.Module, input_ids: torch.Tensor, logit_chunk: int) -> torch.Tensor:
+    """:func:`sequence_nll` through the model's own forward (full logits)."""
     logits = model(input_ids=input_ids, use_cache=False).logits  # [B, T, V]
     targets = input_ids[:, 1:]
     out = []
