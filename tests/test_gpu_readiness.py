@@ -215,3 +215,43 @@ def test_chunked_head_nll_equals_the_full_forward(arch: str, ids) -> None:  # no
         lg = model(input_ids=batch).logits[:, :-1].double()
     hand = -lg.log_softmax(-1).gather(-1, batch[:, 1:, None]).squeeze(-1).sum(1)
     torch.testing.assert_close(sequence_nll(model, batch).double(), hand, rtol=1e-5, atol=1e-3)
+
+
+# 3. dtype=auto picks bf16 only where the GPU has it ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("capability", "want"), [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 5), torch.float16)]
+)
+def test_auto_dtype_follows_compute_capability(monkeypatch, caplog, capability, want) -> None:  # noqa: ANN001
+    from achilles.loading import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    with caplog.at_level("WARNING", logger="achilles.loading"):
+        assert resolve_dtype("auto", torch.device("cuda", 0)) is want
+    assert ("no native bfloat16" in caplog.text) == (want is torch.float16)
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cuda", 0)) is torch.bfloat16  # asked for
+
+
+# 8. version floors ------------------------------------------------------------------------
+
+
+def test_oom_is_recognised_without_the_torch_2_5_alias(monkeypatch) -> None:  # noqa: ANN001
+    from achilles.batching import is_oom
+
+    err = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)  # torch < 2.5
+    assert is_oom(err) and is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not is_oom(RuntimeError("shape mismatch"))
+
+
+def test_dependency_floors_cover_the_apis_used() -> None:
+    import tomllib
+    from pathlib import Path
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    floors = dict(d.split(">=") for d in deps["dependencies"] if ">=" in d)
+    # from_pretrained(dtype=...) is transformers >= 4.56; torch.OutOfMemoryError is 2.5
+    assert tuple(int(x) for x in floors["transformers"].split(".")[:2]) >= (4, 56)
+    assert tuple(int(x) for x in floors["torch"].split(".")[:2]) >= (2, 5)

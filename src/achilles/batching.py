@@ -27,7 +27,7 @@ CPU_TOKENS_PER_BATCH = 4096
 
 def is_oom(e: BaseException) -> bool:
     """Whether ``e`` is an accelerator out-of-memory error."""
-    if isinstance(e, torch.OutOfMemoryError):
+    if isinstance(e, torch.cuda.OutOfMemoryError):  # also spelled torch.OutOfMemoryError (2.5+)
         return True
     return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 

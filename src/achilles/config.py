@@ -35,7 +35,9 @@ class ModelSpec:
     """Which model to load and how."""
 
     model: str = opt(None, "local folder or hub id of a causal LM", required=True)
-    dtype: Dtype = opt("auto", "weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    dtype: Dtype = opt(
+        "auto", "weights dtype (auto: bfloat16 on a GPU with native bf16, else float16; float32 on CPU)"
+    )
     device: Device = opt("auto", "device when not using --device-map (auto: cuda if available)")
     device_map: str | None = opt(
         None, "accelerate device map, e.g. 'auto' to spread a large model over all GPUs"

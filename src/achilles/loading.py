@@ -46,9 +46,21 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
+    """``auto``: bfloat16 on a GPU with native bf16 (compute capability ≥ 8.0), float16 with
+    a warning on an older GPU, float32 on CPU."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type != "cuda":
+        return torch.float32
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= (8, 0):
+        return torch.bfloat16
+    logger.warning(
+        "this GPU (compute capability %d.%d) has no native bfloat16: loading in float16, which "
+        "overflows on some models; pass --dtype float32 if results look non-finite",
+        major, minor,
+    )
+    return torch.float16
 
 
 def _looks_like_path(name: str) -> bool:
