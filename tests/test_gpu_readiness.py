@@ -255,3 +255,64 @@ def test_dependency_floors_cover_the_apis_used() -> None:
     # from_pretrained(dtype=...) is transformers >= 4.56; torch.OutOfMemoryError is 2.5
     assert tuple(int(x) for x in floors["transformers"].split(".")[:2]) >= (4, 56)
     assert tuple(int(x) for x in floors["torch"].split(".")[:2]) >= (2, 5)
+
+
+# 9. Gemma: the noise is defined after the embedding scale, whatever the transformers version
+
+
+def _layer0_inputs(model: torch.nn.Module, ids: torch.Tensor, cfg: RankConfig) -> list[torch.Tensor]:
+    """Hidden states entering layer 0 on every pass of stage 1 (test-side hook)."""
+    from achilles.ranking.perturbation import perturbation_scores
+
+    seen: list[torch.Tensor] = []
+
+    def grab(_m, args, kwargs):  # noqa: ANN001, ANN202
+        h = args[0] if args else kwargs["hidden_states"]
+        seen.append(h.detach().clone())
+
+    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        perturbation_scores(model, ids, build_pool(model), cfg)
+    finally:
+        handle.remove()
+    return seen
+
+
+def _as_transformers_4(model: torch.nn.Module) -> torch.nn.Module:
+    """Gemma as transformers 4.x builds it: a plain embedding, √d applied to inputs_embeds."""
+    scaled = model.model.embed_tokens
+    plain = torch.nn.Embedding(scaled.num_embeddings, scaled.embedding_dim)
+    plain.weight = scaled.weight
+    model.model.embed_tokens = plain
+    root = float(model.config.hidden_size) ** 0.5
+
+    def rescale(_m, args, kwargs):  # noqa: ANN001, ANN202
+        x = kwargs.get("inputs_embeds")
+        if x is None:
+            x = plain(kwargs.pop("input_ids"))
+        kwargs["inputs_embeds"] = x * torch.tensor(root, dtype=x.dtype)
+        return args, kwargs
+
+    model.model.register_forward_pre_hook(rescale, with_kwargs=True)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2"])
+@pytest.mark.parametrize("old", [False, True])
+@pytest.mark.parametrize("noise", ["absolute", "relative"])
+def test_gemma_noise_is_added_after_the_embedding_scale(arch: str, old: bool, noise: str, ids) -> None:  # noqa: ANN001
+    from achilles.ranking.perturbation import noise_draws
+
+    model = make_model(arch)
+    if old:
+        model = _as_transformers_4(model)
+    cfg = RankConfig(samples=3, batch_size=3, alpha=0.5, noise=noise)
+    clean, noisy = _layer0_inputs(model, ids, cfg)
+    with torch.no_grad():
+        scaled = model.model.embed_tokens(ids)
+    if old:
+        scaled = scaled * float(model.config.hidden_size) ** 0.5
+    torch.testing.assert_close(clean, scaled)  # layer 0 sees the scaled embedding
+    sigma = cfg.alpha * (float(scaled.pow(2).mean().sqrt()) if noise == "relative" else 1.0)
+    eps = torch.cat(noise_draws(cfg.seed, 3, tuple(ids.shape) + (model.config.hidden_size,)))
+    torch.testing.assert_close((noisy - clean) / sigma, eps, rtol=1e-4, atol=1e-4)

@@ -133,6 +133,25 @@ class PrefetchedNoise:
         self._pool.shutdown(wait=True)
 
 
+SCALES_INPUTS_EMBEDS = frozenset({"gemma", "gemma2", "recurrent_gemma"})
+"""Families whose model multiplies the embeddings by √d: inside the embedding module in
+recent transformers (it then has an ``embed_scale``), or on ``inputs_embeds`` in older ones."""
+
+
+def inputs_embeds_scale(model: torch.nn.Module) -> float:
+    """The factor the model applies to ``inputs_embeds`` before its first layer (1 for most).
+
+    Gemma's √d embedding scale moved from the model's forward (transformers 4.x, where it
+    multiplies ``inputs_embeds`` too) into the embedding module (5.x, where it does not).
+    """
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in SCALES_INPUTS_EMBEDS:
+        return 1.0
+    if hasattr(model.get_input_embeddings(), "embed_scale"):
+        return 1.0  # already in the embedding's output
+    return float(cfg.hidden_size) ** 0.5
+
+
 def decoder(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack without the LM head (``model.base_model``), to save its compute."""
     return getattr(model, "base_model", model)
@@ -160,9 +179,13 @@ def perturbation_scores(
     emb = embed(input_ids)  # [1, T, d], model dtype, on the embedding's (execution) device
     _, n_tok, d_model = emb.shape
     emb32 = emb.float()
+    # The noise is defined on what the first layer sees: after any embedding scale, whether
+    # the embedding module applies it or the model applies it to ``inputs_embeds``.
+    scale = inputs_embeds_scale(model)
     sigma = config.alpha
     if config.noise == "relative":
-        sigma = config.alpha * float(emb32.pow(2).mean().sqrt())
+        sigma = config.alpha * float(emb32.pow(2).mean().sqrt()) * scale
+    sigma /= scale  # added before the model's own scale, which multiplies it back
 
     # Clean pass: one [T, C] float32 activation per site, created from the hooked output, so
     # it lives on that site's device (under a device_map, each GPU keeps its layers' sums).
