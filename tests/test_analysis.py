@@ -152,7 +152,7 @@ def test_fp32_recheck_of_a_bf16_model_matches_fp32(run) -> None:  # noqa: ANN001
     ref = fp32_delta(lm, TEXT, None, units)  # float32 already: used as is
     low = LoadedModel(make_model("llama").to(torch.bfloat16), lm.tokenizer, ModelSpec(model="tiny"))
     chk = recheck_fp32(low, TEXT, units)
-    assert chk.dtype_run == "bfloat16" and chk.method == "upcast copy"
+    assert chk.dtype_run == "bfloat16" and chk.method == "in-place upcast"
     assert chk.delta_fp32 == pytest.approx(ref, abs=1e-4)  # bf16 weights are exact in fp32
     assert next(low.model.parameters()).dtype == torch.bfloat16  # the run's model is untouched
 

@@ -316,3 +316,61 @@ def test_gemma_noise_is_added_after_the_embedding_scale(arch: str, old: bool, no
     sigma = cfg.alpha * (float(scaled.pow(2).mean().sqrt()) if noise == "relative" else 1.0)
     eps = torch.cat(noise_draws(cfg.seed, 3, tuple(ids.shape) + (model.config.hidden_size,)))
     torch.testing.assert_close((noisy - clean) / sigma, eps, rtol=1e-4, atol=1e-4)
+
+
+# 4. fp32 re-check: in the core, in place, after the results are saved ----------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_in_place_upcast_is_lossless_and_equals_a_float32_copy(arch: str, low, ids) -> None:  # noqa: ANN001
+    from achilles.metrics import sequence_nll
+    from achilles.recheck import float32_forward
+
+    model = make_model(arch).to(low)
+    before = {k: (v.clone(), v.dtype) for k, v in model.state_dict().items()}
+    want = sequence_nll(copy.deepcopy(model).float(), ids)
+    with float32_forward(model):
+        got = sequence_nll(model, ids)
+        assert next(model.parameters()).dtype == low  # only while a layer runs
+    assert torch.equal(got, want)
+    after = model.state_dict()
+    for k, (v, dtype) in before.items():
+        assert after[k].dtype == dtype and torch.equal(after[k], v), k  # bit for bit
+
+
+def test_upcast_restores_the_layer_when_its_forward_raises(ids) -> None:  # noqa: ANN001
+    from achilles.hooks import hooked
+    from achilles.recheck import float32_forward
+
+    model = make_model("llama").to(torch.bfloat16)
+
+    def boom(_out: torch.Tensor) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"), float32_forward(model), \
+            hooked(model, {"model.layers.1.mlp.down_proj": boom}):
+        model(input_ids=ids)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_identify_saves_before_the_fp32_recheck(tokenizer, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from achilles import recheck
+    from achilles.cli import main
+    from test_scale import _strong_bf16_llama
+
+    model_dir = tmp_path / "model"
+    _strong_bf16_llama().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    def fail(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("the re-check failed")
+
+    monkeypatch.setattr(recheck, "recheck_fp32", fail)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="re-check failed"):
+        main(["find", "--model", str(model_dir), "--text", TEXT, "--dtype", "bfloat16",
+              "--samples", "2", "--epsilon", "0.02", "--max-neurons", "30", "--no-minimize",
+              "--no-report", "--out-dir", str(out), "--quiet"])
+    saved = Identification.load(str(out / "identification.json"))
+    assert (out / "ranking.json").is_file() and saved.fp32_check is None and saved.found

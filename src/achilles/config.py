@@ -116,9 +116,9 @@ class IdentifyConfig:
     batch_size: int | None = opt(None, "masked copies per forward pass (default: from memory)")
     fp32_check: bool = opt(
         True,
-        "when the model is not float32, re-measure Δ of the final set in float32 (needs a "
-        "float32 copy next to the model, 4 bytes/parameter: reloaded with the same device map "
-        "above 2B parameters, else an upcast copy)",
+        "when the model is not float32, re-measure Δ of the final set in float32 (each layer "
+        "upcast in place around its forward: one float32 layer of extra memory; offloaded "
+        "models are reloaded in float32). Both stages' results are saved before it runs",
     )
 
     def __post_init__(self) -> None:

@@ -170,3 +170,28 @@ def recorded(
 
     with observed_io(model, {n: keep(n) for n in names}):
         yield store
+
+
+@contextmanager
+def around_forward(
+    modules: Iterable[torch.nn.Module],
+    before: Callable[[torch.nn.Module], None],
+    after: Callable[[torch.nn.Module], None],
+) -> Iterator[None]:
+    """Run the block with ``before(m)`` called just before and ``after(m)`` just after each
+    forward of each module ``m`` (``after`` also when the forward raises).
+
+    Used to change a module's state only while it runs (the float32 re-check upcasts one
+    decoder layer at a time). Hooks are removed on exit, even if the block raises.
+    """
+    handles = []
+    try:
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(lambda mod, _args: before(mod)))
+            handles.append(
+                m.register_forward_hook(lambda mod, _args, _out: after(mod), always_call=True)
+            )
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -14,19 +14,19 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from achilles.batching import is_oom
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
 from achilles.identify import Identification, identify
 from achilles.io import environment
 from achilles.loading import LoadedModel, inspect_model, load_model, tokenize
 from achilles.ranking import Ranking, get_method, rank_units
+from achilles.recheck import fp32_check
 from achilles.units import UnitPool, build_pool
 
 logger = logging.getLogger(__name__)
@@ -106,14 +106,18 @@ def identify_with(
     *,
     pool: UnitPool | None = None,
     progress: bool = False,
+    before_recheck: Callable[[Identification], None] | None = None,
 ) -> Identification:
-    """Stage 2 on ``text`` over the prefixes of ``ranking``."""
+    """Stage 2 on ``text`` over the prefixes of ``ranking``.
+
+    ``before_recheck(result)`` is called with the complete result before the float32
+    re-check runs (a command saves it there, so a failing re-check loses nothing); the
+    re-check then fills ``result.fp32_check``.
+    """
     pool = pool or pool_for_ranking(lm, ranking)
     units = pool.validate(ranking.units)
     input_ids = tokenize(lm.tokenizer, text)
     result = identify(lm.model, input_ids, pool, units, config, progress=progress)
-    if config.fp32_check and lm.dtype != torch.float32:
-        result.fp32_check = fp32_check(lm, text, pool, result)
     result.config = {
         "model": _model_record(lm),
         "text": text,
@@ -122,57 +126,11 @@ def identify_with(
         "pool": ranking.pool,
     }
     result.env = environment(lm.model)
+    if before_recheck is not None:
+        before_recheck(result)
+    if config.fp32_check and lm.dtype != torch.float32:
+        result.fp32_check = fp32_check(lm, text, pool, result)
     return result
-
-
-def fp32_check(
-    lm: LoadedModel, text: str, pool: UnitPool, result: Identification
-) -> dict[str, Any] | None:
-    """Δ of the final set (minimal, else critical) of a non-float32 run, re-measured in float32.
-
-    The float32 model comes from :func:`achilles.analysis.controls.recheck_fp32`: an upcast
-    deep copy for models up to 2 B parameters, else (or under a ``device_map``) a reload of
-    ``lm.spec`` in float32 with the same device map. Either way the float32 weights (4 bytes
-    per parameter, 32 GB for 8B) must fit *next to* the running model. ``agree`` says whether
-    float32 gives the same verdict (Δ ≥ ε or not) as the run's dtype. Returns ``None`` when
-    no set was found. An out-of-memory error is recorded (``error``), not raised: the run's
-    result stands.
-    """
-    from achilles.analysis.controls import recheck_fp32  # lazy: analysis builds on the pipeline
-
-    units = result.minimal_set or result.critical_set
-    if not units:
-        return None
-    which = "minimal" if result.minimal_set else "critical"
-    delta_run = result.delta_minimal if result.minimal_set else result.delta_critical
-    record: dict[str, Any] = {
-        "dtype_run": str(lm.dtype).removeprefix("torch."),
-        "set": which,
-        "n": len(units),
-        "epsilon": result.epsilon,
-        "delta_run": delta_run,
-    }
-    try:
-        check = recheck_fp32(lm, text, units, pool=pool)
-    except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded, the rest raises
-        if not is_oom(e):
-            raise
-        logger.warning("fp32 check skipped: out of memory for the float32 model")
-        record.update(delta_fp32=None, agree=None, error="out of memory for the float32 model")
-        return record
-    finally:
-        gc.collect()  # the float32 model is unreferenced now; give its memory back
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    eps = result.epsilon
-    record.update(
-        delta_fp32=check.delta_fp32,
-        baseline_nll_fp32=check.baseline_nll_fp32 / result.tokens,
-        model_fp32=check.method,
-        agree=(delta_run is not None and delta_run >= eps) == (check.delta_fp32 >= eps),
-    )
-    logger.info("fp32 check: Δ %s=%.4g, float32=%.4g", record["dtype_run"], delta_run, check.delta_fp32)
-    return record
 
 
 def find(

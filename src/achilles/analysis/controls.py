@@ -7,9 +7,9 @@
 * **Random sets** (:func:`random_sets`): sets of the same size drawn from the **same modules**
   (same layer and component kind, stratified: as many units per module as the set has
   there), excluding the set's own units, over several seeds: Δ mean / sd / max |Δ|.
-* **fp32 recheck** (:func:`recheck_fp32`, :func:`fp32_delta`): Δ of the same set recomputed
-  with float32 weights when the run used bfloat16/float16, to separate a real collapse
-  from low-precision overflow.
+* **fp32 recheck** (:func:`~achilles.recheck.recheck_fp32`, from the core, and
+  :func:`fp32_delta`): Δ of the same set recomputed with float32 weights when the run used
+  bfloat16/float16, to separate a real collapse from low-precision overflow.
 
 Every Δ here goes through :class:`~achilles.identify.MaskEvaluator` (zero-ablation) or
 :func:`~achilles.metrics.sequence_nll` + :func:`~achilles.metrics.delta` (mean-ablation).
@@ -17,10 +17,7 @@ Every Δ here goes through :class:`~achilles.identify.MaskEvaluator` (zero-ablat
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
-import math
 import random
 import statistics
 from collections.abc import Sequence
@@ -33,16 +30,13 @@ from achilles.batching import input_device
 from achilles.config import ModelSpec
 from achilles.hooks import recorded
 from achilles.identify import MaskEvaluator
-from achilles.loading import LoadedModel, load_model, tokenize
+from achilles.loading import LoadedModel
 from achilles.masking import set_channels
 from achilles.metrics import delta, sequence_nll
-from achilles.units import Unit, UnitPool, build_pool
+from achilles.recheck import Fp32Check, recheck_fp32  # re-exported: the core owns the re-check
+from achilles.units import Unit, UnitPool
 
 logger = logging.getLogger(__name__)
-
-DEEPCOPY_MAX_PARAMS = 2_000_000_000
-"""Models up to this size are upcast in memory (``deepcopy().float()``); larger ones reloaded."""
-
 
 @dataclass(frozen=True)
 class MeanAblation:
@@ -81,21 +75,6 @@ class RandomSets:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean": self.mean, "sd": self.sd, "max_abs": self.max_abs}
-
-
-@dataclass(frozen=True)
-class Fp32Check:
-    """Δ of a set recomputed with float32 weights."""
-
-    n_units: int
-    dtype_run: str
-    delta_fp32: float
-    finite: bool
-    baseline_nll_fp32: float
-    method: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _channel_means(
@@ -175,58 +154,6 @@ def random_sets(
         delta_set=ms[0].delta,
         sets=[[u.to_dict() for u in s] for s in sets] if keep_sets else [],
     )
-
-
-def _n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _fp32_model(lm_or_spec: LoadedModel | ModelSpec) -> tuple[LoadedModel, str]:
-    if isinstance(lm_or_spec, ModelSpec):
-        spec = dataclasses.replace(lm_or_spec, dtype="float32")
-        return load_model(spec), "reloaded"
-    lm = lm_or_spec
-    if lm.dtype == torch.float32:
-        return lm, "as run"
-    if getattr(lm.model, "hf_device_map", None) or _n_params(lm.model) > DEEPCOPY_MAX_PARAMS:
-        spec = dataclasses.replace(lm.spec, dtype="float32")
-        return load_model(spec), "reloaded"
-    model = copy.deepcopy(lm.model).float().eval()
-    return LoadedModel(model, lm.tokenizer, dataclasses.replace(lm.spec, dtype="float32")), "upcast copy"
-
-
-def recheck_fp32(
-    lm_or_spec: LoadedModel | ModelSpec,
-    text: str,
-    units: Sequence[Unit],
-    *,
-    pool: UnitPool | None = None,
-) -> Fp32Check:
-    """Δ of ``units`` on ``text`` with float32 weights.
-
-    Args:
-        lm_or_spec: the run's loaded model (upcast in a copy when small, reloaded in float32
-            when large or spread over devices; used as is when already float32), or the
-            :class:`ModelSpec` to reload in float32.
-        text: the text Δ is measured on.
-        units: the set to mask.
-        pool: the unit pool (default: built from the units' component kinds).
-    """
-    dtype_run = (
-        str(lm_or_spec.dtype).removeprefix("torch.")
-        if isinstance(lm_or_spec, LoadedModel)
-        else lm_or_spec.dtype
-    )
-    lm32, how = _fp32_model(lm_or_spec)
-    if pool is None:
-        kinds = sorted({u.component for u in units}) or None
-        pool = build_pool(lm32.model, components=kinds)
-    units = pool.validate(list(units), source="the unit set")
-    ids = tokenize(lm32.tokenizer, text)
-    ev = MaskEvaluator(lm32.model, pool, ids, batch_size=1)
-    m = ev.measure([units])[0]
-    logger.info("fp32 recheck (%s): Δ = %s over %d units", how, m.delta, len(units))
-    return Fp32Check(len(units), dtype_run, m.delta, math.isfinite(m.delta), ev.baseline_nll, how)
 
 
 def fp32_delta(

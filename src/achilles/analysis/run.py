@@ -21,7 +21,7 @@ from achilles.identify import Identification
 from achilles.io import SCHEMA_VERSION, environment, write_json
 from achilles.loading import LoadedModel, tokenize
 from achilles.ranking import Ranking
-from achilles.units import Unit
+from achilles.units import Unit, UnitPool
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def analyze_run(
     max_weight_units: int = 50,
     fp32: bool | None = None,
     write: bool = True,
+    pool: UnitPool | None = None,
 ) -> dict[str, Any]:
     """Analyse a run folder and (by default) write ``RUN_DIR/analysis.json``.
 
@@ -81,6 +82,7 @@ def analyze_run(
         max_weight_units: at most this many critical units get a weight profile.
         fp32: recheck the final set in float32 (default: when the run's dtype is bf16/fp16).
         write: write ``analysis.json``.
+        pool: the run's unit pool, when the caller has it (default: rebuilt from the ranking).
     """
     run_dir = Path(run_dir)
     ranking, ident = load_run(run_dir)
@@ -110,7 +112,7 @@ def analyze_run(
         text = ident.config.get("text")
         if not isinstance(text, str):
             raise ValueError(f"{run_dir}/identification.json has no config.text to analyse on")
-        pool = pool_for_ranking(lm, ranking)
+        pool = pool or pool_for_ranking(lm, ranking)
         ids = tokenize(lm.tokenizer, text)
         crit = pool.validate(ident.critical_set, source="the critical set")[:max_weight_units]
         final = pool.validate(final, source="the final set")

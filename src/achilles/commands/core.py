@@ -19,7 +19,7 @@ from achilles.commands.common import (
 )
 from achilles.identify import Identification
 from achilles.loading import load_model
-from achilles.pipeline import find, identify_with, preflight, rank
+from achilles.pipeline import identify_with, preflight, rank
 from achilles.ranking import Ranking
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,9 @@ def _run_identify(args: argparse.Namespace) -> int:
     ranking = Ranking.load(args.ranking)
     skeleton = preflight(spec, text=text, ranking=ranking)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
-    ident = identify_with(lm, text, ranking, cfg, progress=progress(args))
+    ident = identify_with(  # saved before the fp32 re-check, and again with it
+        lm, text, ranking, cfg, progress=progress(args), before_recheck=lambda r: r.save(out)
+    )
     ident.save(out)
     print(summarize(ident, out))
     return 0
@@ -84,14 +86,21 @@ def _run_find(args: argparse.Namespace) -> int:
     out_dir = check_writable(Path(args.out_dir))
     skeleton = preflight(spec, text=text, rank_config=rcfg)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
-    ranking, ident = find(lm, text, rcfg, icfg, progress=progress(args))
+    # each result is saved as soon as it exists: a failing fp32 re-check loses nothing
+    ranking, pool = rank(lm, text, rcfg, progress=progress(args))
     ranking.save(out_dir / "ranking.json")
-    ident.save(out_dir / "identification.json")
+    ident_path = out_dir / "identification.json"
+    ident = identify_with(
+        lm, text, ranking, icfg, pool=pool, progress=progress(args),
+        before_recheck=lambda r: r.save(ident_path),
+    )
+    ident.save(ident_path)
     print(summarize(ident, out_dir))
     if args.report:
         from achilles.report import write_report
 
-        files = write_report(out_dir, lm, fp32=False)  # identify already re-checks in fp32
+        # identify already re-checked in fp32; the run's pool is passed along, not rebuilt
+        files = write_report(out_dir, lm, fp32=False, pool=pool)
         print(f"report: {files.html}")
     return 0
 
