@@ -152,10 +152,12 @@ def test_fp32_check_off_or_float32_records_nothing(tokenizer) -> None:  # noqa: 
 def test_gpu_bench_runs_tiny_on_cpu() -> None:
     r = subprocess.run(
         [sys.executable, "bench/gpu.py", "--tiny", "--device", "cpu"],
-        cwd=ROOT, capture_output=True, text=True, timeout=30,
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "stage 1" in r.stdout
+    for row in ("linear (find defaults)", "bisect", "fp32 re-check", "cpu_offload (smoke)"):
+        assert row in r.stdout
 
 
 def test_offloaded_model_scores_equal_and_inputs_go_to_the_execution_device(ids) -> None:  # noqa: ANN001
