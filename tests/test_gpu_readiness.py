@@ -374,3 +374,39 @@ def test_identify_saves_before_the_fp32_recheck(tokenizer, tmp_path, monkeypatch
               "--no-report", "--out-dir", str(out), "--quiet"])
     saved = Identification.load(str(out / "identification.json"))
     assert (out / "ranking.json").is_file() and saved.fp32_check is None and saved.found
+
+
+def test_cuda_minimisation_path_reverifies_one_mask_per_pass(ids, monkeypatch) -> None:  # noqa: ANN001
+    """The CUDA branch of identify (reference rows, timed batch, re-verification), run on CPU."""
+    import importlib
+
+    from achilles.config import IdentifyConfig
+    from achilles.ranking import rank_units
+    from test_scale import _strong_bf16_llama
+
+    identify_mod = importlib.import_module("achilles.identify")
+    model = _strong_bf16_llama().float()
+    pool = build_pool(model)
+    scores = get_method("perturbation")(model, ids, pool, RankConfig(samples=4))
+    ranking = [r.unit for r in rank_units(scores, pool, 60)]
+    cfg = IdentifyConfig(epsilon=0.02, max_neurons=60, fp32_check=False, batch_size=6)
+    plain = identify_mod.identify(model, ids, pool, ranking, cfg)
+    assert plain.found and len(plain.minimal_set) > 1
+
+    monkeypatch.setattr(identify_mod, "input_device", lambda _m: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(identify_mod, "minimize_batch", lambda *a: 4)  # speculate 4 per pass
+    seen: list[bool] = []
+    measure = identify_mod.MaskEvaluator.measure
+
+    def spy(self, masks, *, sequential=False):  # noqa: ANN001, ANN202
+        seen.append(sequential)
+        assert self.reference_row  # batched passes carry an unmasked row
+        return measure(self, masks, sequential=sequential)
+
+    monkeypatch.setattr(identify_mod.MaskEvaluator, "measure", spy)
+    gpu = identify_mod.identify(model, ids, pool, ranking, cfg)
+    assert True in seen and False in seen  # batched search, then one mask per pass
+    assert gpu.minimal_set == plain.minimal_set
+    assert gpu.delta_minimal == pytest.approx(plain.delta_minimal, abs=1e-6)
+    assert gpu.necessity == pytest.approx(plain.necessity, abs=1e-6)
