@@ -36,7 +36,8 @@ class ModelSpec:
 
     model: str = opt(None, "local folder or hub id of a causal LM", required=True)
     dtype: Dtype = opt(
-        "auto", "weights dtype (auto: bfloat16 on a GPU with native bf16, else float16; float32 on CPU)"
+        "auto",
+        "weights dtype (auto: bfloat16 on a GPU with native bf16, else float16; float32 on CPU)",
     )
     device: Device = opt("auto", "device when not using --device-map (auto: cuda if available)")
     device_map: str | None = opt(

@@ -345,10 +345,8 @@ def identify(
         if batch > 1:
             # re-verify the final set one mask per pass, as the sequential loop measures it
             d_min = ev.measure([minimal], sequential=True)[0].delta
-            necessity = [
-                m.delta
-                for m in ev.measure([[x for x in minimal if x != u] for u in minimal], sequential=True)
-            ]
+            without = [[x for x in minimal if x != u] for u in minimal]
+            necessity = [m.delta for m in ev.measure(without, sequential=True)]
             if d_min < config.epsilon or any(d >= config.epsilon for d in necessity):
                 logger.warning(
                     "stage 2: the minimal set from batched passes is not minimal one mask per "

@@ -87,7 +87,9 @@ class ChannelMasker:
         # site module -> bool [active_rows, width] on the site's device, True = zeroed
         self._masks: dict[str, torch.Tensor] = {}
         self._devices: dict[str, torch.device] = {}
-        self._index_cache: tuple[PrefixIndex, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+        # the last PrefixIndex used, with its (ranks, channels) on each site's device
+        self._index_cache: tuple[PrefixIndex, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None
+        self._index_cache = None
 
     def _device(self, module: str) -> torch.device:
         dev = self._devices.get(module)

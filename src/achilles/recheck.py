@@ -65,7 +65,10 @@ def _upcast_groups(model: torch.nn.Module) -> list[torch.nn.Module]:
     others = [
         m for m in model.modules()
         if id(m) not in inside
-        and any(_low_precision(t) for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+        and any(
+            t is not None and _low_precision(t)
+            for t in (*m._parameters.values(), *m._buffers.values())
+        )
     ]
     return layers + others
 
@@ -73,13 +76,14 @@ def _upcast_groups(model: torch.nn.Module) -> list[torch.nn.Module]:
 Cast = list[tuple[dict[str, Any], str, torch.dtype]]
 
 
-def _upcast(module: torch.nn.Module) -> Cast:
-    """Upcast every low-precision parameter and buffer of ``module`` in place.
+def _upcast(module: torch.nn.Module, recurse: bool) -> Cast:
+    """Upcast every low-precision parameter and buffer of ``module`` (and, with ``recurse``,
+    of its submodules) in place.
 
     Returns what to restore: ``(store, name, original dtype)`` for each tensor changed.
     """
     done: Cast = []
-    for m in module.modules():
+    for m in module.modules() if recurse else (module,):
         for store in (m._parameters, m._buffers):
             for name, t in store.items():
                 if t is not None and _low_precision(t):
@@ -113,14 +117,16 @@ def float32_forward(model: torch.nn.Module) -> Iterator[None]:
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("offloaded weights cannot be upcast in place")
     saved: dict[int, Cast] = {}
+    groups = _upcast_groups(model)
+    layers = {id(m) for m in layer_list(model, get_adapter(model))}
 
     def up(m: torch.nn.Module) -> None:
-        saved[id(m)] = _upcast(m)
+        # a layer with everything in it; a module outside the layers with its own tensors only
+        saved[id(m)] = _upcast(m, recurse=id(m) in layers)
 
     def down(m: torch.nn.Module) -> None:
         _restore(saved.pop(id(m), []))
 
-    groups = _upcast_groups(model)
     try:
         with around_forward(groups, up, down):
             yield
@@ -148,7 +154,8 @@ def recheck_fp32(
     """
     if isinstance(lm_or_spec, ModelSpec):
         dtype_run = lm_or_spec.dtype
-        lm32, how, ctx = load_model(dataclasses.replace(lm_or_spec, dtype="float32")), "reloaded", nullcontext()
+        lm32 = load_model(dataclasses.replace(lm_or_spec, dtype="float32"))
+        how, ctx = "reloaded", nullcontext()
     else:
         lm = lm_or_spec
         dtype_run = str(lm.dtype).removeprefix("torch.")
@@ -211,5 +218,7 @@ def fp32_check(
         model_fp32=check.method,
         agree=(delta_run is not None and delta_run >= eps) == (check.delta_fp32 >= eps),
     )
-    logger.info("fp32 check: Δ %s=%.4g, float32=%.4g", record["dtype_run"], delta_run, check.delta_fp32)
+    logger.info(
+        "fp32 check: Δ %s=%.4g, float32=%.4g", record["dtype_run"], delta_run, check.delta_fp32
+    )
     return record

@@ -16,10 +16,10 @@ skipped: only the decoder stack runs.
 
 Memory, exactly: the model, one batch of activations (and of noise, drawn lazily on the
 host), and three float32 ``[T, C]`` tensors per site: the clean activation, the running sum,
-and the staged running sum of the batch. The staged sums are committed only after the batch's forward
-pass succeeds, so an out-of-memory error mid-batch (retried at half the batch size) leaves
-no partial sums behind. Under an accelerate ``device_map`` all three live on the site's GPU
-(they are made from the hooked output); the noise goes to the embedding's device.
+and the staged running sum of the batch. The staged sums are committed only after the batch's
+forward pass succeeds, so an out-of-memory error mid-batch (retried at half the batch size)
+leaves no partial sums behind. Under an accelerate ``device_map`` all three live on the site's
+GPU (they are made from the hooked output); the noise goes to the embedding's device.
 """
 
 from __future__ import annotations
@@ -231,7 +231,8 @@ def perturbation_scores(
 
     def run(chunk: range) -> None:
         staged.clear()
-        eps = noise.take(chunk.start, len(chunk)).to(emb.device, non_blocking=True)  # [b, T, d] fp32
+        eps = noise.take(chunk.start, len(chunk))  # [b, T, d] float32, pinned on CUDA
+        eps = eps.to(emb.device, non_blocking=True)
         noisy = eps.mul_(sigma).add_(emb32).to(emb.dtype)
         del eps
         body(inputs_embeds=noisy, use_cache=False)
