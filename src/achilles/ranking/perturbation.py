@@ -133,7 +133,7 @@ class PrefetchedNoise:
         self._pool.shutdown(wait=True)
 
 
-SCALES_INPUTS_EMBEDS = frozenset({"gemma", "gemma2", "recurrent_gemma"})
+SCALES_INPUTS_EMBEDS = frozenset({"gemma", "gemma2"})
 """Families whose model multiplies the embeddings by √d: inside the embedding module in
 recent transformers (it then has an ``embed_scale``), or on ``inputs_embeds`` in older ones."""
 
