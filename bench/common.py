@@ -69,8 +69,10 @@ def random_ids(tokens: int, vocab: int, seed: int = 0) -> torch.Tensor:
 
 
 def sync(device: torch.device | str) -> None:
+    """Wait for the GPU work queued so far: on every visible GPU (a device map spans several)."""
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
 
 
 def timed(fn: Callable[[], object], device: torch.device | str) -> tuple[float, object]:
