@@ -410,3 +410,23 @@ def test_cuda_minimisation_path_reverifies_one_mask_per_pass(ids, monkeypatch) -
     assert gpu.minimal_set == plain.minimal_set
     assert gpu.delta_minimal == pytest.approx(plain.delta_minimal, abs=1e-6)
     assert gpu.necessity == pytest.approx(plain.necessity, abs=1e-6)
+
+
+def test_site_device_follows_the_block_for_parameter_free_sites(plain_and_offloaded) -> None:  # noqa: ANN001
+    from achilles.masking import site_device
+
+    model, off = plain_and_offloaded
+    assert site_device(model, "model.layers.0.mlp.act_fn") == torch.device("cpu")
+    layer = off.model.layers[1]
+    hooks = [m._hf_hook for m in layer.modules() if hasattr(m, "_hf_hook")]
+    old = [h.execution_device for h in hooks]
+    try:
+        for h in hooks:  # as if layer 1 ran on a second GPU
+            h.execution_device = torch.device("cuda", 3)
+        for site in ("model.layers.1.mlp.act_fn", "model.layers.1.mlp.down_proj:input",
+                     "model.layers.1.self_attn.o_proj"):
+            assert site_device(off, site) == torch.device("cuda", 3)
+        assert site_device(off, "model.layers.0.mlp.act_fn") == torch.device("cpu")
+    finally:
+        for h, d in zip(hooks, old, strict=True):
+            h.execution_device = d

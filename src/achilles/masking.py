@@ -46,21 +46,20 @@ class PrefixIndex:
 def site_device(model: torch.nn.Module, module: str) -> torch.device:
     """The device a site's output is computed on.
 
-    The first parameter of the site's module or of its closest parent that has one; for an
-    offloaded module (weights on ``meta``), the execution device of its accelerate hook.
+    The site's module, else its closest parent, that holds weights (a parameter-free site such
+    as ``mlp.act_fn`` runs where its block's weights are): the execution device of its
+    accelerate hook when it has one (device maps, offloading), else its weights' device.
     """
     path, _ = split_site(module)
     parts = path.split(".")
     for k in range(len(parts), -1, -1):
-        mod = model.get_submodule(".".join(parts[:k]))
-        execution = getattr(getattr(mod, "_hf_hook", None), "execution_device", None)
-        for p in mod.parameters(recurse=False):
-            if p.device.type != "meta":
-                return p.device
+        for m in model.get_submodule(".".join(parts[:k])).modules():
+            execution = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
             if execution is not None:
                 return torch.device(execution)
-        if execution is not None and k < len(parts):
-            return torch.device(execution)
+            p = next(m.parameters(recurse=False), None)
+            if p is not None and p.device.type != "meta":
+                return p.device
     return torch.device("cpu")
 
 
