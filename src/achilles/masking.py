@@ -63,6 +63,14 @@ def site_device(model: torch.nn.Module, module: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _to_device(values: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A long tensor on ``device``; to a GPU through pinned memory, without blocking the host."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class ChannelMasker:
     """Per-row channel masks over the sites of a pool, applied by forward hooks.
 
@@ -120,7 +128,7 @@ class ChannelMasker:
         for module, (rows, chans) in pairs.items():
             dev = self._device(module)
             t = torch.zeros(len(masks), self._width(module), dtype=torch.bool, device=dev)
-            t[torch.tensor(rows).to(dev), torch.tensor(chans).to(dev)] = True
+            t[_to_device(rows, dev), _to_device(chans, dev)] = True
             self._masks[module] = t
 
     def set_prefixes(self, index: PrefixIndex, sizes: Sequence[int]) -> None:
@@ -135,7 +143,7 @@ class ChannelMasker:
             return
         if self._index_cache is None or self._index_cache[0] is not index:
             self._index_cache = (index, {
-                m: (r.to(self._device(m)), c.to(self._device(m)))
+                m: (_to_device(r, self._device(m)), _to_device(c, self._device(m)))
                 for m, (r, c) in index.sites.items()
             })
         on_device = self._index_cache[1]
@@ -147,7 +155,7 @@ class ChannelMasker:
             dev = self._device(module)
             n = n_by_dev.get(dev)
             if n is None:
-                n = n_by_dev[dev] = torch.tensor(list(sizes)).unsqueeze(1).to(dev)  # [R, 1]
+                n = n_by_dev[dev] = _to_device(list(sizes), dev).unsqueeze(1)  # [R, 1]
             r_dev, c_dev = on_device[module]
             t = torch.zeros(len(sizes), self._width(module), dtype=torch.bool, device=dev)
             t[:, c_dev] = r_dev.unsqueeze(0) < n  # [R, k]: k-th ranked unit of the site in row r
