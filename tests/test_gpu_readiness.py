@@ -430,3 +430,18 @@ def test_site_device_follows_the_block_for_parameter_free_sites(plain_and_offloa
     finally:
         for h, d in zip(hooks, old, strict=True):
             h.execution_device = d
+
+
+def test_stage2_batch_counts_the_chunked_head_once(monkeypatch) -> None:  # noqa: ANN001
+    from achilles import batching
+
+    model = make_model("llama")
+    free = 10 * 2**20
+    monkeypatch.setattr(batching, "model_devices", lambda _m: [torch.device("cuda", 0)])
+    monkeypatch.setattr(batching, "free_cuda_bytes", lambda _d: free)
+    per_row = batching.row_bytes_estimate(model, 100, 48, logits=False)
+    head = batching.head_bytes(model, 100)
+    assert head == batching.LOGIT_CHUNK * 100 * 320 * (4 + 4 + 4)
+    want = int(0.7 * (free - head) // per_row)
+    assert batching.choose_batch_size(model, 100, 10_000, 48) == want
+    assert batching.choose_batch_size(model, 100, 10_000, 48, logits=False) == int(0.7 * free // per_row)

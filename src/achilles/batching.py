@@ -77,6 +77,18 @@ def free_cuda_bytes(device: torch.device) -> int:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
+LOGIT_CHUNK = 8
+"""Rows whose logits :func:`achilles.metrics.sequence_nll` materialises at once."""
+
+
+def head_bytes(model: torch.nn.Module, tokens: int) -> int:
+    """Bytes of one chunk of logits: ``LOGIT_CHUNK`` rows in the model dtype, their float32
+    copy and the log-softmax's float32 output. Fixed per pass, whatever the batch size."""
+    vocab = getattr(model.config, "vocab_size", 0) or 0
+    elt = next(model.parameters()).element_size()
+    return LOGIT_CHUNK * tokens * vocab * (elt + 4 + 4)
+
+
 def row_bytes_estimate(
     model: torch.nn.Module, tokens: int, widest_site: int, *, logits: bool = True
 ) -> int:
@@ -84,7 +96,8 @@ def row_bytes_estimate(
 
     Counts a handful of live ``[T, hidden]`` and ``[T, intermediate]`` tensors in the model
     dtype, the float32 temporaries a scoring hook makes of its widest site, the attention
-    scores of one layer, and (``logits=True``) the float32 logits when the LM head is run.
+    scores of one layer, and (``logits=True``) the float32 logits of a whole-batch LM head.
+    :func:`choose_batch_size` counts the chunked head of ``sequence_nll`` instead.
     """
     cfg = model.config
     get = lambda *names: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), 0)  # noqa: E731
@@ -117,8 +130,10 @@ def choose_batch_size(
     cuda = [d for d in model_devices(model) if d.type == "cuda"]
     if cuda:
         free = min(free_cuda_bytes(d) for d in cuda)
-        per_row = row_bytes_estimate(model, tokens, widest_site, logits=logits)
-        b = int(0.7 * free // max(per_row, 1))
+        if logits:  # the NLL's head runs LOGIT_CHUNK rows at a time: a fixed cost per pass
+            free -= head_bytes(model, tokens)
+        per_row = row_bytes_estimate(model, tokens, widest_site, logits=False)
+        b = int(0.7 * max(free, 0) // max(per_row, 1))
     else:
         b = CPU_TOKENS_PER_BATCH // max(tokens, 1)
     return max(1, min(b, rows))

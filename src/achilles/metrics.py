@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from achilles.batching import input_device
+from achilles.batching import LOGIT_CHUNK, input_device
 
 LN10 = math.log(10.0)
 
@@ -62,7 +62,7 @@ def _split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Modul
 
 @torch.no_grad()
 def sequence_nll(
-    model: torch.nn.Module, input_ids: torch.Tensor, *, logit_chunk: int = 8
+    model: torch.nn.Module, input_ids: torch.Tensor, *, logit_chunk: int = LOGIT_CHUNK
 ) -> torch.Tensor:
     """Summed NLL of each row of ``input_ids`` ``[B, T]`` (float32 ``[B]``, on CPU).
 
