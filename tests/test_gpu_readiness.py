@@ -22,17 +22,24 @@ from achilles.units import build_pool
 from tiny import TEXT, make_model
 
 
-def _offloaded(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose weights sit on ``meta`` outside each module's forward (accelerate)."""
-    off = cpu_offload(copy.deepcopy(model), execution_device=torch.device("cpu"))
+def _offloaded(model: torch.nn.Module, to: str = "cpu", folder: str | None = None) -> torch.nn.Module:
+    """A copy whose weights sit on ``meta`` outside each module's forward (accelerate), kept
+    in CPU memory or on disk between forwards."""
+    from accelerate import disk_offload
+
+    cpu = torch.device("cpu")
+    if to == "disk":
+        off = disk_offload(copy.deepcopy(model), offload_dir=folder, execution_device=cpu)
+    else:
+        off = cpu_offload(copy.deepcopy(model), execution_device=cpu)
     assert all(p.device.type == "meta" for p in off.parameters())
     return off
 
 
-@pytest.fixture(scope="module")
-def plain_and_offloaded():  # noqa: ANN201
+@pytest.fixture(scope="module", params=["cpu", "disk"])
+def plain_and_offloaded(request, tmp_path_factory):  # noqa: ANN001, ANN201
     model = make_model("llama")
-    return model, _offloaded(model)
+    return model, _offloaded(model, request.param, str(tmp_path_factory.mktemp("offload")))
 
 
 @pytest.fixture(scope="module")
