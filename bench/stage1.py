@@ -8,6 +8,7 @@ ratio, and the peak memory of each, then checks that host memory does not grow w
 
     nice -n 10 python bench/stage1.py                      # the CPU grid of docs/benchmarks.md
     python bench/stage1.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16
+    python bench/stage1.py --accumulation         # cost of the batch-invariant (in-order) sums
 """
 
 from __future__ import annotations
