@@ -250,6 +250,13 @@ def identify(
         )
     else:
         trace = bisect_search(prefix_objective, epsilon=config.epsilon, n_max=n_max, step=config.step)
+    if bar.n < n_max:  # the scan stopped early: close the bar at what it reached, and say why
+        goal = max(config.epsilon, config.curve_until) if config.search == "linear" else config.epsilon
+        bar.total = bar.n
+        bar.set_postfix_str(
+            f"done: Δ reached {goal:g} at n = {bar.n}" if trace.n_star else "done", refresh=False
+        )
+        bar.refresh()
     bar.close()
 
     curve = [
@@ -274,10 +281,18 @@ def identify(
         # waste rows after each accepted removal: a win where a pass of a few dozen rows costs
         # about one row (a GPU), a 4x loss on CPU (docs/benchmarks.md).
         on_gpu = input_device(model).type == "cuda"
+        mbar = tqdm(total=len(critical), desc="stage 2: minimising", disable=not progress)
+
+        def on_pass(label: str, total: int) -> None:
+            mbar.reset(total=total)
+            mbar.set_description(f"stage 2: minimising {len(critical)} units ({label})")
+
         mt = minimize_set(
             set_objective, critical, epsilon=config.epsilon, delta=d_crit,
             batch=min(ev.batch_size, 16) if on_gpu else 1,
+            on_pass=on_pass, on_step=mbar.update,
         )
+        mbar.close()
         minimal, necessity, d_min = mt.members, mt.necessity, mt.delta
     elif n_star:
         minimal, d_min = list(critical), d_crit

@@ -21,7 +21,7 @@ from achilles.identify import Identification
 from achilles.io import SCHEMA_VERSION, environment, write_json
 from achilles.loading import LoadedModel, tokenize
 from achilles.ranking import Ranking
-from achilles.units import Unit
+from achilles.units import Unit, UnitPool
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,19 @@ def final_set(ident: Identification) -> tuple[str, list[Unit]]:
     if ident.minimal_set:
         return "minimal", list(ident.minimal_set)
     return "critical", list(ident.critical_set)
+
+
+def dense_modules(units: list[Unit], pool: UnitPool, share: float = 0.5) -> list[dict[str, Any]]:
+    """Modules of which ``units`` cover more than ``share`` of the channels."""
+    counts: dict[str, int] = {}
+    for u in units:
+        counts[u.module] = counts.get(u.module, 0) + 1
+    widths = {s.module: s.width for s in pool.sites}
+    return [
+        {"module": m, "count": k, "width": widths[m], "share": k / widths[m]}
+        for m, k in counts.items()
+        if k > share * widths[m]
+    ]
 
 
 def health(ident: Identification) -> dict[str, Any]:
@@ -128,6 +141,12 @@ def analyze_run(
         dtype = str(lm.dtype).removeprefix("torch.")
         do_fp32 = dtype in LOW_PRECISION if fp32 is None else fp32
         controls: dict[str, Any] = {"set": which, "n_units": len(final)}
+        controls["dense_modules"] = dense_modules(final, pool)
+        for d in controls["dense_modules"]:
+            logger.warning(
+                "the %s set covers %d of the %d channels of %s: it is most of the module, not a "
+                "few units in it", which, d["count"], d["width"], d["module"],
+            )
         controls["mean_ablation"] = mean_ablation(lm.model, pool, ids, final).to_dict()
         controls["random_sets"] = (
             random_sets(lm.model, pool, ids, final, seeds=seeds).to_dict() if final else None
