@@ -20,6 +20,7 @@ from achilles.analysis.weights import MASSIVE_RATIO, WEIGHT_KINDS, unit_weights
 from achilles.identify import Identification
 from achilles.io import SCHEMA_VERSION, environment, write_json
 from achilles.loading import LoadedModel, tokenize
+from achilles.names import token_text
 from achilles.ranking import Ranking
 from achilles.units import Unit, UnitPool
 
@@ -125,6 +126,7 @@ def analyze_run(
             raise ValueError(f"{run_dir}/identification.json has no config.text to analyse on")
         pool = pool_for_ranking(lm, ranking)
         ids = tokenize(lm.tokenizer, text)
+        out["tokens"] = [token_text(lm.tokenizer, int(i)) for i in ids[0].tolist()]
         crit = pool.validate(ident.critical_set, source="the critical set")[:max_weight_units]
         final = pool.validate(final, source="the final set")
         out["weights"] = {

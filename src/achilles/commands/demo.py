@@ -60,7 +60,7 @@ def run_demo(model: str, out_dir: Path, *, samples: int = 100, show_progress: bo
     ranking.save(out_dir / "ranking.json")
     ident.save(out_dir / "identification.json")
     t_find = time.perf_counter() - t0
-    extra = _extras(lm, text, heldout, rcfg, out_dir, show_progress)
+    extra = _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident)
     print(f"model: {path}")
     print(summarize(ident, out_dir))
     print(f"find took {t_find:.1f} s; total {time.perf_counter() - t0:.1f} s")
@@ -78,8 +78,8 @@ bundled models' 256-token windows (46 evaluations of 4096 tokens, about a sixth 
 comparison's cost); ``achilles compare`` runs the full one."""
 
 
-def _extras(lm, text, heldout, rcfg, out_dir, show_progress) -> list[str]:  # noqa: ANN001
-    """The baseline comparison on held-out text, then the analysis report."""
+def _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident) -> list[str]:  # noqa: ANN001
+    """The baseline comparison and the found set on held-out text, then the report."""
     from achilles.experiments.compare import compare
     from achilles.evaluation.data import load_corpus
     from achilles.evaluation.perplexity import PerplexityEvaluator
@@ -95,6 +95,9 @@ def _extras(lm, text, heldout, rcfg, out_dir, show_progress) -> list[str]:  # no
         ev, random_runs=DEMO_RANDOM_RUNS, progress=show_progress,
     )
     comparison.save(out_dir / "comparison.json")
+    if ident.found:
+        write_heldout(out_dir / "heldout.json", lm, ev, ranking, ident, str(heldout),
+                      clean=comparison.baseline)
     from achilles.plots.comparison import plot_comparison
 
     plot_comparison(comparison.to_dict(), out_dir / "comparison.png")
@@ -103,6 +106,24 @@ def _extras(lm, text, heldout, rcfg, out_dir, show_progress) -> list[str]:  # no
         f"baselines (held-out perplexity vs n masked): {out_dir / 'comparison.png'}",
         f"report: {files.html}",
     ]
+
+
+def write_heldout(path, lm, ev, ranking, ident, data, *, clean=None) -> None:  # noqa: ANN001
+    """``heldout.json``: perplexity of the evaluation data clean and with the final set masked."""
+    from achilles.io import SCHEMA_VERSION, environment, write_json
+    from achilles.pipeline import pool_for_ranking
+
+    which = "minimal" if ident.minimal_set else "critical"
+    units = list(ident.minimal_set or ident.critical_set)
+    masked = ev.evaluate(pool_for_ranking(lm, ranking), units)
+    write_json(path, {
+        "schema_version": SCHEMA_VERSION, "kind": "heldout",
+        "config": {"data": data, "set": which, "n_units": len(units),
+                   "model": dataclasses.asdict(lm.spec), "perplexity": ev.settings()},
+        "clean": clean if clean is not None else ev.evaluate().summary(),
+        "masked": masked.summary(),
+        "env": environment(lm.model),
+    })
 
 
 def _run(args: argparse.Namespace) -> int:
