@@ -40,14 +40,24 @@ class LoadedModel:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise AchillesError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AchillesError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise AchillesError(
+            f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+        )
+    return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype | str:
+    """``None``: bfloat16 on CUDA, float32 elsewhere; ``"auto"``: the checkpoint's dtype
+    (transformers' ``dtype="auto"``)."""
+    if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "auto":
+        return "auto"
     return _DTYPES[dtype]
 
 
@@ -128,7 +138,7 @@ def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedMod
     if not spec.device_map:
         model.to(device)
     model.eval()
-    logger.info("loaded %s (%s, %s)", spec.model, model.config.model_type, dtype)
+    logger.info("loaded %s (%s, %s)", spec.model, model.config.model_type, next(model.parameters()).dtype)
     return LoadedModel(model, tokenizer, spec)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig, TextSpec, add_arguments, from_args
@@ -18,6 +19,26 @@ def add_common(p: argparse.ArgumentParser, *, text: bool = True) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     g.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old option spelling: works for one more release, says what replaces it."""
+
+    def __init__(self, *args: object, new: str = "", **kw: object) -> None:
+        self.new = new
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        print(f"achilles: warning: {option_string} is deprecated and will be removed in the "
+              f"next release: use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(p: argparse.ArgumentParser, old: str, new: str, dest: str,
+                         **kw: object) -> None:
+    """Accept ``old`` as a hidden spelling of ``new`` (same ``dest``), with a warning."""
+    p.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, help=argparse.SUPPRESS,
+                   default=argparse.SUPPRESS, **kw)
 
 
 def add_rank_options(p: argparse.ArgumentParser) -> None:
