@@ -136,7 +136,7 @@ def analyze_run(
             "units": [
                 w.to_dict()
                 for w in unit_weights(
-                    lm.model, ids, crit, top_k=top_k, massive_ratio=massive_ratio
+                    lm.model, ids, crit, top_k=top_k, massive_ratio=massive_ratio, ablate=True
                 )
             ],
         }

@@ -158,20 +158,25 @@ def _weights(weights: Mapping[str, Any] | None) -> list[Block]:
         [w["module"], w["layer"], w["channel"],
          ", ".join(f"{i}:{fmt(v, 3)}" for i, v in zip(w["top_inputs"], w["top_weights"])),
          w["max_over_median_weight"], w["driver_input"], w["driver_share"], w["peak_position"],
-         w["peak_output"], w["massive_ratio"], w["massive"]]
+         w["peak_output"], w["massive_ratio"], w["massive"], w.get("delta_row"),
+         w.get("delta_top_weight")]
         for w in weights["units"]
     ]
     if not rows:
         return out + [Para("No critical unit of these kinds.")]
     out.append(capped(
         ["module", "layer", "channel", "top |w| (input:w)", "max/median |w|", "driver input",
-         "driver share", "peak pos", "peak output", "massive ratio", "massive"],
+         "driver share", "peak pos", "peak output", "massive ratio", "massive", "Δ row zeroed",
+         "Δ top weight zeroed"],
         rows, more="in analysis.json",
     ))
     out.append(Para(
         "input:w: input channel and its weight in the unit's row; driver input: the input "
         "channel contributing most to the unit's output at its peak position (peak pos), with "
-        "its share of that output."
+        "its share of that output; Δ row zeroed / Δ top weight zeroed: Δ on the text with the "
+        "unit's whole weight row zeroed, and with only its largest weight zeroed (a super "
+        "weight carries the row when the two agree); inf in max/median |w|: the row's median "
+        "|w| is 0."
     ))
     return out
 
