@@ -35,3 +35,38 @@ def test_row_and_top_weight_ablation_match_independent_oracles() -> None:
         assert w.delta_top_weight == pytest.approx(ref, abs=1e-9)
         assert w.delta_top_weight != w.delta_row
     assert unit_weights(model, ids, units)[0].delta_row is None  # off unless asked
+
+
+def test_pooled_ranking_sums_the_per_text_scores(tmp_path) -> None:  # noqa: ANN001
+    from achilles import RankConfig
+    from achilles.pipeline import rank, rank_texts
+
+    lm = LoadedModel(make_model("llama"), make_tokenizer(), ModelSpec(model="tiny"))
+    other = "Perplexity is the exponential of the mean negative log-likelihood per token of a text."
+    cfg = RankConfig(samples=3, keep=10_000, components=("mlp.down", "attn.o"))
+    a, pool = rank(lm, TEXT, cfg)
+    b, _ = rank(lm, other, cfg)
+    oracle: dict = {}
+    for r in (a, b):
+        for n in r.neurons:
+            oracle[n.unit.key] = oracle.get(n.unit.key, 0.0) + n.score
+    pooled, _ = rank_texts(lm, [TEXT, other], cfg)
+    assert len(pooled.neurons) == pool.n_units
+    for n in pooled.neurons:
+        assert n.score == pytest.approx(oracle[n.unit.key], rel=1e-6)
+    assert [n.score for n in pooled.neurons] == sorted((n.score for n in pooled.neurons), reverse=True)
+    assert pooled.config["texts"] == [TEXT, other] and pooled.tokens == a.tokens + b.tokens
+
+
+def test_rank_cli_takes_several_text_files(tmp_path, tiny_dir) -> None:  # noqa: ANN001
+    from achilles.cli import main
+    from achilles.io import read_json
+
+    fa, fb = tmp_path / "a.txt", tmp_path / "b.txt"
+    fa.write_text(TEXT)
+    fb.write_text(TEXT.upper())
+    out = tmp_path / "r.json"
+    assert main(["rank", "--model", str(tiny_dir), "--text-file", str(fa), "--text-file",
+                 str(fb), "--samples", "2", "--keep", "20", "--out", str(out), "--quiet"]) == 0
+    d = read_json(out)
+    assert d["config"]["texts"] == [TEXT, TEXT.upper()] and len(d["neurons"]) == 20

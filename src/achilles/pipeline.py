@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from achilles.identify import Identification, identify
 from achilles.io import environment
 from achilles.loading import LoadedModel, inspect_model, load_model, tokenize
 from achilles.ranking import Ranking, get_method, rank_units
+from achilles.ranking.base import Scores
 from achilles.units import UnitPool, build_pool
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,45 @@ def rank(
         pool={**pool.summary(), "components": list(pool.components)},
         tokens=int(input_ids.shape[1]),
         config={"model": _model_record(lm), "text": text, "rank": dataclasses.asdict(config)},
+        env=environment(lm.model),
+    )
+    return ranking, pool
+
+
+def rank_texts(
+    lm: LoadedModel, texts: Sequence[str], config: RankConfig, *, progress: bool = False
+) -> tuple[Ranking, UnitPool]:
+    """One ranking pooled over several texts: each unit's scores summed over the texts.
+
+    Every text is scored with the same method, seed and pool (as :func:`rank` would); a
+    unit's pooled score is the sum of its per-text scores, so a unit that matters on every
+    text outranks one that peaks on a single text. Pooled rankings carry no token position.
+    """
+    texts = list(texts)
+    if len(texts) == 1:
+        return rank(lm, texts[0], config, progress=progress)
+    if not texts:
+        raise AchillesError("give at least one text to rank on")
+    pool = build_pool(lm.model, config.pool, config.components)
+    method = get_method(config.method)
+    total: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for text in texts:
+        input_ids = tokenize(lm.tokenizer, text)
+        tokens += int(input_ids.shape[1])
+        torch.manual_seed(config.seed)
+        scores = method(lm.model, input_ids, pool, config, progress=progress)
+        for module, v in scores.values.items():
+            v = v.float().cpu()
+            total[module] = total[module] + v if module in total else v.clone()
+    neurons = rank_units(Scores(total), pool, config.keep)
+    ranking = Ranking(
+        method=config.method,
+        neurons=neurons,
+        pool={**pool.summary(), "components": list(pool.components)},
+        tokens=tokens,
+        config={"model": _model_record(lm), "text": texts[0], "texts": texts,
+                "pooled": "sum of per-text scores", "rank": dataclasses.asdict(config)},
         env=environment(lm.model),
     )
     return ranking, pool

@@ -11,10 +11,15 @@ from achilles.errors import AchillesError
 from achilles.ranking import METHODS
 
 
-def add_common(p: argparse.ArgumentParser, *, text: bool = True) -> None:
-    """Model options, text options, and logging flags."""
+def add_common(p: argparse.ArgumentParser, *, text: bool = True, texts: bool = False) -> None:
+    """Model options, text options, and logging flags (``texts``: --text-file repeatable)."""
     add_arguments(p, ModelSpec)
-    if text:
+    if text and texts:
+        add_arguments(p, TextSpec, exclude=("text_file",))
+        p.add_argument("--text-file", dest="text_file", action="append", metavar="FILE",
+                       help="file holding the input text (UTF-8); repeat it to rank on several "
+                       "texts, scores summed over them")
+    elif text:
         add_arguments(p, TextSpec)
     g = p.add_argument_group("output")
     g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
@@ -56,6 +61,18 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 def text_of(args: argparse.Namespace) -> str:
     return from_args(TextSpec, args).resolve()
+
+
+def texts_of(args: argparse.Namespace) -> list[str]:
+    """The texts of ``--text`` or of every ``--text-file`` (see :func:`add_common`)."""
+    files = getattr(args, "text_file", None)
+    if isinstance(files, list) and len(files) > 1:
+        if getattr(args, "text", None) is not None:
+            raise AchillesError("give --text or --text-file, not both")
+        return [TextSpec(text_file=f).resolve() for f in files]
+    if isinstance(files, list):
+        args = argparse.Namespace(**{**vars(args), "text_file": files[0]})
+    return [text_of(args)]
 
 
 def rank_config(args: argparse.Namespace) -> RankConfig:
