@@ -70,3 +70,25 @@ def test_rank_cli_takes_several_text_files(tmp_path, tiny_dir) -> None:  # noqa:
                  str(fb), "--samples", "2", "--keep", "20", "--out", str(out), "--quiet"]) == 0
     d = read_json(out)
     assert d["config"]["texts"] == [TEXT, TEXT.upper()] and len(d["neurons"]) == 20
+
+
+def test_channel_traces_are_the_channel_at_every_position() -> None:
+    from achilles.analysis.controls import channel_traces
+
+    model, tok = make_model("llama"), make_tokenizer()
+    ids = tokenize(tok, TEXT)
+    pool = build_pool(model, components=("mlp.down",))
+    units = pool.units([5, 60])
+    seen: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(u.module).register_forward_hook(
+        lambda m, i, o, name=u.module: seen.__setitem__(name, o.detach())) for u in units]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    traces = channel_traces(model, ids, units)
+    for u, t in zip(units, traces, strict=True):
+        assert len(t) == ids.shape[1]
+        assert t == pytest.approx(seen[u.module][0, :, u.channel].tolist(), abs=1e-6)

@@ -111,7 +111,7 @@ def test_report_renders_in_headless_chromium(run, tmp_path) -> None:  # noqa: AN
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout
     assert "achilles report: tinyllama" in dom and "Masking " in dom
-    assert dom.count("<img") == 3
+    assert dom.count("<img") == 4
     subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
          "--window-size=1200,2000", files.html.resolve().as_uri()],

@@ -56,11 +56,11 @@ def test_files_and_figures_exist_and_are_referenced(report) -> None:  # noqa: AN
     d, files = report
     assert files.markdown.is_file() and files.html.is_file() and files.analysis.is_file()
     md, html = files.markdown.read_text(), files.html.read_text()
-    assert len(files.figures) == 3
+    assert len(files.figures) == 4  # layers, phase, activations, controls
     for f in files.figures:
         assert f.stat().st_size > 5000 and f.read_bytes()[:4] == b"\x89PNG"
         assert f"]({f.relative_to(d).as_posix()})" in md
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 4
     assert "src='figures/" not in html  # self-contained
 
 

@@ -102,14 +102,21 @@ class Fp32Check:
         return asdict(self)
 
 
-def _channel_means(
+def channel_traces(
     model: torch.nn.Module, input_ids: torch.Tensor, units: Sequence[Unit]
-) -> list[float]:
+) -> list[list[float]]:
+    """Each unit's activation at every token position of ``input_ids`` ``[1, T]`` (clean pass)."""
     names = list(dict.fromkeys(u.module for u in units))
     dev = input_device(model)
     with recorded(model, names) as rec, torch.no_grad():
         model(input_ids=input_ids.to(dev), use_cache=False)
-    return [float(rec[u.module][1][0, :, u.channel].mean()) for u in units]
+    return [rec[u.module][1][0, :, u.channel].float().cpu().tolist() for u in units]
+
+
+def _channel_means(
+    model: torch.nn.Module, input_ids: torch.Tensor, units: Sequence[Unit]
+) -> list[float]:
+    return [statistics.fmean(t) for t in channel_traces(model, input_ids, units)]
 
 
 def mean_ablation(

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from achilles.analysis.controls import mean_ablation, random_sets, recheck_fp32
+from achilles.analysis.controls import channel_traces, mean_ablation, random_sets, recheck_fp32
 from achilles.analysis.locations import locations, n_layers_of
 from achilles.analysis.phase import DEFAULT_TOLERANCE, phase_transition
 from achilles.analysis.weights import MASSIVE_RATIO, WEIGHT_KINDS, unit_weights
@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 ANALYSIS_FILE = "analysis.json"
 LOW_PRECISION = ("bfloat16", "float16")
+TRACED_UNITS = 3
+"""Units of the final set whose activation at every token is saved (``activations``)."""
 
 
 def load_run(run_dir: str | Path) -> tuple[Ranking, Identification]:
@@ -149,6 +151,12 @@ def analyze_run(
                 "the %s set covers %d of the %d channels of %s: it is most of the module, not a "
                 "few units in it", which, d["count"], d["width"], d["module"],
             )
+        shown = final[:TRACED_UNITS]
+        out["activations"] = {
+            "set": which,
+            "units": [u.to_dict() for u in shown],
+            "values": channel_traces(lm.model, ids, shown) if shown else [],
+        }
         controls["mean_ablation"] = mean_ablation(lm.model, pool, ids, final).to_dict()
         controls["random_sets"] = (
             random_sets(lm.model, pool, ids, final, seeds=seeds).to_dict() if final else None

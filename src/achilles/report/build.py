@@ -25,6 +25,7 @@ from typing import Any
 from achilles.analysis.run import ANALYSIS_FILE, analyze_run
 from achilles.io import read_json
 from achilles.loading import LoadedModel
+from achilles.plots.activations import plot_activations
 from achilles.plots.controls import plot_controls
 from achilles.plots.layers import plot_layers
 from achilles.plots.phase import plot_phase
@@ -407,6 +408,22 @@ def phase_section(ctx: ReportContext) -> list[Block]:
                        "jump arrowed when it is a real transition, non-finite points as red crosses")]
 
 
+def activations_section(ctx: ReportContext) -> list[Block] | None:
+    """The traced critical channels' activation at every token (Massive Activations style)."""
+    acts = ctx.analysis.get("activations")
+    if not acts or not acts.get("units"):
+        return None
+    fig = plot_activations(acts, ctx.tokens, ctx.figures_dir / "activations.png",
+                           title=f"{ctx.model_name}: the {acts.get('set', 'final')} set's "
+                                 "channels, activation per token")
+    ctx.figures.append(fig)
+    return [Heading("Activation per token"), Para(
+        f"The first {len(acts['units'])} unit(s) of the {acts.get('set', 'final')} set on the "
+        "text, clean pass: a massive activation is one token (often the first) far above "
+        "all others."
+    ), Figure(fig, "Activation of each unit at every token position (x: the tokens)")]
+
+
 def weights_section(ctx: ReportContext) -> list[Block]:
     return _weights(ctx.analysis.get("weights"))
 
@@ -443,6 +460,7 @@ SECTIONS: list[tuple[str, SectionBuilder]] = [
     ("sets", sets_section),
     ("locations", locations_section),
     ("phase", phase_section),
+    ("activations", activations_section),
     ("weights", weights_section),
     ("controls", controls_section),
     ("comparison", comparison_section),
@@ -485,7 +503,8 @@ def write_report(
         analysis = analyze_run(run_dir, lm, write=False, **analysis_options)
         if lm is None and previous:
             analysis = {**analysis, "weights": previous.get("weights"),
-                        "controls": previous.get("controls"), "tokens": previous.get("tokens")}
+                        "controls": previous.get("controls"), "tokens": previous.get("tokens"),
+                        "activations": previous.get("activations")}
         from achilles.io import write_json
 
         write_json(run_dir / ANALYSIS_FILE, analysis)
