@@ -31,11 +31,16 @@ def token_label(token: str) -> str:
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:
-    """Token ``token_id`` as a :func:`token_label`; a piece of a UTF-8 character as its
-    escaped bytes (``\\xe2``) instead of the replacement character a font draws as a box."""
+    """Token ``token_id`` as a :func:`token_label` (see :func:`decode_token`)."""
+    return token_label(decode_token(tokenizer, token_id))
+
+
+def decode_token(tokenizer: Any, token_id: int) -> str:
+    """Token ``token_id`` decoded; a piece of a UTF-8 character comes out as its escaped bytes
+    (``\\xe2``) instead of the replacement character, which fonts draw as an empty box."""
     s = tokenizer.decode([int(token_id)], skip_special_tokens=False)
     if "\ufffd" not in s:
-        return token_label(s)
+        return s
     piece = str(tokenizer.convert_ids_to_tokens(int(token_id)))
     m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
     if m:
@@ -44,6 +49,5 @@ def token_text(tokenizer: Any, token_id: int) -> str:
 
     inverse = {c: b for b, c in bytes_to_unicode().items()}  # byte-level BPE (GPT-2, Llama 3)
     if piece and all(c in inverse for c in piece):
-        raw = bytes(inverse[c] for c in piece)
-        return token_label(raw.decode("utf-8", errors="backslashreplace"))
-    return token_label(s)
+        return bytes(inverse[c] for c in piece).decode("utf-8", errors="backslashreplace")
+    return s
