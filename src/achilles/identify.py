@@ -284,8 +284,9 @@ def identify(
         mbar = tqdm(total=len(critical), desc="stage 2: minimising", disable=not progress)
 
         def on_pass(label: str, total: int) -> None:
+            mbar.set_description(f"stage 2: minimising {len(critical)} units ({label})",
+                                 refresh=False)
             mbar.reset(total=total)
-            mbar.set_description(f"stage 2: minimising {len(critical)} units ({label})")
 
         mt = minimize_set(
             set_objective, critical, epsilon=config.epsilon, delta=d_crit,

@@ -90,6 +90,7 @@ def _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident) -> 
         lm.model, lm.tokenizer, corpus.documents, max_tokens=DEMO_HELDOUT_TOKENS,
         batch_size=8, progress=False,
     )
+    t0 = time.perf_counter()
     comparison = compare(
         lm, text, dataclasses.replace(rcfg, keep=max(DEMO_LEVELS)), DEMO_METHODS, DEMO_LEVELS,
         ev, random_runs=DEMO_RANDOM_RUNS, progress=show_progress,
@@ -101,8 +102,12 @@ def _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident) -> 
     from achilles.plots.comparison import plot_comparison
 
     plot_comparison(comparison.to_dict(), out_dir / "comparison.png")
+    t_compare = time.perf_counter() - t0
+    t0 = time.perf_counter()
     files = write_report(out_dir, lm)
+    t_report = time.perf_counter() - t0
     return [
+        f"comparison and held-out check took {t_compare:.1f} s; analyses and report {t_report:.1f} s",
         f"baselines (held-out perplexity vs n masked): {out_dir / 'comparison.png'}",
         f"report: {files.html}",
     ]

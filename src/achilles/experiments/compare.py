@@ -128,13 +128,12 @@ def compare(
     if any(p.fingerprint != pool.fingerprint for p in pools):  # pragma: no cover - invariant
         raise RuntimeError("ranking methods produced different unit pools")
 
-    todo = 1 + sum(
+    baseline = evaluator.evaluate()
+    logger.info("baseline perplexity %.6g", baseline.ppl)
+    todo = sum(
         len(runs) * sum(n <= len(runs[0].neurons) for n in levels) for runs in rankings.values()
     )
-    bar = tqdm(total=todo, desc="compare: perplexity evaluations", disable=not progress)
-    baseline = evaluator.evaluate()
-    bar.update()
-    logger.info("baseline perplexity %.6g", baseline.ppl)
+    bar = tqdm(total=todo, desc="compare: masked evaluations", disable=not progress)
     result_methods: dict[str, list[dict[str, Any]]] = {}
     random_block: dict[str, Any] | None = None
     skipped: list[dict[str, Any]] = []
