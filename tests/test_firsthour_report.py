@@ -118,3 +118,17 @@ def test_report_renders_in_headless_chromium(run, tmp_path) -> None:  # noqa: AN
         capture_output=True, timeout=120, check=True,
     )
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
+
+
+def test_report_loads_the_model_the_run_recorded(tiny_dir, tmp_path) -> None:  # noqa: ANN001
+    from achilles.cli import main
+
+    out = tmp_path / "run"
+    assert main(["find", "--model", str(tiny_dir), "--text", TEXT, "--samples", "2",
+                 "--epsilon", "0.001", "--max-neurons", "10", "--out-dir", str(out),
+                 "--no-report", "--quiet"]) == 0
+    assert main(["report", str(out), "--seeds", "2", "--quiet"]) == 0  # no --model
+    analysis = read_json(out / "analysis.json")
+    assert analysis["weights"] is not None and analysis["controls"] is not None
+    assert main(["report", str(out), "--no-model", "--quiet"]) == 0
+    assert read_json(out / "analysis.json")["controls"] == analysis["controls"]
