@@ -254,7 +254,7 @@ def identify(
         goal = max(config.epsilon, config.curve_until) if config.search == "linear" else config.epsilon
         bar.total = bar.n
         bar.set_postfix_str(
-            f"done: Δ reached {goal:g} at n = {bar.n}" if trace.n_star else "done", refresh=False
+            f"done: Δ ≥ {goal:g} by n = {bar.n}" if trace.n_star else "done", refresh=False
         )
         bar.refresh()
     bar.close()
