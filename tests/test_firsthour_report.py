@@ -132,3 +132,17 @@ def test_report_loads_the_model_the_run_recorded(tiny_dir, tmp_path) -> None:  #
     assert analysis["weights"] is not None and analysis["controls"] is not None
     assert main(["report", str(out), "--no-model", "--quiet"]) == 0
     assert read_json(out / "analysis.json")["controls"] == analysis["controls"]
+
+
+def test_summary_of_a_run_without_a_critical_set(tmp_path) -> None:  # noqa: ANN001
+    lm = LoadedModel(make_model("llama"), make_tokenizer(), ModelSpec(model="tiny"))
+    ranking, ident = find(lm, TEXT, RankConfig(samples=2, keep=20, components=("mlp.down",)),
+                          IdentifyConfig(epsilon=50.0, max_neurons=5))
+    assert not ident.found
+    ranking.save(tmp_path / "ranking.json")
+    ident.save(tmp_path / "identification.json")
+    md = write_report(tmp_path).markdown.read_text()
+    first = [x for x in md.splitlines() if x.strip()][1]
+    top = max(p["delta"] for p in ident.curve)
+    assert first.startswith("No critical set in tiny: masking up to the top 5 units")
+    assert f"Δ = {fmt(top)}" in first and "ε = 50" in first

@@ -145,7 +145,7 @@ def _sets(ident: Mapping[str, Any], scores: Mapping[tuple[str, int], Any],
     return out
 
 
-def _weights(weights: Mapping[str, Any] | None) -> list[Block]:
+def _weights(weights: Mapping[str, Any] | None, tokens: Sequence[str] | None = None) -> list[Block]:
     out: list[Block] = [Heading("Weights behind the critical units")]
     if weights is None:
         return out + [Para("Not computed: rerun `achilles report RUN_DIR --model MODEL`.")]
@@ -158,7 +158,8 @@ def _weights(weights: Mapping[str, Any] | None) -> list[Block]:
     rows = [
         [w["module"], w["layer"], w["channel"],
          ", ".join(f"{i}:{fmt(v, 3)}" for i, v in zip(w["top_inputs"], w["top_weights"])),
-         w["max_over_median_weight"], w["driver_input"], w["driver_share"], w["peak_position"],
+         w["max_over_median_weight"], w["driver_input"], w["driver_share"],
+         _position(w["peak_position"], tokens),
          w["peak_output"], w["massive_ratio"], w["massive"], w.get("delta_row"),
          w.get("delta_top_weight")]
         for w in weights["units"]
@@ -361,8 +362,8 @@ def summary_section(ctx: ReportContext) -> list[Block]:
                  f"{fmt(held['clean'].get('tokens'))} tokens) the same units take the perplexity "
                  f"from {fmt(held['clean'].get('ppl'))} to {fmt(held['masked'].get('ppl'))}.")
     else:
-        text += (" Held-out perplexity with the set masked: not measured here (`achilles ppl "
-                 "--data FILE --mask RUN_DIR/identification.json`).")
+        text += (" Held-out perplexity with the set masked is not part of this run; "
+                 "`achilles ppl --data FILE --mask RUN_DIR/identification.json` measures it.")
     mech = ctx.read("mechanism.json")
     if mech and isinstance(mech.get("summary"), str) and mech["summary"].strip():
         text += f" Mechanism: {mech['summary'].strip()}"
@@ -425,7 +426,7 @@ def activations_section(ctx: ReportContext) -> list[Block] | None:
 
 
 def weights_section(ctx: ReportContext) -> list[Block]:
-    return _weights(ctx.analysis.get("weights"))
+    return _weights(ctx.analysis.get("weights"), ctx.tokens)
 
 
 def controls_section(ctx: ReportContext) -> list[Block]:
