@@ -92,3 +92,19 @@ def test_channel_traces_are_the_channel_at_every_position() -> None:
     for u, t in zip(units, traces, strict=True):
         assert len(t) == ids.shape[1]
         assert t == pytest.approx(seen[u.module][0, :, u.channel].tolist(), abs=1e-6)
+
+
+def test_comparison_keeps_each_methods_ranked_units() -> None:
+    from achilles import RankConfig
+    from achilles.evaluation.perplexity import PerplexityEvaluator
+    from achilles.experiments.compare import compare
+    from achilles.pipeline import rank
+
+    lm = LoadedModel(make_model("llama"), make_tokenizer(), ModelSpec(model="tiny"))
+    cfg = RankConfig(samples=2, keep=50, components=("mlp.down",))
+    ev = PerplexityEvaluator(lm.model, lm.tokenizer, [TEXT * 3], max_length=32)
+    c = compare(lm, TEXT, cfg, ["perturbation", "random"], [1, 3], ev, random_runs=2).to_dict()
+    ref, _ = rank(lm, TEXT, cfg)
+    assert c["ranked"]["perturbation"] == [n.to_dict() for n in ref.neurons[:3]]
+    assert "random" not in c["ranked"] and len(c["random"]["ranked"]) == 2
+    assert c["random"]["ranked"][0] != c["random"]["ranked"][1]  # two seeds, two rankings
