@@ -83,6 +83,7 @@ def analyze_run(
     max_weight_units: int = 50,
     fp32: bool | None = None,
     write: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Analyse a run folder and (by default) write ``RUN_DIR/analysis.json``.
 
@@ -97,6 +98,7 @@ def analyze_run(
         max_weight_units: at most this many critical units get a weight profile.
         fp32: recheck the final set in float32 (default: when the run's dtype is bf16/fp16).
         write: write ``analysis.json``.
+        progress: show a progress bar for the weight ablations (two passes per unit).
     """
     run_dir = Path(run_dir)
     ranking, ident = load_run(run_dir)
@@ -138,7 +140,8 @@ def analyze_run(
             "units": [
                 w.to_dict()
                 for w in unit_weights(
-                    lm.model, ids, crit, top_k=top_k, massive_ratio=massive_ratio, ablate=True
+                    lm.model, ids, crit, top_k=top_k, massive_ratio=massive_ratio, ablate=True,
+                    progress=progress,
                 )
             ],
         }

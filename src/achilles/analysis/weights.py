@@ -89,6 +89,7 @@ def unit_weights(
     top_k: int = 5,
     massive_ratio: float = MASSIVE_RATIO,
     ablate: bool = False,
+    progress: bool = False,
 ) -> list[UnitWeights]:
     """Weight rows, driving inputs and massive-activation ratios of ``units`` of ``kinds``.
 
@@ -144,7 +145,10 @@ def unit_weights(
             )
         )
     if ablate:
-        out = [_with_ablations(model, input_ids, w) for w in out]
+        from tqdm.auto import tqdm
+
+        out = [_with_ablations(model, input_ids, w)
+               for w in tqdm(out, desc="weights: row and top-weight ablations", disable=not progress)]
     return out
 
 

@@ -94,7 +94,8 @@ def _run_find(args: argparse.Namespace) -> int:
     if args.report:
         from achilles.report import write_report
 
-        files = write_report(out_dir, lm, fp32=False)  # identify already re-checks in fp32
+        files = write_report(out_dir, lm, fp32=False,  # identify already re-checks in fp32
+                             progress=progress(args))
         print(f"report: {files.html}")
     return 0
 

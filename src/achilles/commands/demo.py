@@ -104,7 +104,7 @@ def _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident) -> 
     plot_comparison(comparison.to_dict(), out_dir / "comparison.png")
     t_compare = time.perf_counter() - t0
     t0 = time.perf_counter()
-    files = write_report(out_dir, lm)
+    files = write_report(out_dir, lm, progress=show_progress)
     t_report = time.perf_counter() - t0
     return [
         f"comparison and held-out check took {t_compare:.1f} s; analyses and report {t_report:.1f} s",

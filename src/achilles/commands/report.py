@@ -43,7 +43,7 @@ def _run_report(args: argparse.Namespace) -> int:
             lm = load_model(from_args(ModelSpec, args, model=model))
     files = write_report(
         run_dir, lm, top_n=args.top_n, seeds=args.seeds, tolerance=args.tolerance,
-        fp32=args.fp32,
+        fp32=args.fp32, progress=not args.quiet,
     )
     print(f"written: {files.markdown}\nwritten: {files.html}\nwritten: {files.analysis}")
     return 0
