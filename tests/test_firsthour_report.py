@@ -146,3 +146,15 @@ def test_summary_of_a_run_without_a_critical_set(tmp_path) -> None:  # noqa: ANN
     top = max(p["delta"] for p in ident.curve)
     assert first.startswith("No critical set in tiny: masking up to the top 5 units")
     assert f"Δ = {fmt(top)}" in first and "ε = 50" in first
+
+
+def test_byte_tokens_decode_to_escaped_bytes() -> None:
+    from achilles.names import decode_text, decode_token
+
+    tok = make_tokenizer()
+    ids = tok("é ✓", add_special_tokens=False).input_ids
+    assert decode_text(tok, ids) == tok.decode(ids) == "é ✓"  # whole characters: unchanged
+    pieces = [decode_token(tok, i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "\\xe2" in "".join(pieces)  # the first byte of ✓ (e2 9c 93) on its own
+    assert decode_text(tok, ids[-1:]).startswith("\\x")

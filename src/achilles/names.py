@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +37,28 @@ def token_text(tokenizer: Any, token_id: int) -> str:
 
 
 def decode_token(tokenizer: Any, token_id: int) -> str:
-    """Token ``token_id`` decoded; a piece of a UTF-8 character comes out as its escaped bytes
-    (``\\xe2``) instead of the replacement character, which fonts draw as an empty box."""
-    s = tokenizer.decode([int(token_id)], skip_special_tokens=False)
+    """Token ``token_id`` decoded, broken UTF-8 as escaped bytes (see :func:`decode_text`)."""
+    return decode_text(tokenizer, [int(token_id)])
+
+
+def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """``ids`` decoded; bytes that do not form UTF-8 characters come out escaped (``\\xe2``)
+    instead of as the replacement character, which fonts draw as an empty box."""
+    ids = [int(i) for i in ids]
+    s = tokenizer.decode(ids, skip_special_tokens=False)
     if "\ufffd" not in s:
         return s
-    piece = str(tokenizer.convert_ids_to_tokens(int(token_id)))
-    m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
-    if m:
-        return f"\\x{m.group(1).lower()}"
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     inverse = {c: b for b, c in bytes_to_unicode().items()}  # byte-level BPE (GPT-2, Llama 3)
-    if piece and all(c in inverse for c in piece):
-        return bytes(inverse[c] for c in piece).decode("utf-8", errors="backslashreplace")
-    return s
+    raw = bytearray()
+    for i in ids:
+        piece = str(tokenizer.convert_ids_to_tokens(i))
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
+        if m:
+            raw.append(int(m.group(1), 16))
+        elif piece and all(c in inverse for c in piece):
+            raw += bytes(inverse[c] for c in piece)
+        else:
+            raw += tokenizer.decode([i], skip_special_tokens=False).encode("utf-8")
+    return raw.decode("utf-8", errors="backslashreplace")

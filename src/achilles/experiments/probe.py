@@ -24,7 +24,7 @@ import torch
 from achilles.errors import AchillesError, require
 from achilles.identify import Identification
 from achilles.io import SCHEMA_VERSION, environment, write_json
-from achilles.names import decode_token
+from achilles.names import decode_text, decode_token
 from achilles.loading import LoadedModel, tokenize
 from achilles.masking import masked
 from achilles.units import Unit, UnitPool, build_pool
@@ -161,7 +161,7 @@ class ProbeResult:
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    return tokenizer.decode(list(ids), skip_special_tokens=False)
+    return decode_text(tokenizer, ids)
 
 
 @torch.no_grad()
