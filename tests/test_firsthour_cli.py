@@ -96,3 +96,16 @@ def test_old_spelling_is_a_hidden_alias_with_a_warning(capsys) -> None:  # noqa:
         main(["compare", "--help"])
     out = capsys.readouterr().out
     assert "--data" in out and "--eval " not in out
+
+
+def test_dtype_auto_is_the_checkpoints_dtype_and_the_default_is_fp32_on_cpu() -> None:
+    from pathlib import Path
+
+    import torch
+
+    from achilles.loading import load_model
+
+    sink = Path(__file__).resolve().parents[1] / "models" / "sink"  # saved in float16
+    assert load_model(ModelSpec(model=str(sink), device="cpu")).dtype == torch.float32
+    assert load_model(ModelSpec(model=str(sink), dtype="auto", device="cpu")).dtype == torch.float16
+    assert load_model(ModelSpec(model=str(sink), dtype="bf16", device="cpu")).dtype == torch.bfloat16
