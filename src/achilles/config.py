@@ -60,7 +60,8 @@ class ModelSpec:
     dtype: str | None = opt(
         None,
         "weights dtype: float32/fp32, bfloat16/bf16, float16/fp16, or auto (the checkpoint's "
-        "dtype, as in transformers); default: bfloat16 on CUDA, float32 on CPU",
+        "dtype, as in transformers); default: bfloat16 on a GPU with native bf16, else "
+        "float16; float32 on CPU",
         type=normalize_dtype,
     )
     device: str = opt(

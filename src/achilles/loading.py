@@ -51,13 +51,9 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype | str:
-    """``None``: bfloat16 on CUDA, float32 elsewhere; ``"auto"``: the checkpoint's dtype
-    (transformers' ``dtype="auto"``)."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        return "auto"
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[dtype]
 
 
@@ -119,7 +115,9 @@ def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedMod
 
     source, local = _source(spec)
     device = resolve_device("cuda" if spec.device_map else spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
+    # --dtype auto is the checkpoint's own dtype, as in transformers; no --dtype (None) is the
+    # device default that resolve_dtype calls "auto"
+    dtype = "auto" if spec.dtype == "auto" else resolve_dtype(spec.dtype or "auto", device)
     kwargs: dict[str, object] = {
         "dtype": dtype,
         "trust_remote_code": spec.trust_remote_code,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,7 +27,6 @@ from achilles.identify import Identification, identify
 from achilles.io import environment
 from achilles.loading import LoadedModel, inspect_model, load_model, tokenize
 from achilles.ranking import Ranking, get_method, rank_units
-from achilles.ranking.base import Scores
 from achilles.units import UnitPool, build_pool
 
 logger = logging.getLogger(__name__)
@@ -60,7 +58,7 @@ def rank(
 
 
 def rank_texts(
-    lm: LoadedModel, texts: Sequence[str], config: RankConfig, *, progress: bool = False
+    lm: LoadedModel, texts: list[str], config: RankConfig, *, progress: bool = False
 ) -> tuple[Ranking, UnitPool]:
     """One ranking pooled over several texts: each unit's scores summed over the texts.
 
@@ -68,6 +66,8 @@ def rank_texts(
     unit's pooled score is the sum of its per-text scores, so a unit that matters on every
     text outranks one that peaks on a single text. Pooled rankings carry no token position.
     """
+    from achilles.ranking.base import Scores
+
     texts = list(texts)
     if len(texts) == 1:
         return rank(lm, texts[0], config, progress=progress)

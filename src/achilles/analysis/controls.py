@@ -5,16 +5,18 @@
   "zero is out of distribution"; if it vanishes, the set matters through its (large, often
   constant) value, as a bias term would.
 * **Random sets** (:func:`random_sets`): sets of the same size drawn from the **same modules**
-  (stratified: as many units per module as the set has there, at most half of the module's
-  other channels), excluding the set's own units, over several seeds: Δ mean / sd / max |Δ|.
-  A set that covers most of its module is completed from other modules of the same kind,
-  and ``RandomSets.drawn`` says so.
+  (same layer and component kind, stratified: as many units per module as the set has
+  there), excluding the set's own units, over several seeds: Δ mean / sd / max |Δ|.
 * **fp32 recheck** (:func:`recheck_fp32`, :func:`fp32_delta`): Δ of the same set recomputed
   with float32 weights when the run used bfloat16/float16, to separate a real collapse
   from low-precision overflow.
 
 Every Δ here goes through :class:`~achilles.identify.MaskEvaluator` (zero-ablation) or
 :func:`~achilles.metrics.sequence_nll` + :func:`~achilles.metrics.delta` (mean-ablation).
+
+A random set draws at most half of a module's other channels, so that seeds differ; a set
+that covers most of its module is completed from other modules of the same kind
+(:func:`random_like`), and ``RandomSets.drawn`` says what was drawn.
 """
 
 from __future__ import annotations
@@ -102,6 +104,12 @@ class Fp32Check:
         return asdict(self)
 
 
+def _channel_means(
+    model: torch.nn.Module, input_ids: torch.Tensor, units: Sequence[Unit]
+) -> list[float]:
+    return [statistics.fmean(t) for t in channel_traces(model, input_ids, units)]
+
+
 def channel_traces(
     model: torch.nn.Module, input_ids: torch.Tensor, units: Sequence[Unit]
 ) -> list[list[float]]:
@@ -111,12 +119,6 @@ def channel_traces(
     with recorded(model, names) as rec, torch.no_grad():
         model(input_ids=input_ids.to(dev), use_cache=False)
     return [rec[u.module][1][0, :, u.channel].float().cpu().tolist() for u in units]
-
-
-def _channel_means(
-    model: torch.nn.Module, input_ids: torch.Tensor, units: Sequence[Unit]
-) -> list[float]:
-    return [statistics.fmean(t) for t in channel_traces(model, input_ids, units)]
 
 
 def mean_ablation(

@@ -81,9 +81,9 @@ def analyze_run(
     top_k: int = 5,
     massive_ratio: float = MASSIVE_RATIO,
     max_weight_units: int = 50,
+    progress: bool = False,
     fp32: bool | None = None,
     write: bool = True,
-    progress: bool = False,
 ) -> dict[str, Any]:
     """Analyse a run folder and (by default) write ``RUN_DIR/analysis.json``.
 
@@ -96,9 +96,9 @@ def analyze_run(
         top_k: weight entries listed per unit.
         massive_ratio: threshold of the massive-activation flag.
         max_weight_units: at most this many critical units get a weight profile.
+        progress: show a progress bar for the weight ablations (two passes per unit).
         fp32: recheck the final set in float32 (default: when the run's dtype is bf16/fp16).
         write: write ``analysis.json``.
-        progress: show a progress bar for the weight ablations (two passes per unit).
     """
     run_dir = Path(run_dir)
     ranking, ident = load_run(run_dir)

@@ -19,8 +19,8 @@ from achilles.commands.common import (
     texts_of,
 )
 from achilles.identify import Identification
-from achilles.loading import load_model, tokenize
-from achilles.pipeline import find, identify_with, preflight, rank_texts
+from achilles.loading import load_model
+from achilles.pipeline import find, identify_with, preflight, rank
 from achilles.ranking import Ranking
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,9 @@ def summarize(ident: Identification, out: str | Path) -> str:
 
 
 def _run_rank(args: argparse.Namespace) -> int:
+    from achilles.loading import tokenize
+    from achilles.pipeline import rank_texts
+
     cfg = rank_config(args)
     spec = model_spec(args)
     texts = texts_of(args)
@@ -94,8 +97,7 @@ def _run_find(args: argparse.Namespace) -> int:
     if args.report:
         from achilles.report import write_report
 
-        files = write_report(out_dir, lm, fp32=False,  # identify already re-checks in fp32
-                             progress=progress(args))
+        files = write_report(out_dir, lm, fp32=False)  # identify already re-checks in fp32
         print(f"report: {files.html}")
     return 0
 
