@@ -109,3 +109,17 @@ def test_dtype_auto_is_the_checkpoints_dtype_and_the_default_is_fp32_on_cpu() ->
     assert load_model(ModelSpec(model=str(sink), device="cpu")).dtype == torch.float32
     assert load_model(ModelSpec(model=str(sink), dtype="auto", device="cpu")).dtype == torch.float16
     assert load_model(ModelSpec(model=str(sink), dtype="bf16", device="cpu")).dtype == torch.bfloat16
+
+
+def test_docs_stand_alone() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    docs = [root / "README.md", *sorted((root / "docs").glob("*.md")),
+            *sorted((root / "models").glob("*/README.md"))]
+    assert (root / "docs" / "paper.md").is_file()
+    for doc in docs:
+        text = doc.read_text(encoding="utf-8")
+        assert "../shared" not in text and "PAPER.md" not in text, doc
+        assert not re.search(r"\bissues? #?\d+", text, flags=re.I), doc
+        assert "2510.10238" in text or doc.parent.name != "docs" or doc.name != "paper.md"
