@@ -108,17 +108,17 @@ def test_cli_compare_and_figure(tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "--model", str(mdir), "--text", TEXT, "--samples", "4",
             "--methods", ",".join(methods), "--levels", "1,2,5,20,100,1000", "--random-runs", "3",
-            "--eval", str(data), "--max-length", "64", "--out-dir", str(out), "--quiet"]
+            "--data", str(data), "--max-length", "64", "--out-dir", str(out), "--quiet"]
     assert main(args) == 0
     d = json.loads((out / "comparison.json").read_text())
     assert set(d["methods"]) == set(methods) - {"random"}
     assert (out / "comparison.png").stat().st_size > 10_000
     assert d["config"]["perplexity"]["data"] == str(data)
     capsys.readouterr()
-    base = ["compare", "--model", str(mdir), "--text", TEXT, "--eval", str(data),
+    base = ["compare", "--model", str(mdir), "--text", TEXT, "--data", str(data),
             "--out-dir", str(tmp_path / "no")]
     for extra in (["--methods", "nope"], ["--levels", "x"], ["--random-runs", "0"],
-                  ["--eval", "missing.jsonl"]):
+                  ["--data", "missing.jsonl"]):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("achilles: error:") and "\n" not in err

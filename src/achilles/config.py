@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +19,29 @@ from typing import Any, Literal
 
 from achilles.errors import AchillesError, require
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-Device = Literal["auto", "cpu", "cuda"]
+DTYPE_ALIASES: dict[str, str] = {
+    "auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+    "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
+}
+"""Accepted ``--dtype`` spellings (transformers' names and the short ones) -> canonical name."""
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def normalize_dtype(s: str) -> str:
+    """``bf16`` -> ``bfloat16`` etc.; an :class:`AchillesError` for anything else."""
+    key = str(s).strip().lower().removeprefix("torch.")
+    if key not in DTYPE_ALIASES:
+        raise AchillesError(
+            f"--dtype {s!r}: use one of float32/fp32, bfloat16/bf16, float16/fp16, auto"
+        )
+    return DTYPE_ALIASES[key]
+
+
+def check_device(s: str) -> str:
+    """``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``; an :class:`AchillesError` otherwise."""
+    if not _DEVICE.fullmatch(str(s)):
+        raise AchillesError(f"--device {s!r}: use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps")
+    return str(s)
 
 
 def opt(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:  # noqa: A002
@@ -35,11 +57,17 @@ class ModelSpec:
     """Which model to load and how."""
 
     model: str = opt(None, "local folder or hub id of a causal LM", required=True)
-    dtype: Dtype = opt(
-        "auto",
-        "weights dtype (auto: bfloat16 on a GPU with native bf16, else float16; float32 on CPU)",
+    dtype: str | None = opt(
+        None,
+        "weights dtype: float32/fp32, bfloat16/bf16, float16/fp16, or auto (the checkpoint's "
+        "dtype, as in transformers); default: bfloat16 on a GPU with native bf16, else "
+        "float16; float32 on CPU",
+        type=normalize_dtype,
     )
-    device: Device = opt("auto", "device when not using --device-map (auto: cuda if available)")
+    device: str = opt(
+        "auto", "device when not using --device-map: auto (cuda if available), cpu, cuda, "
+        "cuda:N or mps", type=check_device,
+    )
     device_map: str | None = opt(
         None, "accelerate device map, e.g. 'auto' to spread a large model over all GPUs"
     )
@@ -48,10 +76,15 @@ class ModelSpec:
         False, "allow the model folder's own Python code to run (off by default: a security risk)"
     )
 
+    def __post_init__(self) -> None:
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        check_device(self.device)
+
 
 @dataclass(frozen=True)
 class TextSpec:
-    """The input text (exactly one of ``text`` / ``text_file``)."""
+    """The input text (exactly one of --text / --text-file)."""
 
     text: str | None = opt(None, "input text")
     text_file: str | None = opt(None, "file holding the input text (UTF-8)")
@@ -176,7 +209,8 @@ def add_arguments(
 ) -> None:
     """Add one option per field of dataclass ``cls`` (help and choices from metadata/types)."""
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    title = (cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip(".")
+    group = parser.add_argument_group(title[:1].lower() + title[1:])
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
@@ -187,7 +221,9 @@ def add_arguments(
             kw["required"] = True
         else:
             kw["default"] = argparse.SUPPRESS  # unset flags keep the dataclass default
-            kw["help"] += f" (default: {default})"
+            if default is not None and "default" not in kw["help"]:
+                shown = ",".join(default) if isinstance(default, tuple) else default
+                kw["help"] += f" (default: {shown})"
         inner = _strip_optional(hint)
         if inner is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -199,9 +235,24 @@ def add_arguments(
             kw["type"] = _parse_float
         elif typing.get_origin(inner) is tuple:
             kw["type"] = _parse_list
+        if "type" in f.metadata:
+            kw["type"] = _argparse_type(f.metadata["type"])
         if choices and f.name in choices:
             kw["choices"] = choices[f.name]
         group.add_argument(_flag(f), **kw)
+
+
+def _argparse_type(fn: Any) -> Any:
+    """``fn`` with its :class:`AchillesError` turned into argparse's usage error."""
+
+    def convert(s: str) -> Any:
+        try:
+            return fn(s)
+        except AchillesError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+
+    convert.__name__ = getattr(fn, "__name__", "value")
+    return convert
 
 
 def from_args(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:

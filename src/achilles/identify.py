@@ -309,6 +309,13 @@ def identify(
         )
     else:
         trace = bisect_search(prefix_objective, epsilon=config.epsilon, n_max=n_max, step=config.step)
+    if bar.n < n_max:  # the scan stopped early: close the bar at what it reached, and say why
+        goal = max(config.epsilon, config.curve_until) if config.search == "linear" else config.epsilon
+        bar.total = bar.n
+        bar.set_postfix_str(
+            f"done: Δ ≥ {goal:g} by n = {bar.n}" if trace.n_star else "done", refresh=False
+        )
+        bar.refresh()
     bar.close()
 
     curve = [
@@ -338,9 +345,18 @@ def identify(
             b = min(ev.masks_per_pass, 16)
             ev.pass_seconds(1)  # warm-up
             batch = minimize_batch(ev.pass_seconds(1), ev.pass_seconds(b + ev.reference_row), b)
+        mbar = tqdm(total=len(critical), desc="stage 2: minimising", disable=not progress)
+
+        def on_pass(label: str, total: int) -> None:
+            mbar.set_description(f"stage 2: minimising {len(critical)} units ({label})",
+                                 refresh=False)
+            mbar.reset(total=total)
+
         mt = minimize_set(
             set_objective, critical, epsilon=config.epsilon, delta=d_crit, batch=batch,
+            on_pass=on_pass, on_step=mbar.update,
         )
+        mbar.close()
         minimal, necessity, d_min = mt.members, mt.necessity, mt.delta
         if batch > 1:
             # re-verify the final set one mask per pass, as the sequential loop measures it

@@ -40,9 +40,15 @@ class LoadedModel:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise AchillesError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AchillesError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise AchillesError(
+            f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+        )
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -121,7 +127,9 @@ def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedMod
 
     source, local = _source(spec)
     device = resolve_device("cuda" if spec.device_map else spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
+    # --dtype auto is the checkpoint's own dtype, as in transformers; no --dtype (None) is the
+    # device default that resolve_dtype calls "auto"
+    dtype = "auto" if spec.dtype == "auto" else resolve_dtype(spec.dtype or "auto", device)
     kwargs: dict[str, object] = {
         "dtype": dtype,
         "trust_remote_code": spec.trust_remote_code,
@@ -140,7 +148,7 @@ def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedMod
     if not spec.device_map:
         model.to(device)
     model.eval()
-    logger.info("loaded %s (%s, %s)", spec.model, model.config.model_type, dtype)
+    logger.info("loaded %s (%s, %s)", spec.model, model.config.model_type, next(model.parameters()).dtype)
     return LoadedModel(model, tokenizer, spec)
 
 

@@ -57,6 +57,47 @@ def rank(
     return ranking, pool
 
 
+def rank_texts(
+    lm: LoadedModel, texts: list[str], config: RankConfig, *, progress: bool = False
+) -> tuple[Ranking, UnitPool]:
+    """One ranking pooled over several texts: each unit's scores summed over the texts.
+
+    Every text is scored with the same method, seed and pool (as :func:`rank` would); a
+    unit's pooled score is the sum of its per-text scores, so a unit that matters on every
+    text outranks one that peaks on a single text. Pooled rankings carry no token position.
+    """
+    from achilles.ranking.base import Scores
+
+    texts = list(texts)
+    if len(texts) == 1:
+        return rank(lm, texts[0], config, progress=progress)
+    if not texts:
+        raise AchillesError("give at least one text to rank on")
+    pool = build_pool(lm.model, config.pool, config.components)
+    method = get_method(config.method)
+    total: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for text in texts:
+        input_ids = tokenize(lm.tokenizer, text)
+        tokens += int(input_ids.shape[1])
+        torch.manual_seed(config.seed)
+        scores = method(lm.model, input_ids, pool, config, progress=progress)
+        for module, v in scores.values.items():
+            v = v.float().cpu()
+            total[module] = total[module] + v if module in total else v.clone()
+    neurons = rank_units(Scores(total), pool, config.keep)
+    ranking = Ranking(
+        method=config.method,
+        neurons=neurons,
+        pool={**pool.summary(), "components": list(pool.components)},
+        tokens=tokens,
+        config={"model": _model_record(lm), "text": texts[0], "texts": texts,
+                "pooled": "sum of per-text scores", "rank": dataclasses.asdict(config)},
+        env=environment(lm.model),
+    )
+    return ranking, pool
+
+
 def pool_for_ranking(lm: LoadedModel, ranking: Ranking) -> UnitPool:
     """Rebuild the unit pool a ranking was made over, checking it fits this model."""
     comps = ranking.pool.get("components")

@@ -148,6 +148,8 @@ def minimize_set(
     epsilon: float,
     delta: float | None = None,
     batch: int = 1,
+    on_pass: Callable[[str, int], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> MinimizeTrace:
     """Drop members of a collapse set (last first) while Δ stays ≥ ε, until none can go.
 
@@ -163,8 +165,12 @@ def minimize_set(
         epsilon: the threshold.
         delta: Δ of ``members`` if already known.
         batch: candidate removals per objective call.
+        on_pass: called with a label and the number of candidates at the start of each pass
+            (and of the final necessity pass), e.g. to reset a progress bar.
+        on_step: called with the number of candidates settled by each objective call.
     """
     current = list(members)
+    passes = 0
     evaluations = 0
     if delta is None:
         (delta,) = objective([current])
@@ -175,17 +181,29 @@ def minimize_set(
     while changed and len(current) > 1:
         changed = False
         queue = list(reversed(current))  # this pass's candidates, last first
+        passes += 1
+        if on_pass:
+            on_pass(f"pass {passes}", len(queue))
         while queue and len(current) > 1:
             chunk = queue[:batch]
             candidates = [[x for x in current if x != u] for u in chunk]
             deltas = list(objective(candidates))
             evaluations += len(chunk)
             hit = next((i for i, d in enumerate(deltas) if d >= epsilon), None)
+            settled = len(chunk) if hit is None else hit + 1
+            if on_step:
+                on_step(settled)
             if hit is None:
                 queue = queue[len(chunk) :]
             else:
                 current, delta, changed = candidates[hit], deltas[hit], True
                 queue = queue[hit + 1 :]
+        if on_step and queue:
+            on_step(len(queue))  # the pass ends with one member left: the rest is not tried
+    if on_pass:
+        on_pass("necessity", len(current))
     necessity = list(objective([[x for x in current if x != u] for u in current]))
     evaluations += len(current)
+    if on_step:
+        on_step(len(current))
     return MinimizeTrace(current, float(delta), [float(x) for x in necessity], evaluations)

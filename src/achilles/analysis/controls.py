@@ -13,6 +13,10 @@
 
 Every Δ here goes through :class:`~achilles.identify.MaskEvaluator` (zero-ablation) or
 :func:`~achilles.metrics.sequence_nll` + :func:`~achilles.metrics.delta` (mean-ablation).
+
+A random set draws at most half of a module's other channels, so that seeds differ; a set
+that covers most of its module is completed from other modules of the same kind
+(:func:`random_like`), and ``RandomSets.drawn`` says what was drawn.
 """
 
 from __future__ import annotations
@@ -53,13 +57,15 @@ class MeanAblation:
 
 @dataclass(frozen=True)
 class RandomSets:
-    """Δ of random same-module sets of the same size, one per seed."""
+    """Δ of random sets of the same size, one per seed (``drawn`` says from where)."""
 
     n_units: int
     seeds: list[int]
     deltas: list[float]
     delta_set: float
     sets: list[list[dict[str, Any]]] = field(default_factory=list)
+    drawn: str = "same-module"
+    """What the sets are made of (:func:`describe_random_sets`), for labels."""
 
     @property
     def mean(self) -> float | None:
@@ -80,11 +86,18 @@ class RandomSets:
 def _channel_means(
     model: torch.nn.Module, input_ids: torch.Tensor, units: Sequence[Unit]
 ) -> list[float]:
+    return [statistics.fmean(t) for t in channel_traces(model, input_ids, units)]
+
+
+def channel_traces(
+    model: torch.nn.Module, input_ids: torch.Tensor, units: Sequence[Unit]
+) -> list[list[float]]:
+    """Each unit's activation at every token position of ``input_ids`` ``[1, T]`` (clean pass)."""
     names = list(dict.fromkeys(u.module for u in units))
     dev = input_device(model)
     with recorded(model, names) as rec, torch.no_grad():
         model(input_ids=input_ids.to(dev), use_cache=False)
-    return [float(rec[u.module][1][0, :, u.channel].mean()) for u in units]
+    return [rec[u.module][1][0, :, u.channel].float().cpu().tolist() for u in units]
 
 
 def mean_ablation(
@@ -102,10 +115,14 @@ def mean_ablation(
 
 
 def random_like(units: Sequence[Unit], pool: UnitPool, rng: random.Random) -> list[Unit]:
-    """A random set with as many units per module as ``units``, excluding ``units`` itself.
+    """A random set of ``len(units)`` units from the same modules, excluding ``units`` itself.
 
-    When a module has too few other channels, the remainder is drawn from the other modules
-    of the same component kind and layers, then from any module of ``units``.
+    Per module of ``units``, as many units are drawn from its other channels as the set has
+    there, but at most half of those other channels (:func:`same_module_quota`): a set that
+    covers most of its module would otherwise leave one possible draw, identical for every
+    seed. The remainder is filled from the other modules of the same component kind, in the
+    same layer first, then in the other layers, then from any module of the pool.
+    :func:`describe_random_sets` says what was drawn.
     """
     taken = {u.key for u in units}
     per_module: dict[str, int] = {}
@@ -117,19 +134,52 @@ def random_like(units: Sequence[Unit], pool: UnitPool, rng: random.Random) -> li
     for module, k in per_module.items():
         s = sites[module]
         free = [c for c in range(s.width) if (module, c) not in taken]
-        pick = rng.sample(free, min(k, len(free)))
+        pick = rng.sample(free, same_module_quota(k, len(free)))
         short += k - len(pick)
         out += [Unit(module, c, s.layer, s.component) for c in pick]
-    if short:
-        chosen = {u.key for u in out} | taken
+    if not short:
+        return out
+    chosen = {u.key for u in out} | taken
+    layers = {sites[m].layer for m in per_module}
+    kinds = {sites[m].component for m in per_module}
+    tiers = (
+        [s for s in pool.sites if s.module not in per_module and s.component in kinds and s.layer in layers],
+        [s for s in pool.sites if s.module not in per_module and s.component in kinds and s.layer not in layers],
+        [s for s in pool.sites if s.module not in per_module and s.component not in kinds],
+    )
+    for tier in tiers:
+        if not short:
+            break
         spare = [
-            Unit(m, c, sites[m].layer, sites[m].component)
-            for m in per_module
-            for c in range(sites[m].width)
-            if (m, c) not in chosen
+            Unit(s.module, c, s.layer, s.component)
+            for s in tier
+            for c in range(s.width)
+            if (s.module, c) not in chosen
         ]
-        out += rng.sample(spare, min(short, len(spare)))
+        pick = rng.sample(spare, min(short, len(spare)))
+        out += pick
+        short -= len(pick)
     return out
+
+
+def same_module_quota(k: int, free: int) -> int:
+    """Units a random set draws from a module where the set has ``k`` of its ``free`` others."""
+    return min(k, free // 2)
+
+
+def describe_random_sets(units: Sequence[Unit], sets: Sequence[Sequence[Unit] | Sequence[dict]]) -> str:
+    """What the random sets are, in words: ``"same-module"`` or the split with the fill."""
+    own = {u.module for u in units}
+    n = len(units)
+    modules = [[(u["module"] if isinstance(u, dict) else u.module) for u in s] for s in sets]
+    same = min((sum(m in own for m in ms) for ms in modules), default=n)
+    size = min((len(ms) for ms in modules), default=n)
+    if same == size == n:
+        return "same-module"
+    others = sorted({m for ms in modules for m in ms if m not in own})
+    where = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    text = f"{same} same-module + {size - same} from other modules ({where})"
+    return text if size == n else f"{text}: only {size} of {n} units were free"
 
 
 def random_sets(
@@ -153,6 +203,7 @@ def random_sets(
         deltas=[m.delta for m in ms[1:]],
         delta_set=ms[0].delta,
         sets=[[u.to_dict() for u in s] for s in sets] if keep_sets else [],
+        drawn=describe_random_sets(units, sets),
     )
 
 

@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from achilles.analysis.controls import mean_ablation, random_sets, recheck_fp32
+from achilles.analysis.controls import channel_traces, mean_ablation, random_sets, recheck_fp32
 from achilles.analysis.locations import locations, n_layers_of
 from achilles.analysis.phase import DEFAULT_TOLERANCE, phase_transition
 from achilles.analysis.weights import MASSIVE_RATIO, WEIGHT_KINDS, unit_weights
 from achilles.identify import Identification
 from achilles.io import SCHEMA_VERSION, environment, write_json
 from achilles.loading import LoadedModel, tokenize
+from achilles.names import token_text
 from achilles.ranking import Ranking
 from achilles.units import Unit, UnitPool
 
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 ANALYSIS_FILE = "analysis.json"
 LOW_PRECISION = ("bfloat16", "float16")
+TRACED_UNITS = 3
+"""Units of the final set whose activation at every token is saved (``activations``)."""
 
 
 def load_run(run_dir: str | Path) -> tuple[Ranking, Identification]:
@@ -42,6 +45,19 @@ def final_set(ident: Identification) -> tuple[str, list[Unit]]:
     if ident.minimal_set:
         return "minimal", list(ident.minimal_set)
     return "critical", list(ident.critical_set)
+
+
+def dense_modules(units: list[Unit], pool: UnitPool, share: float = 0.5) -> list[dict[str, Any]]:
+    """Modules of which ``units`` cover more than ``share`` of the channels."""
+    counts: dict[str, int] = {}
+    for u in units:
+        counts[u.module] = counts.get(u.module, 0) + 1
+    widths = {s.module: s.width for s in pool.sites}
+    return [
+        {"module": m, "count": k, "width": widths[m], "share": k / widths[m]}
+        for m, k in counts.items()
+        if k > share * widths[m]
+    ]
 
 
 def health(ident: Identification) -> dict[str, Any]:
@@ -65,6 +81,7 @@ def analyze_run(
     top_k: int = 5,
     massive_ratio: float = MASSIVE_RATIO,
     max_weight_units: int = 50,
+    progress: bool = False,
     fp32: bool | None = None,
     write: bool = True,
     pool: UnitPool | None = None,
@@ -80,6 +97,7 @@ def analyze_run(
         top_k: weight entries listed per unit.
         massive_ratio: threshold of the massive-activation flag.
         max_weight_units: at most this many critical units get a weight profile.
+        progress: show a progress bar for the weight ablations (two passes per unit).
         fp32: recheck the final set in float32 (default: when the run's dtype is bf16/fp16).
         write: write ``analysis.json``.
         pool: the run's unit pool, when the caller has it (default: rebuilt from the ranking).
@@ -114,6 +132,7 @@ def analyze_run(
             raise ValueError(f"{run_dir}/identification.json has no config.text to analyse on")
         pool = pool or pool_for_ranking(lm, ranking)
         ids = tokenize(lm.tokenizer, text)
+        out["tokens"] = [token_text(lm.tokenizer, int(i)) for i in ids[0].tolist()]
         crit = pool.validate(ident.critical_set, source="the critical set")[:max_weight_units]
         final = pool.validate(final, source="the final set")
         out["weights"] = {
@@ -123,13 +142,26 @@ def analyze_run(
             "units": [
                 w.to_dict()
                 for w in unit_weights(
-                    lm.model, ids, crit, top_k=top_k, massive_ratio=massive_ratio
+                    lm.model, ids, crit, top_k=top_k, massive_ratio=massive_ratio, ablate=True,
+                    progress=progress,
                 )
             ],
         }
         dtype = str(lm.dtype).removeprefix("torch.")
         do_fp32 = dtype in LOW_PRECISION if fp32 is None else fp32
         controls: dict[str, Any] = {"set": which, "n_units": len(final)}
+        controls["dense_modules"] = dense_modules(final, pool)
+        for d in controls["dense_modules"]:
+            logger.warning(
+                "the %s set covers %d of the %d channels of %s: it is most of the module, not a "
+                "few units in it", which, d["count"], d["width"], d["module"],
+            )
+        shown = final[:TRACED_UNITS]
+        out["activations"] = {
+            "set": which,
+            "units": [u.to_dict() for u in shown],
+            "values": channel_traces(lm.model, ids, shown) if shown else [],
+        }
         controls["mean_ablation"] = mean_ablation(lm.model, pool, ids, final).to_dict()
         controls["random_sets"] = (
             random_sets(lm.model, pool, ids, final, seeds=seeds).to_dict() if final else None

@@ -52,6 +52,10 @@ class UnitWeights:
     driver_in_top_weights: bool
     massive_ratio: float
     massive: bool
+    delta_row: float | None = None
+    """Δ on the text with the unit's whole weight row (and bias entry) zeroed."""
+    delta_top_weight: float | None = None
+    """Δ on the text with only the row's largest |w| zeroed (the super-weight ablation)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -88,11 +92,15 @@ def unit_weights(
     kinds: Sequence[str] = WEIGHT_KINDS,
     top_k: int = 5,
     massive_ratio: float = MASSIVE_RATIO,
+    ablate: bool = False,
+    progress: bool = False,
 ) -> list[UnitWeights]:
     """Weight rows, driving inputs and massive-activation ratios of ``units`` of ``kinds``.
 
     Units of other kinds, or whose module is not a ``Linear``/``Conv1D``, are skipped (logged).
     One clean forward pass over ``input_ids`` ``[1, T]`` records the modules' inputs/outputs.
+    With ``ablate``, two more passes per unit measure Δ with its weight row zeroed and with
+    only the row's largest |w| zeroed (weights restored after each).
     """
     chosen = []
     for u in units:
@@ -140,4 +148,37 @@ def unit_weights(
                 massive=ratio >= massive_ratio,
             )
         )
+    if ablate:
+        from tqdm.auto import tqdm
+
+        out = [_with_ablations(model, input_ids, w)
+               for w in tqdm(out, desc="weights: row and top-weight ablations", disable=not progress)]
     return out
+
+
+def _with_ablations(model: torch.nn.Module, input_ids: torch.Tensor, w: UnitWeights) -> UnitWeights:
+    """``w`` with :attr:`UnitWeights.delta_row` and :attr:`UnitWeights.delta_top_weight`."""
+    import dataclasses
+
+    from achilles.masking import restore_weights_, zero_weights_
+    from achilles.metrics import delta, sequence_nll
+
+    ids = input_ids.to(input_device(model))
+    tokens = int(ids.shape[1]) - 1
+    base = float(sequence_nll(model, ids)[0])
+    saved = zero_weights_(model, [w.unit])
+    try:
+        d_row = delta(float(sequence_nll(model, ids)[0]), base, tokens)
+    finally:
+        restore_weights_(model, saved)
+    module = model.get_submodule(w.unit.module)
+    j = w.top_inputs[0]
+    index = (w.unit.channel, j) if isinstance(module, torch.nn.Linear) else (j, w.unit.channel)
+    with torch.no_grad():
+        keep = module.weight[index].clone()
+        module.weight[index] = 0
+        try:
+            d_one = delta(float(sequence_nll(model, ids)[0]), base, tokens)
+        finally:
+            module.weight[index] = keep
+    return dataclasses.replace(w, delta_row=d_row, delta_top_weight=d_one)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig, TextSpec, add_arguments, from_args
@@ -10,14 +11,39 @@ from achilles.errors import AchillesError
 from achilles.ranking import METHODS
 
 
-def add_common(p: argparse.ArgumentParser, *, text: bool = True) -> None:
-    """Model options, text options, and logging flags."""
+def add_common(p: argparse.ArgumentParser, *, text: bool = True, texts: bool = False) -> None:
+    """Model options, text options, and logging flags (``texts``: --text-file repeatable)."""
     add_arguments(p, ModelSpec)
-    if text:
+    if text and texts:
+        add_arguments(p, TextSpec, exclude=("text_file",))
+        p.add_argument("--text-file", dest="text_file", action="append", metavar="FILE",
+                       help="file holding the input text (UTF-8); repeat it to rank on several "
+                       "texts, scores summed over them")
+    elif text:
         add_arguments(p, TextSpec)
     g = p.add_argument_group("output")
     g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     g.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old option spelling: works for one more release, says what replaces it."""
+
+    def __init__(self, *args: object, new: str = "", **kw: object) -> None:
+        self.new = new
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        print(f"achilles: warning: {option_string} is deprecated and will be removed in the "
+              f"next release: use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(p: argparse.ArgumentParser, old: str, new: str, dest: str,
+                         **kw: object) -> None:
+    """Accept ``old`` as a hidden spelling of ``new`` (same ``dest``), with a warning."""
+    p.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, help=argparse.SUPPRESS,
+                   default=argparse.SUPPRESS, **kw)
 
 
 def add_rank_options(p: argparse.ArgumentParser) -> None:
@@ -35,6 +61,18 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 def text_of(args: argparse.Namespace) -> str:
     return from_args(TextSpec, args).resolve()
+
+
+def texts_of(args: argparse.Namespace) -> list[str]:
+    """The texts of ``--text`` or of every ``--text-file`` (see :func:`add_common`)."""
+    files = getattr(args, "text_file", None)
+    if isinstance(files, list) and len(files) > 1:
+        if getattr(args, "text", None) is not None:
+            raise AchillesError("give --text or --text-file, not both")
+        return [TextSpec(text_file=f).resolve() for f in files]
+    if isinstance(files, list):
+        args = argparse.Namespace(**{**vars(args), "text_file": files[0]})
+    return [text_of(args)]
 
 
 def rank_config(args: argparse.Namespace) -> RankConfig:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from achilles.commands.common import (
     add_common,
+    add_deprecated_alias,
     add_rank_options,
     check_writable,
     model_spec,
@@ -32,9 +33,10 @@ DEFAULT_LEVELS = "1,2,3,5,10,20,50,100,1000"
 
 def _run_compare(args: argparse.Namespace) -> int:
     rcfg = rank_config(args)
-    pcfg: PerplexityConfig = from_args(
-        PerplexityConfig, args, data=args.eval, batch_size=args.eval_batch_size
-    )
+    if getattr(args, "data", None) is None:
+        raise AchillesError("compare needs --data FILE (evaluation text: a local "
+                            ".txt/.jsonl/.parquet file, or wikitext-103 or c4)")
+    pcfg: PerplexityConfig = from_args(PerplexityConfig, args, batch_size=args.eval_batch_size)
     methods = list(dict.fromkeys(_parse_list(args.methods)))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -78,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "compare",
         help="perplexity vs number of masked units for several ranking methods (Figure 3)",
         description="Rank the same unit pool with each method, mask each ranking's top-n at "
-        "each level, and measure perplexity on --eval with one shared evaluator; random is "
+        "each level, and measure perplexity on --data with one shared evaluator; random is "
         "run --random-runs times (mean ± sd). Writes DIR/comparison.json and DIR/comparison.png.",
     )
     add_common(p)
@@ -90,8 +92,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"numbers of top units to mask (default: {DEFAULT_LEVELS})")
     g.add_argument("--random-runs", type=int, default=10,
                    help="random rankings per level, seeds --seed .. --seed+runs-1 (default: 10)")
-    g.add_argument("--eval", required=True,
-                   help="evaluation text: a local .txt/.jsonl/.parquet file, or wikitext-103 or c4")
+    g.add_argument("--data", default=None,
+                   help="evaluation text (required): a local .txt/.jsonl/.parquet file, or "
+                   "wikitext-103 or c4")
+    add_deprecated_alias(g, "--eval", "--data", "data")
     g.add_argument("--eval-batch-size", type=int, default=4,
                    help="perplexity windows per forward pass (default: 4)")
     add_arguments(p, PerplexityConfig, exclude=("data", "batch_size"))

@@ -16,6 +16,7 @@ from achilles.commands.common import (
     progress,
     rank_config,
     text_of,
+    texts_of,
 )
 from achilles.identify import Identification
 from achilles.loading import load_model
@@ -49,13 +50,18 @@ def summarize(ident: Identification, out: str | Path) -> str:
 
 
 def _run_rank(args: argparse.Namespace) -> int:
+    from achilles.loading import tokenize
+    from achilles.pipeline import rank_texts
+
     cfg = rank_config(args)
     spec = model_spec(args)
-    text = text_of(args)
+    texts = texts_of(args)
     out = check_writable(args.out)
-    skeleton = preflight(spec, text=text, rank_config=cfg)
+    skeleton = preflight(spec, text=texts[0], rank_config=cfg)
+    for t in texts[1:]:
+        tokenize(skeleton.tokenizer, t)  # refuse a short text before the weights load
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
-    ranking, _ = rank(lm, text, cfg, progress=progress(args))
+    ranking, _ = rank_texts(lm, texts, cfg, progress=progress(args))
     ranking.save(out)
     top = ", ".join(f"{r.unit} ({r.score:.3g})" for r in ranking.neurons[:5])
     print(f"top units: {top}\nwritten: {out}")
@@ -110,9 +116,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "rank",
         help="stage 1: rank units by noise sensitivity",
         description="Stage 1: score every unit of the pool by the mean |a_clean - a_noisy| over "
-        "K noisy copies of the input embeddings, and save the top units.",
+        "K noisy copies of the input embeddings, and save the top units. With several "
+        "--text-file, each unit's scores are summed over the texts.",
     )
-    add_common(p)
+    add_common(p, texts=True)
     add_rank_options(p)
     p.add_argument("--out", required=True, help="ranking JSON to write")
     p.set_defaults(run=_run_rank)

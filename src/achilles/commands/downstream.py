@@ -109,6 +109,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0, help="lm-eval random seeds (default: 0)")
     g.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=True,
                    help="prepend BOS to every request when the tokenizer adds one, as in "
-                   "training (lm-eval's own default is off) (default: on)")
+                   "training (default: on; lm-eval leaves it off)")
     p.add_argument("--out-dir", required=True, help="folder for downstream.json")
     p.set_defaults(run=_run_downstream)

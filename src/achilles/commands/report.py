@@ -13,6 +13,22 @@ from achilles.loading import load_model
 logger = logging.getLogger(__name__)
 
 
+def _recorded_model(run_dir: Path) -> str | None:
+    """The model path or hub id the run recorded, when it can still be loaded from there."""
+    from achilles.io import read_json
+
+    model = read_json(run_dir / "identification.json").get("config", {}).get("model", {}).get("model")
+    if not isinstance(model, str):
+        return None
+    looks_local = model.startswith((".", "/", "~")) or Path(model).expanduser().exists()
+    if looks_local and not Path(model).expanduser().exists():
+        logger.warning("the run's model %s is gone: report without weights and controls "
+                       "(give --model to recompute them)", model)
+        return None
+    logger.info("model: %s (recorded by the run)", model)
+    return model
+
+
 def _run_report(args: argparse.Namespace) -> int:
     from achilles.report import write_report
 
@@ -20,10 +36,14 @@ def _run_report(args: argparse.Namespace) -> int:
     for name in ("ranking.json", "identification.json"):
         if not (run_dir / name).is_file():
             raise AchillesError(f"{run_dir} has no {name}: point at a folder written by `achilles find`")
-    lm = load_model(from_args(ModelSpec, args)) if getattr(args, "model", None) else None
+    lm = None
+    if not args.no_model:
+        model = args.model or _recorded_model(run_dir)
+        if model is not None:
+            lm = load_model(from_args(ModelSpec, args, model=model))
     files = write_report(
         run_dir, lm, top_n=args.top_n, seeds=args.seeds, tolerance=args.tolerance,
-        fp32=args.fp32,
+        fp32=args.fp32, progress=not args.quiet,
     )
     print(f"written: {files.markdown}\nwritten: {files.html}\nwritten: {files.analysis}")
     return 0
@@ -33,14 +53,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
         help="analyses, figures and report.md/report.html for a run folder",
-        description="Analyse a run folder (layer distribution, phase transition; with --model "
+        description="Analyse a run folder (layer distribution, phase transition; with the model "
         "also the weights behind the units and the controls: mean-ablation, random same-module "
         "sets, fp32 recheck) and write RUN_DIR/analysis.json, RUN_DIR/figures/*.png, "
         "RUN_DIR/report.md and a self-contained RUN_DIR/report.html.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `achilles find`")
     p.add_argument("--model", default=None,
-                   help="the run's model (folder or hub id): enables weights and controls")
+                   help="the run's model (folder or hub id) for the weights and controls "
+                   "(default: the one the run recorded)")
+    p.add_argument("--no-model", action="store_true",
+                   help="do not load a model: keep the weights and controls of an existing "
+                   "analysis.json")
     add_arguments(p, ModelSpec, exclude=("model",))
     g = p.add_argument_group("analysis")
     g.add_argument("--top-n", type=int, default=100, help="ranking prefix for the layer figure (default: 100)")

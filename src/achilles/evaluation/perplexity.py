@@ -65,7 +65,7 @@ class PerplexityConfig:
         "evaluator (each document > 50 chars is one sample, truncated, no stride)",
     )
     max_length: int | None = opt(
-        None, "tokens per window (default: 1024 standard, 512 paper; capped by the model)"
+        None, "tokens per window (default: the model's context, at most 1024 standard, 512 paper)"
     )
     stride: int | None = opt(None, "window start every STRIDE tokens (default: --max-length)")
     batch_size: int = opt(4, "windows per forward pass")
@@ -235,7 +235,8 @@ class PerplexityEvaluator:
         length = max_length or DEFAULT_MAX_LENGTH[protocol]
         cap = model_max_positions(model)
         if cap is not None and length > cap:
-            logger.info("max_length %d capped at the model's %d positions", length, cap)
+            log = logger.info if max_length else logger.debug
+            log("max_length %d capped at the model's %d positions", length, cap)
             length = cap
         self.max_length = length
         self.stride = None if protocol == "paper" else min(stride or length, length)

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from achilles.config import RankConfig, parse_numbers
 from achilles.errors import AchillesError
 from achilles.evaluation.perplexity import PerplexityEvaluator, PerplexityResult
@@ -42,6 +44,8 @@ class Comparison:
     random: dict[str, Any] | None
     skipped: list[dict[str, Any]]
     pool: dict[str, Any]
+    ranked: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Each method's top ``max(levels)`` units in rank order (random: in ``random.ranked``)."""
     config: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
 
@@ -57,6 +61,7 @@ class Comparison:
             "methods": self.methods,
             "random": self.random,
             "skipped": self.skipped,
+            "ranked": self.ranked,
         }
 
     def save(self, path: str) -> None:
@@ -76,6 +81,10 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
     if len(xs) == 1:
         return xs[0], 0.0
     return statistics.fmean(xs), statistics.stdev(xs)
+
+
+def _top(ranking: Ranking, n: int) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in ranking.neurons[:n]]
 
 
 def parse_levels(s: str) -> list[int]:
@@ -121,9 +130,14 @@ def compare(
 
     baseline = evaluator.evaluate()
     logger.info("baseline perplexity %.6g", baseline.ppl)
+    todo = sum(
+        len(runs) * sum(n <= len(runs[0].neurons) for n in levels) for runs in rankings.values()
+    )
+    bar = tqdm(total=todo, desc="compare: masked evaluations", disable=not progress)
     result_methods: dict[str, list[dict[str, Any]]] = {}
     random_block: dict[str, Any] | None = None
     skipped: list[dict[str, Any]] = []
+    ranked: dict[str, list[dict[str, Any]]] = {}
     for m, runs in rankings.items():
         available = len(runs[0].neurons)
         points: list[dict[str, Any]] = []
@@ -133,7 +147,10 @@ def compare(
                        else f"only the top {available} units were kept (--keep)")
                 skipped.append({"method": m, "n": n, "reason": why})
                 continue
-            per_run = [evaluator.evaluate(pool, r.units[:n]) for r in runs]
+            per_run = []
+            for r in runs:
+                per_run.append(evaluator.evaluate(pool, r.units[:n]))
+                bar.update()
             if m == RANDOM:
                 ppls = [r.ppl for r in per_run]
                 mean, sd = _mean_sd(ppls)
@@ -150,9 +167,12 @@ def compare(
             random_block = {
                 "runs": len(runs), "seeds": [r.config["rank"]["seed"] for r in runs],
                 "levels": points,
+                "ranked": [_top(r, max(levels)) for r in runs],
             }
         else:
             result_methods[m] = points
+            ranked[m] = _top(runs[0], max(levels))
+    bar.close()
     if skipped:
         logger.warning("skipped levels: %s", ", ".join(f"{s['method']}@{s['n']}" for s in skipped))
     return Comparison(
@@ -162,6 +182,7 @@ def compare(
         random=random_block,
         skipped=skipped,
         pool={**pool.summary()},
+        ranked=ranked,
         config={
             "model": dataclasses.asdict(lm.spec),
             "text": text,

@@ -25,6 +25,7 @@ from achilles.batching import input_device
 from achilles.errors import AchillesError, require
 from achilles.identify import Identification
 from achilles.io import SCHEMA_VERSION, environment, write_json
+from achilles.names import decode_text, decode_token
 from achilles.loading import LoadedModel, tokenize
 from achilles.masking import masked
 from achilles.units import Unit, UnitPool, build_pool
@@ -161,7 +162,7 @@ class ProbeResult:
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    return tokenizer.decode(list(ids), skip_special_tokens=False)
+    return decode_text(tokenizer, ids)
 
 
 @torch.no_grad()
@@ -176,7 +177,7 @@ def _level(
     probs = torch.softmax(logits, dim=-1)
     k = min(config.top_k, probs.numel())
     vals, idx = torch.topk(probs, k)
-    top = [TokenProb(int(i), _decode(tok, [int(i)]), float(v)) for v, i in zip(vals, idx, strict=True)]
+    top = [TokenProb(int(i), decode_token(tok, int(i)), float(v)) for v, i in zip(vals, idx, strict=True)]
     p_target = probs[target_id]
     rank = int((probs > p_target).sum()) + 1
     text = ""
@@ -225,7 +226,7 @@ def probe(
     if not target_ids:
         raise AchillesError(f"--target {config.target!r} tokenizes to nothing")
     target_id = int(target_ids[0])
-    pieces = [_decode(lm.tokenizer, [i]) for i in target_ids]
+    pieces = [decode_token(lm.tokenizer, i) for i in target_ids]
     if len(target_ids) > 1:
         logger.warning(
             "target %r is %d tokens %r; scoring its first token %r",

@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from achilles.io import decode_float  # noqa: E402
+from achilles.names import model_name  # noqa: E402
 from achilles.plots import save_figure
 
 
@@ -26,16 +27,32 @@ def _f(x: Any) -> float:
     return math.nan if v is None else float(v)
 
 
+def identical_curves(methods: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    """Each method mapped to the first method whose curve it repeats exactly (itself if none)."""
+    first: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for name, points in methods.items():
+        key = tuple((p["n"], repr(_f(p["ppl"]))) for p in points)
+        out[name] = first.setdefault(key, name)
+    return out
+
+
 def plot_comparison(data: dict[str, Any], path: str | Path, *, title: str | None = None) -> Path:
     """Draw ``data`` (a comparison payload) to ``path`` (PNG) and return the path."""
-    fig, ax = plt.subplots(figsize=(7, 4.6), dpi=150)
+    fig, ax = plt.subplots(figsize=(8.6, 4.6), dpi=150)
     nonfinite: list[str] = []
     markers = "o^vDPX*"
-    for k, (name, points) in enumerate(data.get("methods", {}).items()):
+    methods = data.get("methods", {})
+    same = identical_curves(methods)
+    for k, (name, points) in enumerate(methods.items()):
+        if name in same and same[name] != name:
+            continue  # drawn once, under the first name of its group
         xs = [p["n"] for p in points if math.isfinite(_f(p["ppl"]))]
         ys = [_f(p["ppl"]) for p in points if math.isfinite(_f(p["ppl"]))]
         nonfinite += [f"{name}@{p['n']}" for p in points if not math.isfinite(_f(p["ppl"]))]
-        ax.plot(xs, ys, marker=markers[k % len(markers)], ms=5, lw=1.5, alpha=0.85, label=name)
+        group = [m for m, first in same.items() if first == name]
+        label = " = ".join(group) + " (identical)" if len(group) > 1 else name
+        ax.plot(xs, ys, marker=markers[k % len(markers)], ms=5, lw=1.5, alpha=0.85, label=label)
     rnd = data.get("random")
     if rnd and rnd.get("levels"):
         pts = [p for p in rnd["levels"] if math.isfinite(_f(p["ppl_mean"]))]
@@ -57,10 +74,10 @@ def plot_comparison(data: dict[str, Any], path: str | Path, *, title: str | None
     ax.set_ylabel("perplexity (log scale)")
     cfg = data.get("config", {})
     model = cfg.get("model", {}).get("model", "")
-    ax.set_title(title or f"Masking the top-n units of each ranking: {Path(str(model)).name}",
+    ax.set_title(title or f"Masking the top-n units of each ranking: {model_name(model)}",
                  fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="best", frameon=True)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=True)  # off the data
     if nonfinite:
         fig.text(0.01, 0.01, "non-finite perplexity (not drawn): " + ", ".join(nonfinite),
                  fontsize=7, color="firebrick")

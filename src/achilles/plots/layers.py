@@ -34,7 +34,7 @@ def _panel(ax: Any, dist: dict[str, Any], n_layers: int) -> None:
         shares.append(f"down_proj {dist['down_share']:.0%}")
     if dist.get("outer_share") is not None:
         shares.append(f"outer layers {dist['outer_share']:.0%}")
-    title = f"{dist['label']} ({dist['n_units']} units)"
+    title = f"{dist['label']} ({dist['n_units']} unit{'' if dist['n_units'] == 1 else 's'})"
     ax.set_title(title + ("\n" + ", ".join(shares) if shares else ""), fontsize=10)
     ax.set_ylabel("units")
     if not dist["n_units"]:

@@ -3,7 +3,7 @@
 Inputs are the ``curve`` of ``identification.json`` and the ``phase`` section of
 ``analysis.json``; nothing is computed here. Non-finite Δ (overflow) are drawn as red
 crosses at the top edge, the ε line dashed, n* as a vertical line, the largest jump as an
-arrow.
+arrow when it is a real transition (:func:`real_transition`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from achilles.plots import save_figure
+
+
+SHARP = 0.5
+"""A jump is annotated as a transition when it is at least this share of the curve's range."""
+
+
+def real_transition(phase: Mapping[str, Any] | None) -> bool:
+    """Whether the largest jump is a transition (``sharpness ≥ SHARP`` and above the noise
+    ``tolerance``), not the largest step of a smooth ramp."""
+    if not phase or phase.get("jump") is None or not phase.get("n_jump"):
+        return False
+    sharp = phase.get("sharpness")
+    return (sharp is not None and sharp >= SHARP
+            and float(phase["jump"]) > float(phase.get("tolerance") or 0.0))
 
 
 def plot_phase(
@@ -49,7 +63,8 @@ def plot_phase(
     if bad:
         ax.plot(bad, [top - pad / 2] * len(bad), "x", color="red", ms=8, mew=2,
                 label=f"non-finite Δ ({len(bad)} point{'s' if len(bad) != 1 else ''})")
-    if phase and phase.get("jump") is not None and phase.get("n_jump"):
+    if real_transition(phase):
+        assert phase is not None
         na = phase["n_jump"]
         # n = 0 (no mask) has no place on a log axis: draw a jump from it as a vertical arrow
         nb = phase["n_before"] if phase["n_before"] > 0 else na
@@ -68,7 +83,7 @@ def plot_phase(
     ax.set_xlabel("masked units n (log scale)")
     ax.set_ylabel("Δ = log10(PPL_masked / PPL_clean)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     if title:
         ax.set_title(title, fontsize=11)
     fig.tight_layout()

@@ -11,11 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from achilles.experiments.probe import ProbeResult  # noqa: E402
+from achilles.names import token_label  # noqa: E402
 from achilles.plots import save_figure
 
 
 def _label(token: str, limit: int = 12) -> str:
-    s = repr(token)[1:-1].replace(" ", "␣")  # make leading spaces visible
+    s = token_label(token)  # visible spaces, escaped control characters and bytes
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 

@@ -1,27 +1,46 @@
 """``write_report``: ``RUN_DIR/report.md`` and a self-contained ``RUN_DIR/report.html``.
 
 The report reads the run's result files (``ranking.json``, ``identification.json``,
-``analysis.json``, and ``comparison.json`` / ``downstream.json`` when another command wrote
-them) and renders every number with :func:`~achilles.report.document.fmt` from those files,
-so the report and the JSON agree at the printed precision.
+``analysis.json``, and ``comparison.json`` / ``downstream.json`` / ``heldout.json`` /
+``mechanism.json`` when another command wrote them) and renders every number with
+:func:`~achilles.report.document.fmt` from those files, so the report and the JSON agree at
+the printed precision.
+
+It reads finding first: a summary paragraph, then the evidence, then the provenance. The
+sections are the ordered list :data:`SECTIONS` of builders, each a function of a
+:class:`ReportContext` that returns its blocks (or ``None`` to leave the section out);
+:func:`register_section` adds one, before the provenance by default.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from achilles.analysis.run import ANALYSIS_FILE, analyze_run, load_run
+from achilles.analysis.run import ANALYSIS_FILE, analyze_run
 from achilles.io import read_json
 from achilles.loading import LoadedModel
+from achilles.plots.activations import plot_activations
 from achilles.plots.controls import plot_controls
 from achilles.plots.layers import plot_layers
 from achilles.plots.phase import plot_phase
-from achilles.report.document import Block, Figure, Heading, Para, Table, fmt, to_html, to_markdown
+from achilles.names import model_name as display_name
+from achilles.report.document import (
+    Block,
+    Figure,
+    Heading,
+    Para,
+    Table,
+    capped,
+    fmt,
+    to_html,
+    to_markdown,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +93,22 @@ def _provenance(ident: Mapping[str, Any], ranking: Mapping[str, Any]) -> list[Bl
     ]
     rows += [[k, env.get(k)] for k in ("achilles", "achilles_git", "python", "torch", "transformers", "accelerate", "cuda")]
     return [
-        Heading("Run"),
+        Heading("Provenance"),
         Table(["field", "value"], rows),
         Para("Text:"),
         Para(str(cfg.get("text", "")), code=True),
     ]
 
 
-def _sets(ident: Mapping[str, Any], scores: Mapping[tuple[str, int], Any]) -> list[Block]:
+def _position(pos: Any, tokens: Sequence[str] | None) -> Any:
+    """A token position with its token string: ``12 'Paris'``."""
+    if isinstance(pos, int) and tokens and 0 <= pos < len(tokens):
+        return f"{pos} {tokens[pos]!r}"
+    return pos
+
+
+def _sets(ident: Mapping[str, Any], scores: Mapping[tuple[str, int], Any],
+          tokens: Sequence[str] | None = None) -> list[Block]:
     out: list[Block] = [Heading("Critical and minimal sets")]
     if not ident.get("found"):
         out.append(Para(f"No critical set: Δ never reached ε = {fmt(ident.get('epsilon'))}."))
@@ -95,22 +122,30 @@ def _sets(ident: Mapping[str, Any], scores: Mapping[tuple[str, int], Any]) -> li
     out.append(Heading("Minimal set", 3))
     out.append(Para("rank: position in the ranking; Δ without: Δ of the minimal set with that "
                     "unit left unmasked."))
-    out.append(Table(
+    out.append(capped(
         ["rank", "module", "layer", "component", "channel", "score", "Δ without"],
         [_unit_row(scores.get(("rank", u["module"], u["channel"])), u,
                    scores.get((u["module"], u["channel"])), u.get("delta_without"))
          for u in ident.get("minimal_set", [])],
+        more="in identification.json",
     ))
     out.append(Heading("Critical set (prefix of the ranking)", 3))
-    out.append(Table(
-        ["rank", "module", "layer", "component", "channel", "score", "position"],
-        [_unit_row(i + 1, u, *scores.get(("pos", u["module"], u["channel"]), (None, None)))
-         for i, u in enumerate(ident.get("critical_set", []))],
+    rows = []
+    for i, u in enumerate(ident.get("critical_set", [])):
+        score, pos = scores.get(("pos", u["module"], u["channel"]), (None, None))
+        rows.append(_unit_row(i + 1, u, score, _position(pos, tokens)))
+    out.append(capped(
+        ["rank", "module", "layer", "component", "channel", "score", "position"], rows,
+        more="in identification.json",
+    ))
+    out.append(Para(
+        "position: the token (0 = first, the BOS where the tokenizer adds one) at which the "
+        "unit's score peaks, with the token; inf: a perplexity that overflowed (non-finite)."
     ))
     return out
 
 
-def _weights(weights: Mapping[str, Any] | None) -> list[Block]:
+def _weights(weights: Mapping[str, Any] | None, tokens: Sequence[str] | None = None) -> list[Block]:
     out: list[Block] = [Heading("Weights behind the critical units")]
     if weights is None:
         return out + [Para("Not computed: rerun `achilles report RUN_DIR --model MODEL`.")]
@@ -123,16 +158,27 @@ def _weights(weights: Mapping[str, Any] | None) -> list[Block]:
     rows = [
         [w["module"], w["layer"], w["channel"],
          ", ".join(f"{i}:{fmt(v, 3)}" for i, v in zip(w["top_inputs"], w["top_weights"])),
-         w["max_over_median_weight"], w["driver_input"], w["driver_share"], w["peak_position"],
-         w["peak_output"], w["massive_ratio"], w["massive"]]
+         w["max_over_median_weight"], w["driver_input"], w["driver_share"],
+         _position(w["peak_position"], tokens),
+         w["peak_output"], w["massive_ratio"], w["massive"], w.get("delta_row"),
+         w.get("delta_top_weight")]
         for w in weights["units"]
     ]
     if not rows:
         return out + [Para("No critical unit of these kinds.")]
-    out.append(Table(
+    out.append(capped(
         ["module", "layer", "channel", "top |w| (input:w)", "max/median |w|", "driver input",
-         "driver share", "peak pos", "peak output", "massive ratio", "massive"],
-        rows,
+         "driver share", "peak pos", "peak output", "massive ratio", "massive", "Δ row zeroed",
+         "Δ top weight zeroed"],
+        rows, more="in analysis.json",
+    ))
+    out.append(Para(
+        "input:w: input channel and its weight in the unit's row; driver input: the input "
+        "channel contributing most to the unit's output at its peak position (peak pos), with "
+        "its share of that output; Δ row zeroed / Δ top weight zeroed: Δ on the text with the "
+        "unit's whole weight row zeroed, and with only its largest weight zeroed (a super "
+        "weight carries the row when the two agree); inf in max/median |w|: the row's median "
+        "|w| is 0."
     ))
     return out
 
@@ -147,15 +193,24 @@ def _controls(controls: Mapping[str, Any] | None, fig: Path | None) -> list[Bloc
         ["mean-ablation (the set)", ma.get("delta_mean"), "channel set to its mean over positions"],
     ]
     if rs:
-        rows.append(["random same-module sets: mean", rs.get("mean"), f"{len(rs['deltas'])} seeds"])
-        rows.append(["random same-module sets: sd", rs.get("sd"), ""])
-        rows.append(["random same-module sets: max |Δ|", rs.get("max_abs"), ""])
+        drawn = rs.get("drawn", "same-module")
+        rows.append(["random sets: mean", rs.get("mean"), f"{len(rs['deltas'])} seeds, {drawn}"])
+        rows.append(["random sets: sd", rs.get("sd"), ""])
+        rows.append(["random sets: max |Δ|", rs.get("max_abs"), ""])
     rows.append(["zero-ablation in fp32", fp.get("delta_fp32") if fp else None,
                  f"run dtype {fp['dtype_run']}, {fp['method']}" if fp else "not needed (run in fp32) or not run"])
     out.append(Para(f"On the {controls.get('set')} set ({fmt(controls.get('n_units'))} units)."))
+    for d in controls.get("dense_modules") or []:
+        out.append(Para(
+            f"Note: the set covers {d['count']} of the {d['width']} channels of {d['module']}: "
+            "most of the module rather than a few units in it; random sets of that size are "
+            "completed from other modules (see the note column)."
+        ))
     out.append(Table(["control", "Δ", "note"], rows))
     if fig:
-        out.append(Figure(fig, "Controls: Δ of the set zeroed, mean-ablated, in fp32, and of random same-module sets"))
+        what = "in fp32, " if fp else ""
+        out.append(Figure(fig, f"Controls: Δ of the set zeroed, mean-ablated, {what}and of random "
+                               f"sets ({(rs or {}).get('drawn', 'same-module')})"))
     return out
 
 
@@ -218,7 +273,7 @@ def _downstream(run_dir: Path) -> list[Block]:
             )
             rows.append([lv.get("level"), task, metrics])
     return [Heading("Downstream results"), Para("lm-evaluation-harness, from downstream.json."),
-            Table(["units masked", "task", "metrics"], rows)]
+            capped(["units masked", "task", "metrics"], rows, limit=40, more="in downstream.json")]
 
 
 def _external(run_dir: Path, name: str, title: str, keys: tuple[str, ...]) -> list[Block]:
@@ -231,12 +286,203 @@ def _external(run_dir: Path, name: str, title: str, keys: tuple[str, ...]) -> li
         body = next((data[k] for k in keys if isinstance(data.get(k), Mapping)), None)
         if body is None:
             body = {k: v for k, v in data.items() if k not in ("config", "env", "schema_version", "kind")}
-        rows = [[k, v] for k, v in _flatten(body)][:200]
+        rows = [[k, v] for k, v in _flatten(body)]
         out.append(Para(f"From {name}.json."))
-        out.append(Table(["key", "value"], rows))
+        out.append(capped(["key", "value"], rows, limit=40, more=f"in {name}.json"))
     if png.is_file():
         out.append(Figure(png, f"{title} ({name}.png)"))
     return out
+
+
+@dataclass
+class ReportContext:
+    """What a section builder sees: the run's result files, loaded once."""
+
+    run_dir: Path
+    analysis: Mapping[str, Any]
+    ranking: Mapping[str, Any]
+    identification: Mapping[str, Any]
+    model_name: str
+    tokens: list[str] | None = None
+    """The text's tokens as display strings, when known (``analysis.json`` ``tokens``)."""
+    figures: list[Path] = field(default_factory=list)
+    """Figures drawn so far (builders append theirs)."""
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.run_dir / FIGURES_DIR
+
+    def read(self, name: str) -> dict[str, Any] | None:
+        """``RUN_DIR/name`` as a dict, or ``None`` when missing or unreadable."""
+        return _read_optional(self.run_dir / name)
+
+    def scores(self) -> dict[Any, Any]:
+        scores: dict[Any, Any] = {}
+        for i, n in enumerate(self.ranking["neurons"]):
+            scores.setdefault(("rank", n["module"], n["channel"]), i + 1)
+            scores.setdefault((n["module"], n["channel"]), n["score"])
+            scores.setdefault(("pos", n["module"], n["channel"]), (n["score"], n.get("position")))
+        return scores
+
+
+SectionBuilder = Callable[[ReportContext], Sequence[Block] | None]
+
+
+def _units_phrase(units: Sequence[Mapping[str, Any]], limit: int = 5) -> str:
+    names = [f"L{u['layer']}.{u['component']}[{u['channel']}]" for u in units[:limit]]
+    more = f" and {len(units) - limit} more" if len(units) > limit else ""
+    return ", ".join(names) + more
+
+
+def summary_section(ctx: ReportContext) -> list[Block]:
+    """The finding in one paragraph: how many units, which, perplexity clean -> masked."""
+    ident = ctx.identification
+    blocks: list[Block] = [Heading(f"achilles report: {ctx.model_name}", 1)]
+    clean = math.exp(ident["baseline_nll"]) if isinstance(ident.get("baseline_nll"), (int, float)) else None
+    if not ident.get("found"):
+        curve = ident.get("curve") or []
+        top = max((p["delta"] for p in curve), default=None)
+        last = curve[-1]["n"] if curve else None
+        text = (f"No critical set in {ctx.model_name}: masking up to the top {fmt(last)} units "
+                f"of the ranking raised the perplexity of the text by Δ = {fmt(top)} orders of "
+                f"magnitude at most, short of ε = {fmt(ident.get('epsilon'))}.")
+        return blocks + [Para(text)]
+    minimal = ident.get("minimal_set") or ident.get("critical_set") or []
+    which = "minimal" if ident.get("minimal_set") else "critical"
+    d = ident.get("delta_minimal") if which == "minimal" else ident.get("delta_critical")
+    masked = clean * 10 ** d if clean is not None and isinstance(d, (int, float)) else None
+    text = (f"Masking {len(minimal)} unit(s) of {ctx.model_name} ({_units_phrase(minimal)}: the "
+            f"{which} set, out of {fmt(ctx.ranking.get('pool', {}).get('n_units'))} in the pool) "
+            f"raises the perplexity of the text from {fmt(clean)} to {fmt(masked)} "
+            f"(Δ = {fmt(d)} orders of magnitude; ε = {fmt(ident.get('epsilon'))}, "
+            f"first reached with the top n* = {fmt(ident.get('n_star'))} units of the ranking).")
+    held = ctx.read("heldout.json")
+    if held and isinstance(held.get("clean"), Mapping) and isinstance(held.get("masked"), Mapping):
+        text += (f" On held-out data ({display_name(held.get('config', {}).get('data'))}, "
+                 f"{fmt(held['clean'].get('tokens'))} tokens) the same units take the perplexity "
+                 f"from {fmt(held['clean'].get('ppl'))} to {fmt(held['masked'].get('ppl'))}.")
+    else:
+        text += (" Held-out perplexity with the set masked is not part of this run; "
+                 "`achilles ppl --data FILE --mask RUN_DIR/identification.json` measures it.")
+    mech = ctx.read("mechanism.json")
+    if mech and isinstance(mech.get("summary"), str) and mech["summary"].strip():
+        text += f" Mechanism: {mech['summary'].strip()}"
+    dense = (ctx.analysis.get("controls") or {}).get("dense_modules") or []
+    for dm in dense:
+        text += (f" Note: the set covers {dm['count']} of the {dm['width']} channels of "
+                 f"{dm['module']}, most of that module.")
+    return blocks + [Para(text)]
+
+
+def sets_section(ctx: ReportContext) -> list[Block]:
+    return _sets(ctx.identification, ctx.scores(), ctx.tokens)
+
+
+def locations_section(ctx: ReportContext) -> list[Block]:
+    loc = ctx.analysis["locations"]
+    f_layers = plot_layers(loc, ctx.figures_dir / "layers.png", title=ctx.model_name)
+    ctx.figures.append(f_layers)
+    return [Heading("Where the critical units live"), Table(
+        ["set", "units", "mlp.down share", "outer-layer share"],
+        [[d["label"], d["n_units"], d["down_share"], d["outer_share"]] for d in (loc["critical"], loc["ranking"])],
+    ), Para(
+        f"{fmt(loc['n_layers'])} layers; outer layers: first {len(loc['outer_layers']['first'])} "
+        f"and last {len(loc['outer_layers']['last'])} (a quarter each)."
+    ), Figure(f_layers, "Units per layer, stacked by component kind: critical set (top), top of the ranking (bottom)")]
+
+
+def phase_section(ctx: ReportContext) -> list[Block]:
+    ph, ident = ctx.analysis["phase"], ctx.identification
+    f_phase = plot_phase(ident["curve"], ctx.figures_dir / "phase.png", epsilon=ident["epsilon"],
+                         n_star=ident.get("n_star"), phase=ph, title=ctx.model_name)
+    ctx.figures.append(f_phase)
+    return [Heading("Phase transition"), Table(
+        ["quantity", "value"],
+        [["largest jump", ph["jump"]], ["at n", ph["n_jump"]], ["from n", ph["n_before"]],
+         ["sharpness (jump / range)", ph["sharpness"]], ["max Δ", ph["max_delta"]],
+         ["at n (max Δ)", ph["n_max_delta"]], ["non-monotone", ph["non_monotone"]],
+         ["largest drawdown", (ph["max_drawdown"] or {}).get("size")],
+         ["drawdown from n", (ph["max_drawdown"] or {}).get("from_n")],
+         ["drawdown to n", (ph["max_drawdown"] or {}).get("n")],
+         ["tolerance", ph["tolerance"]], ["non-finite points", len(ph["nonfinite_n"])]],
+    ), Figure(f_phase, "Δ vs number of masked units (log x): ε dashed, n* dotted, the largest "
+                       "jump arrowed when it is a real transition, non-finite points as red crosses")]
+
+
+def activations_section(ctx: ReportContext) -> list[Block] | None:
+    """The traced critical channels' activation at every token (Massive Activations style)."""
+    acts = ctx.analysis.get("activations")
+    if not acts or not acts.get("units"):
+        return None
+    fig = plot_activations(acts, ctx.tokens, ctx.figures_dir / "activations.png",
+                           title=f"{ctx.model_name}: the {acts.get('set', 'final')} set's "
+                                 "channels, activation per token")
+    ctx.figures.append(fig)
+    return [Heading("Activation per token"), Para(
+        f"The first {len(acts['units'])} unit(s) of the {acts.get('set', 'final')} set on the "
+        "text, clean pass: a massive activation is one token (often the first) far above "
+        "all others."
+    ), Figure(fig, "Activation of each unit at every token position (x: the tokens)")]
+
+
+def weights_section(ctx: ReportContext) -> list[Block]:
+    return _weights(ctx.analysis.get("weights"), ctx.tokens)
+
+
+def controls_section(ctx: ReportContext) -> list[Block]:
+    controls = ctx.analysis.get("controls")
+    fig = None
+    if controls:
+        fig = plot_controls(controls, ctx.figures_dir / "controls.png",
+                            epsilon=ctx.identification["epsilon"])
+        ctx.figures.append(fig)
+    return _controls(controls, fig)
+
+
+def comparison_section(ctx: ReportContext) -> list[Block]:
+    return _comparison(ctx.run_dir)
+
+
+def downstream_section(ctx: ReportContext) -> list[Block]:
+    return _downstream(ctx.run_dir)
+
+
+def provenance_section(ctx: ReportContext) -> list[Block]:
+    hl = ctx.analysis["health"]
+    return _provenance(ctx.identification, ctx.ranking) + [Para(
+        f"Numerical health: dtype {fmt(hl['dtype'])}, {fmt(hl['nonfinite_points'])} non-finite "
+        f"of {fmt(hl['curve_points'])} curve points"
+        + (f" (n = {', '.join(map(str, hl['nonfinite_n']))})" if hl["nonfinite_n"] else "") + "."
+    )]
+
+
+SECTIONS: list[tuple[str, SectionBuilder]] = [
+    ("summary", summary_section),
+    ("sets", sets_section),
+    ("locations", locations_section),
+    ("phase", phase_section),
+    ("activations", activations_section),
+    ("weights", weights_section),
+    ("controls", controls_section),
+    ("comparison", comparison_section),
+    ("downstream", downstream_section),
+    ("provenance", provenance_section),
+]
+"""The report's sections in order: ``(name, builder)``. The summary stays first and the
+provenance last; add a section with :func:`register_section`."""
+
+
+def register_section(name: str, builder: SectionBuilder, *, before: str = "provenance") -> None:
+    """Add (or replace) section ``name``, placed before section ``before``.
+
+    ``builder(ctx)`` returns the section's blocks, starting with its :class:`Heading`, or
+    ``None`` when the run has nothing for it (e.g. a result file that is absent). A figure it
+    draws goes under ``ctx.figures_dir`` and into ``ctx.figures``.
+    """
+    SECTIONS[:] = [(n, b) for n, b in SECTIONS if n != name]
+    names = [n for n, _ in SECTIONS]
+    at = names.index(before) if before in names else len(SECTIONS)
+    SECTIONS.insert(at, (name, builder))
 
 
 def write_report(
@@ -258,65 +504,27 @@ def write_report(
         analysis = analyze_run(run_dir, lm, write=False, **analysis_options)
         if lm is None and previous:
             analysis = {**analysis, "weights": previous.get("weights"),
-                        "controls": previous.get("controls")}
+                        "controls": previous.get("controls"), "tokens": previous.get("tokens"),
+                        "activations": previous.get("activations")}
         from achilles.io import write_json
 
         write_json(run_dir / ANALYSIS_FILE, analysis)
     ranking_d = read_json(run_dir / "ranking.json", kind="ranking")
     ident_d = read_json(run_dir / "identification.json", kind="identification")
-    ranking, ident = load_run(run_dir)
-    figs = run_dir / FIGURES_DIR
-    model_name = ident.config.get("model", {}).get("model", "model")
-    f_layers = plot_layers(analysis["locations"], figs / "layers.png", title=str(model_name))
-    f_phase = plot_phase(ident_d["curve"], figs / "phase.png", epsilon=ident.epsilon,
-                         n_star=ident.n_star, phase=analysis["phase"], title=str(model_name))
-    f_controls = (plot_controls(analysis["controls"], figs / "controls.png", epsilon=ident.epsilon)
-                  if analysis.get("controls") else None)
-    scores: dict[Any, Any] = {}
-    for i, n in enumerate(ranking_d["neurons"]):
-        scores.setdefault(("rank", n["module"], n["channel"]), i + 1)
-        scores.setdefault((n["module"], n["channel"]), n["score"])
-        scores.setdefault(("pos", n["module"], n["channel"]), (n["score"], n.get("position")))
-
-    loc, ph, hl = analysis["locations"], analysis["phase"], analysis["health"]
-    blocks: list[Block] = [Heading(f"achilles report: {model_name}", 1)]
-    blocks += [Para(
-        f"Numerical health: dtype {fmt(hl['dtype'])}, {fmt(hl['nonfinite_points'])} non-finite "
-        f"of {fmt(hl['curve_points'])} curve points"
-        + (f" (n = {', '.join(map(str, hl['nonfinite_n']))})" if hl["nonfinite_n"] else "") + "."
-    )]
-    blocks += _provenance(ident_d, ranking_d)
-    blocks += _sets(ident_d, scores)
-    blocks += [Heading("Where the critical units live")]
-    blocks += [Table(
-        ["set", "units", "mlp.down share", "outer-layer share"],
-        [[d["label"], d["n_units"], d["down_share"], d["outer_share"]] for d in (loc["critical"], loc["ranking"])],
-    )]
-    blocks += [Para(
-        f"{fmt(loc['n_layers'])} layers; outer layers: first {len(loc['outer_layers']['first'])} "
-        f"and last {len(loc['outer_layers']['last'])} (a quarter each)."
-    ), Figure(f_layers, "Units per layer, stacked by component kind: critical set (top), top of the ranking (bottom)")]
-    blocks += [Heading("Phase transition"), Table(
-        ["quantity", "value"],
-        [["largest jump", ph["jump"]], ["at n", ph["n_jump"]], ["from n", ph["n_before"]],
-         ["sharpness (jump / range)", ph["sharpness"]], ["max Δ", ph["max_delta"]],
-         ["at n (max Δ)", ph["n_max_delta"]], ["non-monotone", ph["non_monotone"]],
-         ["largest drawdown", (ph["max_drawdown"] or {}).get("size")],
-         ["drawdown from n", (ph["max_drawdown"] or {}).get("from_n")],
-         ["drawdown to n", (ph["max_drawdown"] or {}).get("n")],
-         ["tolerance", ph["tolerance"]], ["non-finite points", len(ph["nonfinite_n"])]],
-    ), Figure(f_phase, "Δ vs number of masked units (log x): ε dashed, n* dotted, largest jump arrowed, non-finite points as red crosses")]
-    blocks += _weights(analysis.get("weights"))
-    blocks += _controls(analysis.get("controls"), f_controls)
-    blocks += _comparison(run_dir)
-    blocks += _downstream(run_dir)
+    name = display_name(ident_d.get("config", {}).get("model", {}).get("model"))
+    ctx = ReportContext(run_dir, analysis, ranking_d, ident_d, name, analysis.get("tokens"))
+    blocks: list[Block] = []
+    for section, builder in SECTIONS:
+        part = builder(ctx)
+        if part:
+            blocks += part
+        logger.debug("report section %s: %d block(s)", section, len(part or ()))
 
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     _atomic_text(md_path, to_markdown(blocks, run_dir))
-    _atomic_text(html_path, to_html(blocks, f"achilles report: {model_name}"))
-    figures = [p for p in (f_layers, f_phase, f_controls) if p is not None]
+    _atomic_text(html_path, to_html(blocks, f"achilles report: {name}"))
     logger.info("report written: %s, %s", md_path, html_path)
-    return ReportFiles(md_path, html_path, run_dir / ANALYSIS_FILE, figures)
+    return ReportFiles(md_path, html_path, run_dir / ANALYSIS_FILE, list(ctx.figures))
 
 
 def _atomic_text(path: Path, text: str) -> None:

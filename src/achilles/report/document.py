@@ -61,6 +61,19 @@ class Figure:
 
 Block = Heading | Para | Table | Figure
 
+TABLE_ROWS = 20
+"""Rows a long table shows before its "… N more" row."""
+
+
+def capped(header: Sequence[str], rows: Sequence[Sequence[Any]], *, limit: int = TABLE_ROWS,
+           more: str = "") -> Table:
+    """A :class:`Table` of at most ``limit`` rows, then one "… N more" row (``more`` says where)."""
+    rows = list(rows)
+    if len(rows) <= limit:
+        return Table(header, rows)
+    extra = f"… {len(rows) - limit} more" + (f" {more}" if more else "")
+    return Table(header, [*rows[:limit], [extra, *([""] * (len(header) - 1))]])
+
 
 def _md_cell(x: Any) -> str:
     return fmt(x).replace("|", "\\|").replace("\n", " ")
@@ -88,6 +101,7 @@ def to_markdown(blocks: Sequence[Block], base: Path) -> str:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;
 color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f3f3f3}
+.scroll{overflow-x:auto;max-width:100%}
 pre{background:#f6f6f6;padding:.6em;white-space:pre-wrap}img{max-width:100%}
 figcaption{color:#555;font-size:.9em;margin-bottom:1.5em}"""
 
@@ -103,9 +117,10 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
         elif isinstance(b, Para):
             out.append(f"<pre>{e(b.text)}</pre>" if b.code else f"<p>{e(b.text)}</p>")
         elif isinstance(b, Table):
-            out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in b.header) + "</tr>")
+            out.append("<div class='scroll'><table><tr>"
+                       + "".join(f"<th>{e(h)}</th>" for h in b.header) + "</tr>")
             out += ["<tr>" + "".join(f"<td>{e(fmt(c))}</td>" for c in r) + "</tr>" for r in b.rows]
-            out.append("</table>")
+            out.append("</table></div>")
         elif isinstance(b, Figure):
             data = base64.b64encode(b.path.read_bytes()).decode("ascii")
             out.append(f"<figure><img alt='{e(b.caption)}' src='data:image/png;base64,{data}'>"
