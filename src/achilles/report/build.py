@@ -21,6 +21,7 @@ from achilles.loading import LoadedModel
 from achilles.plots.controls import plot_controls
 from achilles.plots.layers import plot_layers
 from achilles.plots.phase import plot_phase
+from achilles.report.compression import compression_section
 from achilles.report.document import Block, Figure, Heading, Para, Table, fmt, to_html, to_markdown
 
 logger = logging.getLogger(__name__)
@@ -310,6 +311,7 @@ def write_report(
     blocks += _controls(analysis.get("controls"), f_controls)
     blocks += _comparison(run_dir)
     blocks += _downstream(run_dir)
+    blocks += compression_section(run_dir)
 
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     _atomic_text(md_path, to_markdown(blocks, run_dir))
