@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
-from achilles.commands.common import add_common, check_writable, model_spec, progress
+from achilles.commands.common import add_common, model_spec, progress
 from achilles.commands.ppl import add_mask_options, check_mask_args
 from achilles.compress import DEFAULT_METHODS, compress_experiment, keep_list, parse_methods
 from achilles.config import add_arguments, from_args
@@ -26,6 +27,16 @@ def _require_mask(args: argparse.Namespace) -> None:
     if args.mask is None:
         raise AchillesError("--mask is needed: an identification.json or a ranking.json (with --top N)")
     check_mask_args(args)
+
+
+def _check_folder(folder: Path) -> Path:
+    """Refuse a folder that is a file or cannot be created, without creating it now."""
+    if folder.exists() and not folder.is_dir():
+        raise AchillesError(f"{folder} is a file: give a folder")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise AchillesError(f"cannot write to {folder}: {existing} is not a writable folder")
+    return folder
 
 
 def _check_outputs(paths: list[Path], force: bool) -> None:
@@ -53,7 +64,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     cfg: PerplexityConfig = from_args(PerplexityConfig, args)
     spec = model_spec(args)
     _require_mask(args)
-    out_dir = check_writable(Path(args.out_dir))
+    out_dir = _check_folder(Path(args.out_dir))
     outputs = [out_dir / COMPRESSION_FILE, out_dir / COMPRESSION_FIGURE, out_dir / KEEP_LIST_FILE]
     _check_outputs(outputs, args.force)
     calib = _calibration_text(args) if any(m.needs_activations for m in methods) else None
@@ -98,7 +109,8 @@ def _run_compress(args: argparse.Namespace) -> int:
 def _run_keep_list(args: argparse.Namespace) -> int:
     spec = model_spec(args)
     _require_mask(args)
-    out = check_writable(Path(args.out))
+    out = Path(args.out)
+    _check_folder(out.parent)
     _check_outputs([out], args.force)
     skeleton = inspect_model(spec)  # names and shapes are enough
     mask = load_mask(skeleton, args.mask, top=args.top, set_name=args.set_name)
