@@ -270,3 +270,15 @@ def test_cli_keep_list(ranked, tmp_path, capsys) -> None:  # noqa: ANN001
     assert code == 0 and "written:" in stdout
     kl = json.loads((tmp_path / "kl.json").read_text())
     assert kl["kind"] == "keep_list" and kl["n_units"] == 4 and kl["config"]["mask"]["top"] == 4
+
+
+def test_keep_list_names_match_transformers_skip_rules() -> None:
+    """transformers' own matcher skips exactly the kept modules and the LM head, nothing else."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    model = make_model("llama")
+    kl = keep_list(model, [Unit("model.layers.1.mlp.down_proj", 9, 1, "mlp.down"),
+                           Unit("model.layers.0.self_attn.o_proj", 2, 0, "attn.o")])
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    skipped = {n for n in linear if not should_convert_module(n, kl["llm_int8_skip_modules"])}
+    assert skipped == {"model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj", "lm_head"}

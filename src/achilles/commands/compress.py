@@ -98,10 +98,9 @@ def _run_compress(args: argparse.Namespace) -> int:
     plot_compression(result.to_dict(), outputs[1], title=f"{spec.model}: compression with "
                      f"{len(mask.units)} critical unit(s) protected")
     base = result.baseline["log10_ppl"]
-    lines = [f"original: log10 ppl {base:.4f}",
-             "method | whole | critical protected | random protected"]
-    lines += [" | ".join(str(c) if not isinstance(c, float) else f"{c:.4f}" for c in row[:4])
-              for row in compression_rows(result.to_dict())]
+    lines = [f"original: log10 ppl {base:.4f}; Δ log10 ppl after compression:",
+             "method | whole | critical protected | random protected (mean ± sd)"]
+    lines += [" | ".join(row[:4]) for row in compression_rows(result.to_dict())]
     print("\n".join(lines) + f"\nwritten: {outputs[0]}, {outputs[1]}, {outputs[2]}")
     return 0
 

@@ -40,7 +40,7 @@ def plot_compression(data: Mapping[str, Any], path: str | Path, *, title: str | 
     finite = [v for vs in vals.values() for v in vs if math.isfinite(v)] + [0.0]
     span = (max(finite) - min(finite)) or 1e-3
     top = max(finite) + 0.3 * span
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.9 * len(methods) + 2.5), 4.8))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.5 * len(methods) + 2.5), 4.8))
     width = 0.26
     for j, (key, label, color) in enumerate(_SERIES):
         xs = [i + (j - 1) * width for i in range(len(methods))]

@@ -13,17 +13,19 @@ COMPRESSION_FIGURE = "compression.png"
 
 
 def compression_rows(data: dict[str, Any]) -> list[list[Any]]:
-    """One row per method: log10 perplexity whole / critical protected / random protected."""
+    """One row per method: Δ log10 perplexity vs the original, whole / critical / random."""
+    base = float(data["baseline"]["log10_ppl"])
     rows = []
     for m in data["methods"].values():
         sd = m.get("random_log10_ppl_sd")
-        rand = fmt(m["random_log10_ppl_mean"]) + (f" ± {fmt(sd, 2)}" if sd is not None else "")
-        rows.append([m["method"], m["whole"]["log10_ppl"], m["critical"]["log10_ppl"], rand,
+        rand = f"{float(m['random_log10_ppl_mean']) - base:+.3g}" + (f" ± {fmt(sd, 2)}" if sd is not None else "")
+        rows.append([m["method"], f"{float(m['whole']['log10_ppl']) - base:+.3g}",
+                     f"{float(m['critical']['log10_ppl']) - base:+.3g}", rand,
                      m["whole"]["fraction_changed"]])
     return rows
 
 
-COLUMNS = ["method", "whole model", "critical protected", "random protected (mean ± sd)",
+COLUMNS = ["method", "Δ whole model", "Δ critical protected", "Δ random protected (mean ± sd)",
            "weights changed"]
 
 
@@ -44,8 +46,9 @@ def compression_section(run_dir: str | Path) -> list[Block]:
     seeds = len(next(iter(data["methods"].values()), {}).get("random", []))
     out: list[Block] = [
         Heading("Compression"),
-        Para(f"log10 perplexity on the evaluation data (original: {fmt(base.get('log10_ppl'))}, "
-             f"perplexity {fmt(base.get('ppl'))}) after each compression of the decoder's weight "
+        Para(f"Δ = change in log10 perplexity on the evaluation data against the original "
+             f"(log10 perplexity {fmt(base.get('log10_ppl'))}, perplexity {fmt(base.get('ppl'))}; "
+             f"positive = worse) after each compression of the decoder's weight "
              f"matrices: applied to everything, with the weights of the {fmt(prot.get('n_units'))} "
              f"critical unit(s) protected ({fmt(prot.get('n_weights'))} weights kept in the "
              f"source precision, never pruned), and with as many random units of the same kinds "
@@ -54,5 +57,5 @@ def compression_section(run_dir: str | Path) -> list[Block]:
     ]
     if (run_dir / COMPRESSION_FIGURE).is_file():
         out.append(Figure(run_dir / COMPRESSION_FIGURE,
-                          "log10 perplexity per method: whole, critical protected, random protected"))
+                          "Δ log10 perplexity per method: whole, critical protected, random protected (compression.png)"))
     return out
