@@ -42,6 +42,8 @@ MASK_FILE = "achilles_mask.json"
 INDEX_FILE = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _SKIPPED = {"README.md", INDEX_FILE, MASK_FILE}
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+"""What is fetched for a hub id: weights as safetensors, configs and tokenizer files."""
 
 
 @dataclass
@@ -76,7 +78,7 @@ def resolve_source(spec: ModelSpec) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(spec.model, revision=spec.revision))
+        return Path(snapshot_download(spec.model, revision=spec.revision, allow_patterns=_HUB_FILES))
     except Exception as e:  # noqa: BLE001 - every hub failure becomes one line
         raise AchillesError(f"could not fetch {spec.model!r} from the hub: {e}") from None
 
