@@ -228,3 +228,24 @@ def test_cli_mask_for_another_model_is_refused_and_nothing_written(ranked, tmp_p
 def test_configs_have_untied_embeddings() -> None:
     """The exactness tests above rely on tied-embedding refusal never triggering for them."""
     assert all(not getattr(c, "tie_word_embeddings", False) for c in configs().values())
+
+
+def test_cli_identification_mask_and_another_size_is_refused(ranked, tmp_path, capsys, tokenizer) -> None:  # noqa: ANN001
+    run = tmp_path / "run"
+    assert main(["find", "--model", str(ranked / "model"), "--text", TEXT, "--samples", "4",
+                 "--max-neurons", "30", "--epsilon", "1e-4", "--out-dir", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    ident = json.loads((run / "identification.json").read_text())
+    code, _, err = _cli(capsys, "export", "--model", ranked / "model", "--mask", run / "identification.json",
+                        "--set", "critical", "--out", tmp_path / "crit", "--quiet")
+    assert ident["found"], "a random tiny model barely cares (Δ ≈ 1e-4), so ε is tiny here"
+    assert code == 0, err
+    prov = json.loads((tmp_path / "crit" / MASK_FILE).read_text())
+    assert prov["n_units"] == len(ident["critical_set"]) and prov["config"]["mask"]["set"] == "critical"
+    wider = configs()["llama"]
+    wider.intermediate_size = 64  # same architecture, another size: the pool fingerprint differs
+    T.AutoModelForCausalLM.from_config(wider).save_pretrained(tmp_path / "wide")
+    tokenizer.save_pretrained(tmp_path / "wide")
+    code, _, err = _cli(capsys, "export", "--model", tmp_path / "wide", "--mask", run / "identification.json",
+                        "--out", tmp_path / "w", "--quiet")
+    assert code == 2 and "unit pool does not match" in err and not (tmp_path / "w").exists()
