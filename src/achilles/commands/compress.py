@@ -7,7 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from achilles.commands.common import add_common, model_spec, progress
+from achilles.commands.common import add_common, add_weightless_common, model_spec, progress
 from achilles.commands.ppl import add_mask_options, check_mask_args
 from achilles.compress import DEFAULT_METHODS, compress_experiment, keep_list, parse_methods
 from achilles.config import add_arguments, from_args
@@ -135,8 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_mask_options(p)
     g = p.add_argument_group("compression")
     g.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated: rtn-wB[-gG] (B = 2..8 bits, G = group size), "
-                   "magnitude-S, wanda-S (S = sparsity in percent) (default: %(default)s)")
+                   help="comma-separated: rtn-wB[-gG|-t] (B = 2..8 bits, G = group size, t = one "
+                   "scale per matrix), magnitude-S, wanda-S (S = sparsity in percent) (default: %(default)s)")
     g.add_argument("--seeds", type=int, default=3, help="random-protection draws (default: 3)")
     g.add_argument("--calib-file", default=None,
                    help="text to calibrate Wanda's activation norms on (default: the mask file's text)")
@@ -151,7 +151,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "belong to it, and the module names for transformers' quantization configs "
         "(llm_int8_skip_modules, modules_to_not_convert).",
     )
-    add_common(k, text=False)
+    add_weightless_common(k)
     add_mask_options(k)
     k.add_argument("--out", required=True, help="keep-list JSON to write")
     k.add_argument("--force", action="store_true", help="replace an existing file")

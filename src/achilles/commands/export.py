@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from achilles.commands.common import add_common, model_spec, progress
+from achilles.commands.common import add_weightless_common, model_spec, progress
 from achilles.commands.ppl import add_mask_options, check_mask_args
 from achilles.errors import AchillesError
 from achilles.evaluation.masks import load_mask
@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "model card and achilles_mask.json. It loads with plain from_pretrained, so any engine "
         "can evaluate the lesioned model. The checkpoint is streamed shard by shard.",
     )
-    add_common(p, text=False)
+    add_weightless_common(p)  # the weights are streamed, never loaded as a model
     add_mask_options(p)
     p.add_argument("--out", required=True, help="folder to write the checkpoint to")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
