@@ -282,3 +282,22 @@ def test_keep_list_names_match_transformers_skip_rules() -> None:
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     skipped = {n for n in linear if not should_convert_module(n, kl["llm_int8_skip_modules"])}
     assert skipped == {"model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj", "lm_head"}
+
+
+def test_report_gets_a_compression_section_with_the_json_numbers(ranked, tmp_path, capsys) -> None:  # noqa: ANN001
+    run = tmp_path / "run"
+    assert main(["find", "--model", str(ranked / "model"), "--text", TEXT, "--samples", "4",
+                 "--max-neurons", "30", "--epsilon", "1e-4", "--out-dir", str(run), "--quiet"]) == 0
+    assert "## Compression" not in (run / "report.md").read_text()
+    code, _, err = _cli(capsys, "compress", "--model", ranked / "model", "--mask", run / "identification.json",
+                        "--data", ranked / "eval.txt", "--max-length", 64, "--methods", "rtn-w3",
+                        "--seeds", 2, "--out-dir", run, "--quiet")
+    assert code == 0, err
+    assert main(["report", str(run), "--quiet"]) == 0
+    md = (run / "report.md").read_text()
+    data = json.loads((run / "compression.json").read_text())
+    base, m = data["baseline"]["log10_ppl"], data["methods"]["rtn-w3"]
+    whole = f"{m['whole']['log10_ppl'] - base:+.3g}"
+    crit = f"{m['critical']['log10_ppl'] - base:+.3g}"
+    assert "## Compression" in md and f"| rtn-w3 | {whole} | {crit} |" in md
+    assert "(compression.png)" in md

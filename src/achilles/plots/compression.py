@@ -53,7 +53,8 @@ def plot_compression(data: Mapping[str, Any], path: str | Path, *, title: str | 
             y = b.get_height()
             ax.annotate(f"{v:+.3g}" if math.isfinite(v) else "non-finite", (b.get_x() + width / 2, y),
                         ha="center", va="bottom" if y >= 0 else "top", fontsize=7.5, rotation=90,
-                        xytext=(0, 2 if y >= 0 else -2), textcoords="offset points")
+                        xytext=(0, (2 if y >= 0 else -2) * (4 if key == "random" else 1)),
+                        textcoords="offset points")
         if key == "random":
             for x, v, sd, ds in zip(xs, vals[key], sds, dots, strict=True):
                 if sd is not None and math.isfinite(v):
