@@ -301,3 +301,14 @@ def test_report_gets_a_compression_section_with_the_json_numbers(ranked, tmp_pat
     crit = f"{m['critical']['log10_ppl'] - base:+.3g}"
     assert "## Compression" in md and f"| rtn-w3 | {whole} | {crit} |" in md
     assert "(compression.png)" in md
+
+
+def test_figure_shows_non_finite_perplexities(tmp_path) -> None:  # noqa: ANN001
+    from achilles.plots.compression import plot_compression
+
+    row = {"log10_ppl": 2.0}
+    data = {"baseline": row, "protected": {"n_units": 1}, "methods": {
+        "rtn-w2": {"method": "rtn-w2", "whole": {"log10_ppl": float("inf")}, "critical": row,
+                   "random": [{"log10_ppl": float("inf")}, {"log10_ppl": 2.5}],
+                   "random_log10_ppl_mean": float("inf"), "random_log10_ppl_sd": None}}}
+    assert plot_compression(data, tmp_path / "c.png").stat().st_size > 5000

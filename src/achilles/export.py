@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -247,7 +248,9 @@ def export_masked(
         _copy_side_files(source, tmp)
         write_json(tmp / MASK_FILE, result.to_dict())
         (tmp / "README.md").write_text(model_card(result, spec.model), encoding="utf-8")
-        tmp.chmod(0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)

@@ -211,9 +211,9 @@ def compress_experiment(
                 comp.restore()
                 bar.update()
             logs = [r["log10_ppl"] for r in row["random"]]
-            finite = [x for x in logs if math.isfinite(x)]
-            row["random_log10_ppl_mean"] = statistics.fmean(logs) if len(finite) == len(logs) else math.inf
-            row["random_log10_ppl_sd"] = statistics.stdev(logs) if len(finite) == len(logs) > 1 else None
+            finite = all(math.isfinite(x) for x in logs)
+            row["random_log10_ppl_mean"] = statistics.fmean(logs)  # non-finite stays non-finite
+            row["random_log10_ppl_sd"] = statistics.stdev(logs) if finite and len(logs) > 1 else None
             results[m.name] = row
             logger.info("%s: log10 ppl whole %.4f, critical protected %.4f, random protected %.4f",
                         m.name, row["whole"]["log10_ppl"], row["critical"]["log10_ppl"],

@@ -47,12 +47,17 @@ def plot_compression(data: Mapping[str, Any], path: str | Path, *, title: str | 
         heights = [v if math.isfinite(v) else top for v in vals[key]]
         bars = ax.bar(xs, heights, width, color=color, label=label)
         for b, v in zip(bars, vals[key], strict=True):
-            if not math.isfinite(v):
+            x = b.get_x() + width / 2
+            if not math.isfinite(v):  # drawn to the top, hatched, labelled inside: never left out
                 b.set_hatch("//")
                 b.set_alpha(0.5)
+                ax.annotate("non-finite", (x, top), ha="center", va="top", fontsize=7.5, rotation=90,
+                            bbox={"fc": "white", "ec": "none", "pad": 1},
+                            xytext=(0, -4), textcoords="offset points")
+                continue
             y = b.get_height()
-            ax.annotate(f"{v:+.3g}" if math.isfinite(v) else "non-finite", (b.get_x() + width / 2, y),
-                        ha="center", va="bottom" if y >= 0 else "top", fontsize=7.5, rotation=90,
+            ax.annotate(f"{v:+.3g}", (x, y), ha="center", va="bottom" if y >= 0 else "top",
+                        fontsize=7.5, rotation=90,
                         xytext=(0, (2 if y >= 0 else -2) * (4 if key == "random" else 1)),
                         textcoords="offset points")
         if key == "random":
