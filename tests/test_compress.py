@@ -12,7 +12,7 @@ from tiny import ARCHS, TEXT, configs, make_model
 
 from achilles import Unit, build_pool, masked
 from achilles.cli import main
-from achilles.compress import keep_list, parse_method, parse_methods, unit_weights, weights_of
+from achilles.compress import keep_list, parse_method, parse_methods, unit_slices, weights_of
 from achilles.compress.methods import fake_quant
 from achilles.compress.ownership import keep_masks
 from achilles.compress.run import _Compressor, compress_experiment, random_units
@@ -126,7 +126,7 @@ def test_zeroing_a_neurons_weights_equals_masking_it(arch: str) -> None:
     with masked(model, pool, [unit]):
         with torch.no_grad():
             want = model(IDS).logits
-    slices = unit_weights(model, unit)
+    slices = unit_slices(model, unit)
     with torch.no_grad():
         for s in slices:
             if s.param.endswith("weight") and "down" not in s.param and "c_proj" not in s.param \
@@ -141,7 +141,7 @@ def test_zeroing_a_neurons_weights_equals_masking_it(arch: str) -> None:
 
 def test_phi3_gate_up_rows_and_random_control() -> None:
     model = make_model("phi3")
-    s = unit_weights(model, Unit("model.layers.0.mlp.down_proj:input", 4, 0, "mlp.neuron"))
+    s = unit_slices(model, Unit("model.layers.0.mlp.down_proj:input", 4, 0, "mlp.neuron"))
     assert [(x.param.split(".")[-2], x.dim, x.index) for x in s] == [
         ("gate_up_proj", 0, 4), ("gate_up_proj", 0, 48 + 4), ("down_proj", 1, 4)]
     pool = build_pool(model, "paper")

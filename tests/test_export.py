@@ -249,3 +249,12 @@ def test_cli_identification_mask_and_another_size_is_refused(ranked, tmp_path, c
     code, _, err = _cli(capsys, "export", "--model", tmp_path / "wide", "--mask", run / "identification.json",
                         "--out", tmp_path / "w", "--quiet")
     assert code == 2 and "unit pool does not match" in err and not (tmp_path / "w").exists()
+
+
+def test_planning_works_on_meta_but_editing_refuses_it() -> None:
+    from achilles.masking import zero_weights_
+
+    model = make_model("llama").to("meta")
+    assert weight_edits(model, [Unit("model.layers.0.mlp.down_proj", 1)])  # plans need no weights
+    with pytest.raises(AchillesError, match="offloaded"):
+        zero_weights_(model, [Unit("model.layers.0.mlp.down_proj", 1)])

@@ -4,8 +4,9 @@ The mask becomes weight edits (:func:`achilles.masking.weight_edits`, planned on
 weightless meta-device model, so nothing is loaded to plan them). The checkpoint is then
 streamed **shard by shard**: each safetensors shard is read with ``safetensors.safe_open``,
 its edited tensors are changed in the source dtype, and it is written under the same name
-before the next shard is read, so host memory holds one shard at a time (a 70B model is
-never in memory, let alone twice). Config, generation config, tokenizer files and the shard
+before the next shard is read, so host memory holds one shard at a time (about twice its
+size while ``save_file`` serialises it; ``bench/export.py``): a 70B model is never in
+memory, let alone twice. Config, generation config, tokenizer files and the shard
 index are copied; a model card (``README.md``) and ``achilles_mask.json`` (the units, the
 edits, the mask's source and the environment) are added.
 

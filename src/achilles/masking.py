@@ -274,6 +274,12 @@ def zero_weights_(model: torch.nn.Module, units: Sequence[Unit]) -> dict[str, to
     :func:`restore_weights_` to undo.
     """
     edits = weight_edits(model, units)
+    for e in edits:
+        if model.get_parameter(e.param).device.type == "meta":
+            raise AchillesError(
+                f"cannot edit the weights of {e.unit.module!r}: they are offloaded (on 'meta'); "
+                "load the model without CPU/disk offloading to edit weights"
+            )
     saved: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for e in edits:

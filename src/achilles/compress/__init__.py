@@ -10,7 +10,7 @@
 
 from achilles.compress.keeplist import keep_list
 from achilles.compress.methods import DEFAULT_METHODS, Method, parse_method, parse_methods
-from achilles.compress.ownership import WeightSlice, unit_weights, weights_of
+from achilles.compress.ownership import WeightSlice, unit_slices, weights_of
 from achilles.compress.run import CompressionResult, compress_experiment
 
 __all__ = [
@@ -22,6 +22,6 @@ __all__ = [
     "keep_list",
     "parse_method",
     "parse_methods",
-    "unit_weights",
+    "unit_slices",
     "weights_of",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from achilles.compress.ownership import unit_weights
+from achilles.compress.ownership import unit_slices
 from achilles.io import SCHEMA_VERSION
 from achilles.units import Unit
 
@@ -30,7 +30,7 @@ def keep_list(model: torch.nn.Module, units: Sequence[Unit]) -> dict[str, Any]:
     modules: dict[str, None] = {}
     for u in units:
         weights = []
-        for s in unit_weights(model, u):
+        for s in unit_slices(model, u):
             module, _, pname = s.param.rpartition(".")
             p = model.get_parameter(s.param)
             layout = "[out, in]" if p.dim() == 2 and type(model.get_submodule(module)).__name__ != "Conv1D" else (

@@ -90,7 +90,7 @@ def _neuron_slices(model: torch.nn.Module, layer: int, c: int) -> list[WeightSli
     return out
 
 
-def unit_weights(model: torch.nn.Module, unit: Unit) -> list[WeightSlice]:
+def unit_slices(model: torch.nn.Module, unit: Unit) -> list[WeightSlice]:
     """The weight slices that belong to ``unit`` (``unit.layer``/``component`` must be set)."""
     if unit.component in ("mlp.act", "mlp.neuron"):
         return _neuron_slices(model, unit.layer, unit.channel)
@@ -101,8 +101,8 @@ def unit_weights(model: torch.nn.Module, unit: Unit) -> list[WeightSlice]:
 
 
 def weights_of(model: torch.nn.Module, units: Sequence[Unit]) -> list[WeightSlice]:
-    """The union of :func:`unit_weights` over ``units``, sorted, without duplicates."""
-    return sorted({s for u in units for s in unit_weights(model, u)})
+    """The union of :func:`unit_slices` over ``units``, sorted, without duplicates."""
+    return sorted({s for u in units for s in unit_slices(model, u)})
 
 
 def keep_masks(model: torch.nn.Module, slices: Sequence[WeightSlice]) -> dict[str, torch.Tensor]:
