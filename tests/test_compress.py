@@ -312,3 +312,11 @@ def test_figure_shows_non_finite_perplexities(tmp_path) -> None:  # noqa: ANN001
                    "random": [{"log10_ppl": float("inf")}, {"log10_ppl": 2.5}],
                    "random_log10_ppl_mean": float("inf"), "random_log10_ppl_sd": None}}}
     assert plot_compression(data, tmp_path / "c.png").stat().st_size > 5000
+
+
+def test_cli_empty_mask_is_refused_before_loading(ranked, tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr("achilles.commands.compress.load_model",
+                        lambda *a, **k: pytest.fail("the model must not be loaded"))
+    code, _, err = _cli(capsys, "compress", "--model", ranked / "model", "--mask", ranked / "ranking.json",
+                        "--top", 0, "--data", ranked / "eval.txt", "--out-dir", tmp_path / "c", "--quiet")
+    assert code == 2 and "no unit to protect" in err and not (tmp_path / "c").exists()

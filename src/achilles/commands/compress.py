@@ -10,6 +10,7 @@ from pathlib import Path
 from achilles.commands.common import add_common, add_weightless_common, model_spec, progress
 from achilles.commands.ppl import add_mask_options, check_mask_args
 from achilles.compress import DEFAULT_METHODS, compress_experiment, keep_list, parse_methods
+from achilles.compress.run import random_units
 from achilles.config import add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
@@ -70,7 +71,11 @@ def _run_compress(args: argparse.Namespace) -> int:
     calib = _calibration_text(args) if any(m.needs_activations for m in methods) else None
     corpus = load_corpus(cfg.data, max_documents=cfg.max_samples)
     skeleton = inspect_model(spec)
-    load_mask(skeleton, args.mask, top=args.top, set_name=args.set_name)  # fits this model?
+    planned = load_mask(skeleton, args.mask, top=args.top, set_name=args.set_name)  # fits?
+    if not planned.units:
+        raise AchillesError(f"{args.mask} holds no unit to protect (its {args.set_name} set is "
+                            "empty): pass another --set, or a ranking with --top N")
+    random_units(planned.pool, planned.units, 0)  # a random control can be drawn
     if calib is not None:
         tokenize(skeleton.tokenizer, calib)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
