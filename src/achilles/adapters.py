@@ -241,3 +241,21 @@ def layer_list(model: torch.nn.Module, adapter: ArchAdapter) -> torch.nn.ModuleL
     if not isinstance(layers, torch.nn.ModuleList):
         raise AchillesError(f"{adapter.layers!r} is not a ModuleList of decoder layers")
     return layers
+
+
+NORM_GAIN_OFFSET: Mapping[str, float] = MappingProxyType({
+    "LayerNorm": 0.0,
+    "LlamaRMSNorm": 0.0,
+    "MistralRMSNorm": 0.0,
+    "Qwen2RMSNorm": 0.0,
+    "Qwen3RMSNorm": 0.0,
+    "Phi3RMSNorm": 0.0,
+    "GemmaRMSNorm": 1.0,
+    "Gemma2RMSNorm": 1.0,
+})
+"""Norm class name -> ``o`` where the norm's output channel ``c`` is ``(o + w_c) · x̂_c (+ b_c)``.
+
+Gemma's RMSNorm scales by ``1 + w``, so its channel is zeroed by ``w_c = -1`` (exact: ``1 + -1``
+is 0 in every float format), not by ``w_c = 0``. A weight edit of a norm class missing here is
+refused rather than guessed (:func:`achilles.masking.weight_edits`).
+"""

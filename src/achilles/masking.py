@@ -8,8 +8,9 @@ passes, and its hooks are registered once.
 Masking uses ``masked_fill(…, 0)``, not multiplication, so a channel that is ``inf`` or
 ``nan`` becomes exactly 0, as in the reference implementation.
 
-:func:`zero_weights_` is the weight-editing equivalent for ``Linear``/``Conv1D`` outputs (zero
-the output row and its bias), used as an oracle in tests and to export a lesioned model.
+:func:`weight_edits` is the weight-editing equivalent of a mask (zero a ``Linear``/``Conv1D``
+output row and its bias, an input column, a norm gain), planned on any model, meta-device
+included; :func:`zero_weights_` applies it in place (the export and the tests' oracle).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from achilles.adapters import NORM_GAIN_OFFSET, get_adapter
 from achilles.errors import AchillesError
 from achilles.hooks import hooked, split_site
 from achilles.units import Unit, UnitPool
@@ -204,46 +206,134 @@ def masked(model: torch.nn.Module, pool: UnitPool, units: Sequence[Unit]) -> Ite
         yield
 
 
-def zero_weights_(model: torch.nn.Module, units: Sequence[Unit]) -> dict[str, torch.Tensor]:
-    """Zero the weights producing each unit's output channel, in place.
+@dataclass(frozen=True)
+class WeightEdit:
+    """One exact weight edit of a mask: set slice ``index`` of ``param`` along ``dim`` to ``value``.
 
-    Supported for ``nn.Linear`` (row ``c`` of ``weight`` and ``bias[c]``) and transformers'
-    ``Conv1D`` (column ``c`` of its ``[in, out]`` weight and ``bias[c]``). Returns the saved
-    original values; pass them to :func:`restore_weights_` to undo.
+    ``param`` is the dotted parameter name (``model.layers.1.mlp.down_proj.weight``); ``dim``
+    is 0 for a row (or an entry of a 1-D parameter) and 1 for a column.
     """
-    saved: dict[str, torch.Tensor] = {}
+
+    param: str
+    dim: int
+    index: int
+    value: float
+    unit: Unit
+
+    def to_dict(self) -> dict[str, object]:
+        return {"param": self.param, "dim": self.dim, "index": self.index, "value": self.value,
+                "unit": self.unit.to_dict()}
+
+
+def _is_conv1d(mod: torch.nn.Module) -> bool:
+    return type(mod).__name__ == "Conv1D"
+
+
+def _act_reader(model: torch.nn.Module, path: str) -> str | None:
+    """The down projection reading the parameter-free ``mlp.act`` module at ``path``, if any."""
+    adapter = get_adapter(model)
+    prefix = adapter.layers + "."
+    if not path.startswith(prefix) or "mlp.down" not in adapter.components:
+        return None
+    li, _, rel = path[len(prefix):].partition(".")
+    if rel != adapter.components.get("mlp.act"):
+        return None
+    return f"{prefix}{li}.{split_site(adapter.components['mlp.down'])[0]}"
+
+
+def _unit_edits(model: torch.nn.Module, u: Unit) -> list[WeightEdit] | str:
+    """The exact weight edits zeroing ``u``'s channel, or why there are none."""
+    path, is_input = split_site(u.module)
+    mod = model.get_submodule(path)
+    params = dict(mod.named_parameters(recurse=False))
+    w, b = params.get("weight"), params.get("bias")
+    c = u.channel
+
+    def edit(name: str, dim: int, value: float = 0.0) -> WeightEdit:
+        return WeightEdit(f"{path}.{name}", dim, c, value, u)
+
+    if is_input:  # an input channel: zero the weight column that reads it
+        if isinstance(mod, torch.nn.Linear):
+            return [edit("weight", 1)]
+        if _is_conv1d(mod):
+            return [edit("weight", 0)]
+        return f"the input of a {type(mod).__name__} is read by no single weight column"
+    if isinstance(mod, torch.nn.Linear) or _is_conv1d(mod):
+        edits = [edit("weight", 0 if isinstance(mod, torch.nn.Linear) else 1)]
+        return edits + ([edit("bias", 0)] if b is not None else [])
+    if w is not None and w.dim() == 1:  # a norm: output channel c is (o + w_c) * x_hat_c (+ b_c)
+        offset = NORM_GAIN_OFFSET.get(type(mod).__name__)
+        if offset is None:
+            return (f"{type(mod).__name__} is a norm whose gain form is not known (add it to "
+                    "achilles.adapters.NORM_GAIN_OFFSET)")
+        return [edit("weight", 0, -offset)] + ([edit("bias", 0)] if b is not None else [])
+    if not params:  # parameter-free (mlp.act): act_c = 0 <=> the down projection skips input c
+        reader = _act_reader(model, path)
+        if reader is None:
+            return f"{type(mod).__name__} has no weights and no known down projection reads it"
+        return _unit_edits(model, Unit(f"{reader}:input", c, u.layer, u.component))
+    return f"no exact weight edit for a {type(mod).__name__}"
+
+
+def weight_edits(model: torch.nn.Module, units: Sequence[Unit]) -> list[WeightEdit]:
+    """The weight edits that reproduce the hook mask of ``units`` exactly (for finite inputs).
+
+    Per site: a ``Linear``/``Conv1D`` output channel is its weight row (column for ``Conv1D``)
+    and bias entry set to 0; a ``path:input`` channel is the weight column reading it; a norm
+    channel is its gain set to ``-offset`` (0, or -1 for Gemma's ``1 + w``) and its bias to 0;
+    ``mlp.act`` is the down projection's input column. Works on a meta-device model (nothing
+    is read). Raises :class:`AchillesError` naming every unit with no exact edit and why,
+    including weights shared between modules (tied embeddings, shared layers) and
+    non-floating (already quantized) weights.
+    """
+    edits: list[WeightEdit] = []
+    problems: list[str] = []
     for u in units:
-        path, is_input = split_site(u.module)
-        mod = model.get_submodule(path)
-        params = dict(mod.named_parameters(recurse=False))
-        if any(p.device.type == "meta" for p in params.values()):
+        got = _unit_edits(model, u)
+        if isinstance(got, str):
+            problems.append(f"{u} ({u.module}): {got}")
+        else:
+            edits += got
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    for e in edits:
+        p = model.get_parameter(e.param)
+        shared = [n for n in names_of.get(id(p), []) if n != e.param]
+        if shared:
+            problems.append(f"{e.unit} ({e.param}): the weight is shared with {shared[0]}; "
+                            "an edit would change both")
+        elif not p.dtype.is_floating_point:
+            problems.append(f"{e.unit} ({e.param}): {p.dtype} weights are already quantized")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise AchillesError(
+            "no exact weight edit for " + "; ".join(dict.fromkeys(problems[:3])) + more
+            + ": use hook masking (achilles ppl --mask) for these units"
+        )
+    return edits
+
+
+def zero_weights_(model: torch.nn.Module, units: Sequence[Unit]) -> dict[str, torch.Tensor]:
+    """Apply :func:`weight_edits` of ``units`` in place; the edited model equals the hook mask.
+
+    Returns the saved original values of every edited parameter; pass them to
+    :func:`restore_weights_` to undo.
+    """
+    edits = weight_edits(model, units)
+    for e in edits:
+        if model.get_parameter(e.param).device.type == "meta":
             raise AchillesError(
-                f"cannot edit the weights of {u.module!r}: they are offloaded (on 'meta'); "
+                f"cannot edit the weights of {e.unit.module!r}: they are offloaded (on 'meta'); "
                 "load the model without CPU/disk offloading to edit weights"
             )
-        for pname, p in params.items():
-            key = f"{path}.{pname}"
-            if key not in saved:
-                saved[key] = p.detach().clone()
-        with torch.no_grad():
-            if is_input:  # an input channel: zero the weight column that reads it
-                if isinstance(mod, torch.nn.Linear):
-                    mod.weight[:, u.channel].zero_()
-                elif type(mod).__name__ == "Conv1D":
-                    mod.weight[u.channel].zero_()
-                else:
-                    raise AchillesError(f"cannot zero the input weights of {u.module!r}")
-                continue
-            if isinstance(mod, torch.nn.Linear):
-                mod.weight[u.channel].zero_()
-            elif type(mod).__name__ == "Conv1D":
-                mod.weight[:, u.channel].zero_()
-            else:
-                raise AchillesError(
-                    f"cannot zero weights of {u.module!r} ({type(mod).__name__}); use hook masking"
-                )
-            if getattr(mod, "bias", None) is not None:
-                mod.bias[u.channel] = 0
+    saved: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for e in edits:
+            p = model.get_parameter(e.param)
+            if e.param not in saved:
+                saved[e.param] = p.detach().clone()
+            p.narrow(e.dim, e.index, 1).fill_(e.value)
     return saved
 
 

@@ -46,6 +46,14 @@ def add_deprecated_alias(p: argparse.ArgumentParser, old: str, new: str, dest: s
                    default=argparse.SUPPRESS, **kw)
 
 
+def add_weightless_common(p: argparse.ArgumentParser) -> None:
+    """Model options without dtype/device (for commands that never load the weights), and logging flags."""
+    add_arguments(p, ModelSpec, exclude=("dtype", "device", "device_map"))
+    g = p.add_argument_group("output")
+    g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    g.add_argument("--verbose", action="store_true", help="debug logging")
+
+
 def add_rank_options(p: argparse.ArgumentParser) -> None:
     add_arguments(p, RankConfig, choices={"method": sorted(METHODS)})
 

@@ -46,6 +46,13 @@ def load_mask(
             pool = build_pool(lm.model, rcfg.get("pool") or "paper", comps or None)
         except AchillesError as e:
             raise AchillesError(f"{path}: its unit pool does not fit this model ({e})") from None
+        made_on = (ident.config.get("pool") or {}).get("fingerprint")
+        if made_on is not None and made_on != pool.fingerprint:
+            made = ident.config.get("model", {}).get("model", "another model")
+            raise AchillesError(
+                f"{path} was made on {made!r}, whose unit pool does not match this model's "
+                "(another architecture or size): identify this model first"
+            )
         units = pool.validate(units, source=path)
         source = {"file": str(path), "kind": kind, "set": set_name, "n_star": ident.n_star,
                   "epsilon": ident.epsilon}

@@ -30,6 +30,7 @@ from achilles.plots.controls import plot_controls
 from achilles.plots.layers import plot_layers
 from achilles.plots.phase import plot_phase
 from achilles.names import model_name as display_name
+from achilles.report.compression import compression_section
 from achilles.report.document import (
     Block,
     Figure,
@@ -466,6 +467,7 @@ SECTIONS: list[tuple[str, SectionBuilder]] = [
     ("controls", controls_section),
     ("comparison", comparison_section),
     ("downstream", downstream_section),
+    ("compression", lambda ctx: compression_section(ctx.run_dir) or None),
     ("provenance", provenance_section),
 ]
 """The report's sections in order: ``(name, builder)``. The summary stays first and the

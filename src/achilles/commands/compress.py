@@ -1,0 +1,163 @@
+"""``achilles compress`` and ``achilles keep-list``: compression that spares the critical units."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+from achilles.commands.common import add_common, add_weightless_common, model_spec, progress
+from achilles.commands.ppl import add_mask_options, check_mask_args
+from achilles.compress import DEFAULT_METHODS, compress_experiment, keep_list, parse_methods
+from achilles.compress.run import random_units
+from achilles.config import add_arguments, from_args
+from achilles.errors import AchillesError
+from achilles.evaluation.data import load_corpus
+from achilles.evaluation.masks import load_mask
+from achilles.evaluation.perplexity import PerplexityConfig, evaluator_from_config
+from achilles.io import environment, read_json, write_json
+from achilles.loading import inspect_model, load_model, tokenize
+from achilles.plots.compression import plot_compression
+from achilles.report.compression import COMPRESSION_FIGURE, COMPRESSION_FILE, compression_rows
+
+KEEP_LIST_FILE = "keep_list.json"
+
+
+def _require_mask(args: argparse.Namespace) -> None:
+    if args.mask is None:
+        raise AchillesError("--mask is needed: an identification.json or a ranking.json (with --top N)")
+    check_mask_args(args)
+
+
+def _check_folder(folder: Path) -> Path:
+    """Refuse a folder that is a file or cannot be created, without creating it now."""
+    if folder.exists() and not folder.is_dir():
+        raise AchillesError(f"{folder} is a file: give a folder")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise AchillesError(f"cannot write to {folder}: {existing} is not a writable folder")
+    return folder
+
+
+def _check_outputs(paths: list[Path], force: bool) -> None:
+    for p in paths:
+        if p.exists() and not force:
+            raise AchillesError(f"{p} exists: pass --force to replace it (or another --out-dir)")
+
+
+def _calibration_text(args: argparse.Namespace) -> str:
+    if args.calib_file is not None:
+        p = Path(args.calib_file)
+        if not p.is_file():
+            raise AchillesError(f"calibration file not found: {p} (check --calib-file)")
+        return p.read_text(encoding="utf-8")
+    text = (read_json(args.mask).get("config") or {}).get("text")
+    if not text:
+        raise AchillesError(f"{args.mask} records no text to calibrate Wanda on: pass --calib-file")
+    return str(text)
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    methods = parse_methods(args.methods)
+    if args.seeds < 1:
+        raise AchillesError("--seeds must be >= 1 (the random-protection control)")
+    cfg: PerplexityConfig = from_args(PerplexityConfig, args)
+    spec = model_spec(args)
+    _require_mask(args)
+    out_dir = _check_folder(Path(args.out_dir))
+    outputs = [out_dir / COMPRESSION_FILE, out_dir / COMPRESSION_FIGURE, out_dir / KEEP_LIST_FILE]
+    _check_outputs(outputs, args.force)
+    calib = _calibration_text(args) if any(m.needs_activations for m in methods) else None
+    corpus = load_corpus(cfg.data, max_documents=cfg.max_samples)
+    skeleton = inspect_model(spec)
+    planned = load_mask(skeleton, args.mask, top=args.top, set_name=args.set_name)  # fits?
+    if not planned.units:
+        raise AchillesError(f"{args.mask} holds no unit to protect (its {args.set_name} set is "
+                            "empty): pass another --set, or a ranking with --top N")
+    random_units(planned.pool, planned.units, 0)  # a random control can be drawn
+    if calib is not None:
+        tokenize(skeleton.tokenizer, calib)
+    lm = load_model(spec, tokenizer=skeleton.tokenizer)
+    mask = load_mask(lm, args.mask, top=args.top, set_name=args.set_name)
+    ev = evaluator_from_config(lm.model, lm.tokenizer, corpus.documents, cfg, progress=progress(args))
+    result = compress_experiment(
+        lm.model, mask.pool, mask.units, ev, methods, seeds=args.seeds,
+        calib_ids=None if calib is None else tokenize(lm.tokenizer, calib), progress=progress(args),
+    )
+    result.config = {
+        "model": dataclasses.asdict(spec),
+        "perplexity": {**dataclasses.asdict(cfg), **ev.settings()},
+        "mask": {**mask.source, "n_units": len(mask.units)},
+        "methods": [m.name for m in methods],
+        "seeds": args.seeds,
+        "calibration": None if calib is None else {"file": args.calib_file or args.mask,
+                                                   "tokens": int(tokenize(lm.tokenizer, calib).shape[1])},
+        "compressed": "every Linear/Conv1D weight of the decoder layers (not embeddings, not the LM head)",
+    }
+    result.env = environment(lm.model)
+    kl = keep_list(lm.model, mask.units)
+    kl.update(config={"model": dataclasses.asdict(spec), "mask": mask.source}, env=result.env)
+    write_json(outputs[2], kl)
+    result.save(str(outputs[0]))
+    plot_compression(result.to_dict(), outputs[1], title=f"{spec.model}: compression with "
+                     f"{len(mask.units)} critical unit(s) protected")
+    base = result.baseline["log10_ppl"]
+    lines = [f"original: log10 ppl {base:.4f}; Δ log10 ppl after compression:",
+             "method | whole | critical protected | random protected (mean ± sd)"]
+    lines += [" | ".join(row[:4]) for row in compression_rows(result.to_dict())]
+    print("\n".join(lines) + f"\nwritten: {outputs[0]}, {outputs[1]}, {outputs[2]}")
+    return 0
+
+
+def _run_keep_list(args: argparse.Namespace) -> int:
+    spec = model_spec(args)
+    _require_mask(args)
+    out = Path(args.out)
+    _check_folder(out.parent)
+    _check_outputs([out], args.force)
+    skeleton = inspect_model(spec)  # names and shapes are enough
+    mask = load_mask(skeleton, args.mask, top=args.top, set_name=args.set_name)
+    kl = keep_list(skeleton.model, mask.units)
+    kl.update(config={"model": dataclasses.asdict(spec), "mask": mask.source}, env=environment())
+    write_json(out, kl)
+    print(f"{len(mask.units)} unit(s) in {len(kl['modules'])} module(s): "
+          f"{', '.join(kl['modules'][:6])}{' ...' if len(kl['modules']) > 6 else ''}\nwritten: {out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="perplexity after quantization/pruning, with the critical units spared or not",
+        description="Perplexity of the original model and, per method, of the model compressed "
+        "whole, with the critical units' weights protected (source precision, never pruned), "
+        "and with as many random units protected (the control, several seeds). Writes "
+        "compression.json, compression.png and keep_list.json to --out-dir.",
+    )
+    add_common(p, text=False)
+    add_arguments(p, PerplexityConfig)
+    add_mask_options(p)
+    g = p.add_argument_group("compression")
+    g.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated: rtn-wB[-gG|-t] (B = 2..8 bits, G = group size, t = one "
+                   "scale per matrix), magnitude-S, wanda-S (S = sparsity in percent) (default: %(default)s)")
+    g.add_argument("--seeds", type=int, default=3, help="random-protection draws (default: 3)")
+    g.add_argument("--calib-file", default=None,
+                   help="text to calibrate Wanda's activation norms on (default: the mask file's text)")
+    p.add_argument("--out-dir", required=True, help="folder for compression.json/.png and keep_list.json")
+    p.add_argument("--force", action="store_true", help="replace existing result files")
+    p.set_defaults(run=_run_compress)
+
+    k = sub.add_parser(
+        "keep-list",
+        help="the weights quantizers must keep in high precision (no weights loaded)",
+        description="Write a JSON keep-list: per critical unit, the weight rows/columns that "
+        "belong to it, and the module names for transformers' quantization configs "
+        "(llm_int8_skip_modules, modules_to_not_convert).",
+    )
+    add_weightless_common(k)
+    add_mask_options(k)
+    k.add_argument("--out", required=True, help="keep-list JSON to write")
+    k.add_argument("--force", action="store_true", help="replace an existing file")
+    k.set_defaults(run=_run_keep_list)
