@@ -9,10 +9,13 @@ on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from achilles import __version__
@@ -78,13 +81,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args)
     try:
-        return int(args.run(args) or 0)
+        with _sigterm_as_exit(), contextlib.ExitStack() as stack:
+            args.exit_stack = stack  # output folders claimed by the command, released at exit
+            return int(args.run(args) or 0)
     except AchillesError as e:
         print(f"achilles: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("achilles: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("achilles: terminated", file=sys.stderr)
+        return 143
+
+
+class _Terminated(BaseException):
+    """SIGTERM: unwind like Ctrl-C, so temp files and claimed folders are cleaned up."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():  # noqa: ANN202
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def entry() -> None:

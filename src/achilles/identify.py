@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from achilles.batching import choose_batch_size, input_device, run_batched
 from achilles.config import IdentifyConfig
-from achilles.io import SCHEMA_VERSION, decode_float, read_json, write_json
+from achilles.errors import AchillesError
+from achilles.io import SCHEMA_VERSION, decode_float, read_json, require_fields, write_json
 from achilles.masking import ChannelMasker, PrefixIndex
 from achilles.metrics import delta as delta_from_nll
 from achilles.metrics import sequence_nll
@@ -78,6 +79,11 @@ class MaskEvaluator:
         self.rows_evaluated = 0
         self.baseline_nll = float(sequence_nll(model, input_ids)[0])
         self.forward_passes += 1
+        if not math.isfinite(self.baseline_nll):
+            raise AchillesError(
+                f"the clean NLL of the text is {self.baseline_nll} before any masking: the model "
+                "is broken or overflows in its dtype (try --dtype float32)"
+            )
 
     def _nll(self, items: Sequence[Any], install: Callable[[Sequence[Any]], None]) -> list[float]:
         out: list[float] = []
@@ -175,6 +181,21 @@ class Identification:
     @classmethod
     def load(cls, path: str) -> Identification:
         d = read_json(path, kind="identification")
+        require_fields(d, path, {
+            "epsilon": float, "n_star": (int, type(None)), "critical_set": list,
+            "tokens": int, "baseline_nll_sum": float, "n_units": int, "curve": list,
+        })
+        for key, kind in (("minimal_set", list), ("n_star_by_epsilon", dict),
+                          ("fp32_check", dict), ("forward_passes", int)):
+            if d.get(key) is not None:
+                require_fields(d, path, {key: kind})
+        try:
+            return cls._from_dict(d)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise AchillesError(f"{path} is not a valid identification file (bad entry: {e})") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any]) -> Identification:
         tokens = int(d["tokens"])
         minimal = d.get("minimal_set") or []
         return cls(
@@ -221,11 +242,16 @@ def identify(
 ) -> Identification:
     """Find the smallest prefix of ``ranking`` whose masking gives Δ ≥ ε, then minimise it."""
     n_max = min(config.max_neurons, len(ranking))
+    if n_max < 1:
+        raise AchillesError("the ranking holds no units: nothing to mask (rank again)")
+    step = min(config.step, n_max)  # a step past n_max would evaluate no prefix at all
+    if step != config.step:
+        logger.warning("--step %d > %d units to try: using step %d", config.step, n_max, step)
     candidates = list(ranking[:n_max])
     modules = list(dict.fromkeys(u.module for u in candidates))
     ev = MaskEvaluator(
         model, pool, input_ids, modules=modules, batch_size=config.batch_size,
-        rows_hint=max(1, n_max // config.step),
+        rows_hint=max(1, n_max // step),
     )
     seen: dict[int, Measurement] = {}
     bar = tqdm(total=n_max, desc="stage 2: masking prefixes", disable=not progress)
@@ -244,13 +270,15 @@ def identify(
             prefix_objective,
             epsilon=config.epsilon,
             n_max=n_max,
-            step=config.step,
+            step=step,
             batch=ev.batch_size,
             continue_until=config.curve_until,
         )
     else:
-        trace = bisect_search(prefix_objective, epsilon=config.epsilon, n_max=n_max, step=config.step)
+        trace = bisect_search(prefix_objective, epsilon=config.epsilon, n_max=n_max, step=step)
     bar.close()
+    if not seen:
+        raise AchillesError("stage 2 evaluated no prefix: nothing was measured (check --step and --max-neurons)")
 
     curve = [
         {"n": n, "delta": seen[n].delta if seen[n].finite else math.inf, "nll": seen[n].nll,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import math
 from typing import Any
 
 import torch
@@ -36,15 +37,85 @@ def _model_record(lm: LoadedModel) -> dict[str, Any]:
     return dataclasses.asdict(lm.spec)
 
 
+NONFINITE_REFUSE = 0.5
+"""A ranking with more than this share of non-finite scores is refused, not saved."""
+
+
+@torch.no_grad()
+def check_clean_forward(lm: LoadedModel, input_ids: torch.Tensor) -> None:
+    """Refuse a model whose clean (unmasked) forward pass on the text is not finite.
+
+    Checks the hidden state after every layer and the NLL: a NaN or inf here means the
+    weights are broken or overflow in this dtype, before any unit is masked, so no ranking
+    or critical set measured on it would mean anything.
+    """
+    from achilles.batching import input_device
+    from achilles.metrics import sequence_nll
+
+    model = lm.model
+    ids = input_ids.to(input_device(model))
+    out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    dtype = str(lm.dtype).removeprefix("torch.")
+    fix = (
+        "try --dtype float32 or --dtype bfloat16"
+        if lm.dtype == torch.float16
+        else "check the weights (a NaN or inf in the checkpoint?)"
+        if lm.dtype == torch.float32
+        else "try --dtype float32"
+    )
+    for i, h in enumerate(out.hidden_states or ()):
+        if not bool(torch.isfinite(h).all()):
+            where = "the embeddings" if i == 0 else f"layer {i - 1}"
+            raise AchillesError(
+                f"the clean forward pass is not finite from {where} on ({dtype}), before any "
+                f"masking: the model is broken or overflows in {dtype}; {fix}"
+            )
+    nll = float(sequence_nll(model, input_ids)[0])
+    if not math.isfinite(nll):
+        raise AchillesError(
+            f"the clean NLL of the text is {nll} ({dtype}), before any masking: the model is "
+            f"broken or overflows in {dtype}; {fix}"
+        )
+
+
+def score_health(flat: torch.Tensor) -> dict[str, int]:
+    """Counts of NaN, +inf and -inf among a pool's scores (``flat``, one per unit)."""
+    return {
+        "nan": int(torch.isnan(flat).sum()),
+        "inf": int(torch.isposinf(flat).sum()),
+        "-inf": int(torch.isneginf(flat).sum()),
+        "n_units": int(flat.numel()),
+    }
+
+
+def _check_scores(health: dict[str, int], method: str) -> None:
+    bad = health["nan"] + health["inf"] + health["-inf"]
+    if not bad:
+        return
+    n = health["n_units"]
+    msg = (
+        f"{method}: {bad} of {n} unit scores are not finite (NaN {health['nan']}, "
+        f"inf {health['inf']}, -inf {health['-inf']})"
+    )
+    if bad > NONFINITE_REFUSE * n:
+        raise AchillesError(
+            f"{msg}: the ranking would be mostly arbitrary; try --dtype float32 or a smaller --alpha"
+        )
+    logger.warning("%s; NaN scores are ranked last, counts are saved in the ranking", msg)
+
+
 def rank(
     lm: LoadedModel, text: str, config: RankConfig, *, progress: bool = False
 ) -> tuple[Ranking, UnitPool]:
     """Stage 1 (or another ranking method): score every unit of the pool and sort them."""
     pool = build_pool(lm.model, config.pool, config.components)
     input_ids = tokenize(lm.tokenizer, text)
+    check_clean_forward(lm, input_ids)
     method = get_method(config.method)
     torch.manual_seed(config.seed)
     scores = method(lm.model, input_ids, pool, config, progress=progress)
+    health = score_health(scores.flat(pool))
+    _check_scores(health, config.method)
     neurons = rank_units(scores, pool, config.keep)
     ranking = Ranking(
         method=config.method,
@@ -53,6 +124,7 @@ def rank(
         tokens=int(input_ids.shape[1]),
         config={"model": _model_record(lm), "text": text, "rank": dataclasses.asdict(config)},
         env=environment(lm.model),
+        nonfinite=health,
     )
     return ranking, pool
 
@@ -111,6 +183,7 @@ def identify_with(
     pool = pool or pool_for_ranking(lm, ranking)
     units = pool.validate(ranking.units)
     input_ids = tokenize(lm.tokenizer, text)
+    check_clean_forward(lm, input_ids)
     result = identify(lm.model, input_ids, pool, units, config, progress=progress)
     if config.fp32_check and lm.dtype != torch.float32:
         result.fp32_check = fp32_check(lm, text, pool, result)

@@ -9,7 +9,7 @@ from pathlib import Path
 from achilles.commands.common import (
     add_common,
     add_rank_options,
-    check_writable,
+    claim_out_dir,
     model_spec,
     progress,
     rank_config,
@@ -48,7 +48,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         raise AchillesError("--random-runs must be >= 1")
     spec = model_spec(args)
     text = text_of(args)
-    out_dir = check_writable(Path(args.out_dir))
+    out_dir = claim_out_dir(args, args.out_dir)
     corpus = load_corpus(pcfg.data, max_documents=pcfg.max_samples)
     lm = load_model(spec)
     tokenize(lm.tokenizer, text)  # refuse a short ranking text before any work

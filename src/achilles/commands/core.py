@@ -10,7 +10,8 @@ from achilles.commands.common import (
     add_common,
     add_identify_options,
     add_rank_options,
-    check_writable,
+    check_destination,
+    claim_out_dir,
     identify_config,
     model_spec,
     progress,
@@ -52,7 +53,7 @@ def _run_rank(args: argparse.Namespace) -> int:
     cfg = rank_config(args)
     spec = model_spec(args)
     text = text_of(args)
-    out = check_writable(args.out)
+    out = check_destination(args.out, "file")
     skeleton = preflight(spec, text=text, rank_config=cfg)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     ranking, _ = rank(lm, text, cfg, progress=progress(args))
@@ -66,7 +67,7 @@ def _run_identify(args: argparse.Namespace) -> int:
     cfg = identify_config(args)
     spec = model_spec(args)
     text = text_of(args)
-    out = check_writable(args.out)
+    out = check_destination(args.out, "file")
     ranking = Ranking.load(args.ranking)
     skeleton = preflight(spec, text=text, ranking=ranking)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
@@ -81,7 +82,7 @@ def _run_find(args: argparse.Namespace) -> int:
     icfg = identify_config(args, batch_size=getattr(args, "batch_size", None))
     spec = model_spec(args)
     text = text_of(args)
-    out_dir = check_writable(Path(args.out_dir))
+    out_dir = claim_out_dir(args, args.out_dir)
     skeleton = preflight(spec, text=text, rank_config=rcfg)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     ranking, ident = find(lm, text, rcfg, icfg, progress=progress(args))

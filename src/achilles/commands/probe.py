@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from achilles.commands.common import add_common, check_writable, model_spec
+from achilles.commands.common import add_common, check_destination, model_spec
 from achilles.identify import Identification
 from achilles.loading import load_model
 from achilles.pipeline import preflight
 from achilles.experiments.probe import ProbeConfig, check_mask, mask_units, probe
 from achilles.config import parse_numbers
+from achilles.errors import AchillesError
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -24,8 +25,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     ident = Identification.load(args.mask)
     cfg.resolve_levels(len(mask_units(ident, cfg.set)))  # refuse bad levels before loading
-    out = check_writable(args.out)
-    png = Path(args.plot) if args.plot else out.with_suffix(".png")
+    out = check_destination(args.out, "file")
+    png = plot_path(args.plot, out)
     spec = model_spec(args)
     skeleton = preflight(spec)  # bad input fails before loading
     check_mask(skeleton.model, mask_units(ident, cfg.set), source=args.mask)
@@ -38,6 +39,24 @@ def _run(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"\nwritten: {out}, {png}")
     return 0
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def plot_path(plot: str | None, out: Path) -> Path:
+    """The chart file: ``--plot`` (``.png`` added when it has no suffix), else ``--out`` as .png."""
+    if plot is None:
+        png = out.with_suffix(".png")
+    else:
+        png = Path(plot).expanduser()
+        if png.is_dir():
+            raise AchillesError(f"--plot {plot} is a folder: name a file, e.g. {png / 'probe.png'}")
+        if not png.suffix:
+            png = png.with_name(png.name + ".png")
+        elif png.suffix.lower() not in PLOT_SUFFIXES:
+            raise AchillesError(f"--plot must end in {', '.join(PLOT_SUFFIXES)}, not {png.suffix!r}")
+    return check_destination(png, "file", flag="--plot")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

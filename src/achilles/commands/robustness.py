@@ -9,7 +9,7 @@ from achilles.commands.common import (
     add_common,
     add_identify_options,
     add_rank_options,
-    check_writable,
+    claim_out_dir,
     identify_config,
     model_spec,
     progress,
@@ -27,7 +27,7 @@ def _run(args: argparse.Namespace) -> int:
     rcfg = rank_config(args)
     icfg = identify_config(args, batch_size=getattr(args, "batch_size", None))
     spec = model_spec(args)
-    out_dir = check_writable(Path(args.out_dir))
+    out_dir = claim_out_dir(args, args.out_dir)
     skeleton = preflight(spec, rank_config=rcfg)  # bad input fails before loading
     for t in texts:
         tokenize(skeleton.tokenizer, t.text)

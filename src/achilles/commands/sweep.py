@@ -8,7 +8,7 @@ from pathlib import Path
 from achilles.commands.common import (
     add_common,
     add_identify_options,
-    check_writable,
+    claim_out_dir,
     identify_config,
     model_spec,
     progress,
@@ -39,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
     icfg = identify_config(args, batch_size=getattr(args, "batch_size", None))
     spec = model_spec(args)
     text = text_of(args)
-    out_dir = check_writable(Path(args.out_dir))
+    out_dir = claim_out_dir(args, args.out_dir)
     skeleton = preflight(spec, text=text, rank_config=rcfg)  # bad input fails before loading
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     result = run_sweep(lm, text, rcfg, icfg, sweep, out_dir, progress=progress(args))

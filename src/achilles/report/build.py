@@ -320,6 +320,6 @@ def write_report(
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    from achilles.io import atomic_write
+
+    atomic_write(path, text)
