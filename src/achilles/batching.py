@@ -25,10 +25,13 @@ CPU_TOKENS_PER_BATCH = 4096
 
 
 def is_oom(e: BaseException) -> bool:
-    """Whether ``e`` is an accelerator out-of-memory error."""
-    if isinstance(e, torch.OutOfMemoryError):
+    """Whether ``e`` is an out-of-memory error: an accelerator's, or the CPU allocator's."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and (
+        "out of memory" in msg or "can't allocate memory" in msg  # DefaultCPUAllocator
+    )
 
 
 _is_oom = is_oom
@@ -128,7 +131,7 @@ def run_batched(
             fn(chunk)
         except Exception as e:  # noqa: BLE001 - re-raised unless it is an OOM
             if not _is_oom(e) or batch_size == 1:
-                raise
+                raise  # the CLI reports an OOM at batch size 1 in one line
             oom = True
         if oom:
             # Outside the except block: the exception's traceback (and the activations its

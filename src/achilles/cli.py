@@ -19,6 +19,7 @@ import threading
 from collections.abc import Sequence
 
 from achilles import __version__
+from achilles.checks import argv_model, model_path_problem
 from achilles.errors import AchillesError
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -77,6 +78,12 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A typo'd local --model fails here, before the command modules import torch (seconds).
+    model = argv_model(sys.argv[1:] if argv is None else argv)
+    problem = model_path_problem(model) if model is not None else None
+    if problem is not None:
+        print(f"achilles: error: {problem}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args)
@@ -93,6 +100,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Terminated:
         print("achilles: terminated", file=sys.stderr)
         return 143
+    except (RuntimeError, MemoryError) as e:
+        from achilles.batching import is_oom
+
+        if not is_oom(e):
+            raise
+        print(
+            "achilles: error: out of memory even at batch size 1: use a shorter text, "
+            "another --dtype, --device-map auto, or a machine with more memory",
+            file=sys.stderr,
+        )
+        return 2
 
 
 class _Terminated(BaseException):

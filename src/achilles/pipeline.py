@@ -26,7 +26,7 @@ from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
 from achilles.identify import Identification, identify
 from achilles.io import environment
-from achilles.loading import LoadedModel, inspect_model, load_model, tokenize
+from achilles.loading import LoadedModel, check_token_ids, inspect_model, load_model, tokenize
 from achilles.ranking import Ranking, get_method, rank_units
 from achilles.units import UnitPool, build_pool
 
@@ -53,29 +53,25 @@ def check_clean_forward(lm: LoadedModel, input_ids: torch.Tensor) -> None:
     from achilles.metrics import sequence_nll
 
     model = lm.model
+    check_token_ids(input_ids, model)
     ids = input_ids.to(input_device(model))
     out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
     dtype = str(lm.dtype).removeprefix("torch.")
-    fix = (
-        "try --dtype float32 or --dtype bfloat16"
-        if lm.dtype == torch.float16
-        else "check the weights (a NaN or inf in the checkpoint?)"
-        if lm.dtype == torch.float32
-        else "try --dtype float32"
-    )
+    if lm.dtype == torch.float32:
+        why = "the model is broken (a NaN or inf in its weights?); check the checkpoint"
+    else:
+        alt = "--dtype float32 or --dtype bfloat16" if lm.dtype == torch.float16 else "--dtype float32"
+        why = f"the model overflows in {dtype} or is broken; try {alt}"
     for i, h in enumerate(out.hidden_states or ()):
         if not bool(torch.isfinite(h).all()):
             where = "the embeddings" if i == 0 else f"layer {i - 1}"
             raise AchillesError(
                 f"the clean forward pass is not finite from {where} on ({dtype}), before any "
-                f"masking: the model is broken or overflows in {dtype}; {fix}"
+                f"masking: {why}"
             )
     nll = float(sequence_nll(model, input_ids)[0])
     if not math.isfinite(nll):
-        raise AchillesError(
-            f"the clean NLL of the text is {nll} ({dtype}), before any masking: the model is "
-            f"broken or overflows in {dtype}; {fix}"
-        )
+        raise AchillesError(f"the clean NLL of the text is {nll} ({dtype}), before any masking: {why}")
 
 
 def score_health(flat: torch.Tensor) -> dict[str, int]:
@@ -162,7 +158,7 @@ def preflight(
     """
     skeleton = inspect_model(spec)
     if text is not None:
-        tokenize(skeleton.tokenizer, text)
+        check_token_ids(tokenize(skeleton.tokenizer, text), skeleton.model)
     if rank_config is not None:
         build_pool(skeleton.model, rank_config.pool, rank_config.components)
     if ranking is not None:
