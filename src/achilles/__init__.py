@@ -9,36 +9,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-# Names are imported on first use (PEP 562), so ``achilles --model typo`` can refuse a bad
-# path before torch is imported; ``from achilles import X`` works as usual.
-_EXPORTS = {
-    "achilles.adapters": ("ArchAdapter", "get_adapter", "register_adapter", "supported_model_types"),
-    "achilles.config": ("IdentifyConfig", "ModelSpec", "RankConfig", "TextSpec"),
-    "achilles.errors": ("AchillesError",),
-    "achilles.identify": ("Identification", "MaskEvaluator", "identify"),
-    "achilles.loading": ("LoadedModel", "load_model", "tokenize"),
-    "achilles.masking": ("ChannelMasker", "masked", "zero_weights_"),
-    "achilles.pipeline": ("find", "identify_with", "rank"),
-    "achilles.ranking": ("Ranking", "Scores"),
-    "achilles.units": ("Unit", "UnitPool", "build_pool"),
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str) -> object:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'achilles' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_WHERE])
-
+from achilles.adapters import ArchAdapter, get_adapter, register_adapter, supported_model_types
+from achilles.config import IdentifyConfig, ModelSpec, RankConfig, TextSpec
+from achilles.errors import AchillesError
+from achilles.identify import Identification, MaskEvaluator, identify
+from achilles.loading import LoadedModel, load_model, tokenize
+from achilles.masking import ChannelMasker, masked, zero_weights_
+from achilles.pipeline import find, identify_with, rank
+from achilles.ranking import Ranking, Scores
+from achilles.units import Unit, UnitPool, build_pool
 
 __all__ = [
     "AchillesError",

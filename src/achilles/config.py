@@ -61,7 +61,12 @@ class TextSpec:
         if self.text_file is not None:
             p = Path(self.text_file)
             require(p.is_file(), f"text file not found: {p} (check --text-file)")
-            return p.read_text(encoding="utf-8")
+            try:
+                return p.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise AchillesError(
+                    f"{p} is not UTF-8 text (byte {e.start}): convert it, e.g. iconv -t UTF-8"
+                ) from None
         return self.text  # type: ignore[return-value]
 
 

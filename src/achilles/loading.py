@@ -85,8 +85,8 @@ def _hub_options(spec: ModelSpec) -> dict[str, object]:
     if constants.HF_HUB_OFFLINE or not _hub_reachable():
         if not cached:
             raise AchillesError(
-                f"hub id {spec.model!r} is not in the local cache and the hub is not reachable "
-                "(offline): pass a local model folder to --model, or connect and retry"
+                f"could not load hub id {spec.model!r}: not in the local cache and the hub is "
+                "not reachable (offline): pass a local model folder to --model, or connect"
             )
         return {"local_files_only": True}
     return {}

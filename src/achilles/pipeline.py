@@ -17,6 +17,7 @@ import dataclasses
 import gc
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from achilles.batching import is_oom
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
 from achilles.identify import Identification, identify
-from achilles.io import environment
+from achilles.io import environment, weights_fingerprint
 from achilles.loading import LoadedModel, check_token_ids, inspect_model, load_model, tokenize
 from achilles.ranking import Ranking, get_method, rank_units
 from achilles.units import UnitPool, build_pool
@@ -125,8 +126,85 @@ def rank(
     return ranking, pool
 
 
-def pool_for_ranking(lm: LoadedModel, ranking: Ranking) -> UnitPool:
-    """Rebuild the unit pool a ranking was made over, checking it fits this model."""
+def _model_identity(name: str | None, env: dict[str, Any]) -> dict[str, str | None]:
+    """A model's weights fingerprint (from ``env``) and its resolved path or hub id."""
+    fp = env.get("weights_fingerprint")
+    local = Path(name).expanduser() if name else None
+    return {
+        "weights": fp if isinstance(fp, str) and fp.startswith("sha256:") else None,
+        "path": (str(local.resolve()) if local is not None and local.exists() else name),
+    }
+
+
+def _same_model(a: dict[str, str | None], b: dict[str, str | None]) -> bool | None:
+    """Same weights where both fingerprints are known, else the same resolved path."""
+    if a["weights"] and b["weights"]:
+        return a["weights"] == b["weights"]
+    if a["path"] and b["path"]:
+        return a["path"] == b["path"]
+    return None
+
+
+def run_settings(config: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """The settings two results must share to be compared, mixed or reused for each other.
+
+    Model identity (weights fingerprint, else resolved path), dtype, device type, device
+    map, revision, unit pool and text; another spelling of the same model folder matches.
+    """
+    model = config.get("model") or {}
+    device = env.get("device")
+    return {
+        "model": _model_identity(model.get("model"), env),
+        "dtype": env.get("dtype"),
+        "device": str(device).split(":")[0] if device else None,
+        "device_map": model.get("device_map"),
+        "revision": model.get("revision"),
+        "pool": (config.get("pool") or {}).get("fingerprint"),
+        "text": config.get("text"),
+    }
+
+
+def current_settings(lm: LoadedModel, text: str | None, pool: UnitPool | None) -> dict[str, Any]:
+    """:func:`run_settings` of what ``lm`` would produce now on ``text`` over ``pool``."""
+    config = {
+        "model": _model_record(lm),
+        "text": text,
+        "pool": {"fingerprint": pool.fingerprint} if pool is not None else {},
+    }
+    return run_settings(config, environment(lm.model))
+
+
+def settings_mismatch(
+    got: dict[str, Any], want: dict[str, Any], *, keys: tuple[str, ...] | None = None
+) -> list[str]:
+    """The setting names where ``got`` and ``want`` differ (a ``None`` on either side is unknown)."""
+    out = []
+    for k in keys or tuple(want):
+        a, b = got.get(k), want.get(k)
+        if k == "model" and a is not None and b is not None:
+            if _same_model(a, b) is False:
+                out.append("model")
+        elif a is not None and b is not None and a != b:
+            out.append(k)
+    return out
+
+
+def refuse_mixed(what: str, diff: list[str], *, force: bool, hint: str) -> None:
+    """Raise (or, with ``force``, warn) when results of different settings would be mixed."""
+    if not diff:
+        return
+    msg = f"{what} was made with a different {', '.join(diff)}"
+    if force:
+        logger.warning("%s; using it anyway (--force)", msg)
+        return
+    raise AchillesError(f"{msg}: {hint}, or pass --force")
+
+
+def pool_for_ranking(lm: LoadedModel, ranking: Ranking, *, force: bool = False) -> UnitPool:
+    """Rebuild the unit pool a ranking was made over, checking it fits this model.
+
+    A ranking made on another model (other weights, same shapes) is refused unless ``force``.
+    """
     comps = ranking.pool.get("components")
     pool = build_pool(lm.model, components=comps) if comps else build_pool(lm.model)
     fp = ranking.pool.get("fingerprint")
@@ -137,10 +215,32 @@ def pool_for_ranking(lm: LoadedModel, ranking: Ranking) -> UnitPool:
             f"{ranking.pool.get('n_units')} units), which does not match this model "
             f"({pool.model_type}, {pool.n_units} units): rank this model first"
         )
-    made = ranking.config.get("model", {}).get("model")
-    if made is not None and made != lm.spec.model:
-        logger.warning("ranking was made on %s; applying it to %s (same shapes)", made, lm.spec.model)
+    check_same_model(
+        ranking.config, ranking.env, lm.spec, what="the ranking", force=force,
+        hint="rank this model first",
+    )
     return pool
+
+
+def check_same_model(
+    config: dict[str, Any], env: dict[str, Any], spec: ModelSpec, *, what: str, force: bool,
+    hint: str,
+) -> None:
+    """Refuse (unless ``force``) a result made on other weights than ``spec``'s model.
+
+    Weights are compared by fingerprint where both are known (so another spelling of the
+    path, or a copy of the folder, matches), else by resolved path.
+    """
+    made = (config.get("model") or {}).get("model")
+    local = Path(spec.model).expanduser()
+    fp = weights_fingerprint(spec.model, None) if local.is_dir() else None
+    got = _model_identity(made, env)
+    want = _model_identity(spec.model, {"weights_fingerprint": fp})
+    if _same_model(got, want) is False:
+        refuse_mixed(
+            f"{what} (on {made!r}, not {spec.model!r})", ["model (weights)"],
+            force=force, hint=hint,
+        )
 
 
 def preflight(
@@ -149,6 +249,7 @@ def preflight(
     text: str | None = None,
     rank_config: RankConfig | None = None,
     ranking: Ranking | None = None,
+    force: bool = False,
 ) -> LoadedModel:
     """Validate inputs against the model's config and tokenizer before loading weights.
 
@@ -162,7 +263,7 @@ def preflight(
     if rank_config is not None:
         build_pool(skeleton.model, rank_config.pool, rank_config.components)
     if ranking is not None:
-        pool_for_ranking(skeleton, ranking)
+        pool_for_ranking(skeleton, ranking, force=force)
     return skeleton
 
 
@@ -174,9 +275,10 @@ def identify_with(
     *,
     pool: UnitPool | None = None,
     progress: bool = False,
+    force: bool = False,
 ) -> Identification:
-    """Stage 2 on ``text`` over the prefixes of ``ranking``."""
-    pool = pool or pool_for_ranking(lm, ranking)
+    """Stage 2 on ``text`` over the prefixes of ``ranking`` (one made on another model: ``force``)."""
+    pool = pool or pool_for_ranking(lm, ranking, force=force)
     units = pool.validate(ranking.units)
     input_ids = tokenize(lm.tokenizer, text)
     check_clean_forward(lm, input_ids)

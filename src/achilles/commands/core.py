@@ -69,9 +69,9 @@ def _run_identify(args: argparse.Namespace) -> int:
     text = text_of(args)
     out = check_destination(args.out, "file")
     ranking = Ranking.load(args.ranking)
-    skeleton = preflight(spec, text=text, ranking=ranking)
+    skeleton = preflight(spec, text=text, ranking=ranking, force=args.force)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
-    ident = identify_with(lm, text, ranking, cfg, progress=progress(args))
+    ident = identify_with(lm, text, ranking, cfg, progress=progress(args), force=args.force)
     ident.save(out)
     print(summarize(ident, out))
     return 0
@@ -119,6 +119,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ranking", required=True, help="ranking JSON from `achilles rank`")
     add_identify_options(p)
     p.add_argument("--out", required=True, help="identification JSON to write")
+    p.add_argument("--force", action="store_true",
+                   help="apply a ranking made on another model of the same shapes (default: refused)")
     p.set_defaults(run=_run_identify)
 
     p = sub.add_parser(

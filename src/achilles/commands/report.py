@@ -20,7 +20,18 @@ def _run_report(args: argparse.Namespace) -> int:
     for name in ("ranking.json", "identification.json"):
         if not (run_dir / name).is_file():
             raise AchillesError(f"{run_dir} has no {name}: point at a folder written by `achilles find`")
-    lm = load_model(from_args(ModelSpec, args)) if getattr(args, "model", None) else None
+    lm = None
+    if getattr(args, "model", None):
+        from achilles.io import read_json
+        from achilles.pipeline import check_same_model
+
+        spec = from_args(ModelSpec, args)
+        ident = read_json(run_dir / "identification.json", kind="identification")
+        check_same_model(
+            ident.get("config") or {}, ident.get("env") or {}, spec, what="the run",
+            force=args.force, hint="give the run's own --model",
+        )
+        lm = load_model(spec)
     files = write_report(
         run_dir, lm, top_n=args.top_n, seeds=args.seeds, tolerance=args.tolerance,
         fp32=args.fp32,
@@ -49,6 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="drop in Δ counted as non-monotone (default: 0.1)")
     g.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=None,
                    help="recheck the final set in float32 (default: when the run used bf16/fp16)")
+    g.add_argument("--force", action="store_true",
+                   help="analyse with a --model other than the run's own (default: refused)")
     g.add_argument("--quiet", action="store_true", help="warnings only")
     g.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(run=_run_report)

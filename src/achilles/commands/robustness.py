@@ -32,7 +32,8 @@ def _run(args: argparse.Namespace) -> int:
     for t in texts:
         tokenize(skeleton.tokenizer, t.text)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
-    result = run_robustness(lm, texts, rcfg, icfg, out_dir, top=args.top, progress=progress(args))
+    result = run_robustness(lm, texts, rcfg, icfg, out_dir, top=args.top, progress=progress(args),
+                            force=args.force)
     result.save(out_dir / "robustness.json")
     from achilles.plots.robustness import plot_robustness
 
@@ -59,4 +60,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=100,
                    help="size of the top-of-ranking sets compared (default: %(default)s)")
     p.add_argument("--out-dir", required=True, help="folder to write (reruns reuse finished texts)")
+    p.add_argument("--force", action="store_true",
+                   help="reuse finished texts made with other settings (default: refused)")
     p.set_defaults(run=_run)

@@ -42,7 +42,8 @@ def _run(args: argparse.Namespace) -> int:
     out_dir = claim_out_dir(args, args.out_dir)
     skeleton = preflight(spec, text=text, rank_config=rcfg)  # bad input fails before loading
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
-    result = run_sweep(lm, text, rcfg, icfg, sweep, out_dir, progress=progress(args))
+    result = run_sweep(lm, text, rcfg, icfg, sweep, out_dir, progress=progress(args),
+                       force=args.force)
     result.save(out_dir / "sweep.json")
     from achilles.plots.sweep import plot_sweep
 
@@ -81,4 +82,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top", type=int, default=d.top,
                    help="top-ranked units compared with the reference point (default: %(default)s)")
     p.add_argument("--out-dir", required=True, help="sweep folder to write (reruns resume it)")
+    p.add_argument("--force", action="store_true",
+                   help="reuse finished points made with other settings (default: refused)")
     p.set_defaults(run=_run)
