@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Sequence
 
 from achilles import __version__
@@ -36,8 +37,15 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad options are one stderr line (``achilles: error: ...``, exit 2), like every bad input."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"achilles: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="achilles",
         description="Find the critical neurons of transformer language models "
         "(perturbation ranking + causal identification, arXiv 2510.10238).",

@@ -20,6 +20,8 @@ from achilles.errors import AchillesError, require
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+"""The named device maps accelerate accepts."""
 
 
 def opt(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:  # noqa: A002
@@ -45,6 +47,12 @@ class ModelSpec:
         False, "allow the model folder's own Python code to run (off by default: a security risk)"
     )
 
+    def __post_init__(self) -> None:
+        require(
+            self.device_map is None or self.device_map in DEVICE_MAPS,
+            f"--device-map must be one of {', '.join(DEVICE_MAPS)}, not {self.device_map!r}",
+        )
+
 
 @dataclass(frozen=True)
 class TextSpec:
@@ -52,6 +60,11 @@ class TextSpec:
 
     text: str | None = opt(None, "input text")
     text_file: str | None = opt(None, "file holding the input text (UTF-8)")
+    truncate: bool = opt(
+        False,
+        "cut a text longer than the model's context (max_position_embeddings) to fit, with a "
+        "warning (default: refuse it)",
+    )
 
     def resolve(self) -> str:
         require(
@@ -98,6 +111,10 @@ class RankConfig:
         require(self.samples >= 1, "--samples (K) must be >= 1")
         require(self.keep >= 1, "--keep must be >= 1")
         require(self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1")
+        require(
+            self.components is None or len(self.components) > 0,
+            "--components is empty: give component kinds, e.g. mlp.down,attn.o",
+        )
 
 
 @dataclass(frozen=True)
@@ -129,6 +146,10 @@ class IdentifyConfig:
         require(self.step >= 1, "--step must be >= 1")
         require(self.max_neurons >= 1, "--max-neurons must be >= 1")
         require(self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1")
+        require(
+            not math.isnan(self.curve_until) and self.curve_until > 0,
+            "--curve-until must be a number > 0 (or inf)",
+        )
 
 
 # ---------------------------------------------------------------------------- CLI bridge

@@ -148,6 +148,11 @@ def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedMod
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, local = _source(spec)
+    if spec.device_map and not torch.cuda.is_available():
+        raise AchillesError(
+            f"--device-map {spec.device_map} spreads a model over CUDA GPUs, and none is visible: "
+            "drop --device-map"
+        )
     device = resolve_device("cuda" if spec.device_map else spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     kwargs: dict[str, object] = {
@@ -250,13 +255,57 @@ def check_token_ids(input_ids: torch.Tensor, model: torch.nn.Module) -> None:
         )
 
 
+def context_length(model_or_config: object) -> int | None:
+    """The model's context in tokens (``max_position_embeddings`` / ``n_positions``), if known."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        n = getattr(cfg, name, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def fit_text(tokenizer: object, model: object, text: str, *, truncate: bool = False) -> str:
+    """``text`` if it fits the model's context, else refused, or with ``truncate`` cut to fit.
+
+    A text past the context runs on positions the model never saw (and costs time and
+    memory quadratic in its length), so it is never used silently. The cut keeps the longest
+    prefix of the text whose tokens fit, and says so in a warning.
+    """
+    limit = context_length(model)
+    with _quiet_transformers():
+        n = len(tokenizer(text).input_ids)  # type: ignore[operator]
+    if limit is None or n <= limit:
+        return text
+    if not truncate:
+        raise AchillesError(
+            f"the text is {n} tokens, longer than the model's context of {limit} tokens "
+            f"(max_position_embeddings): shorten it, or pass --truncate to keep the first {limit}"
+        )
+    with _quiet_transformers():
+        lo, hi = 0, len(text)  # bisect for the longest prefix text[:lo] that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(tokenizer(text[:mid]).input_ids) <= limit:  # type: ignore[operator]
+                lo = mid
+            else:
+                hi = mid - 1
+        kept = len(tokenizer(text[:lo]).input_ids)  # type: ignore[operator]
+    logger.warning(
+        "--truncate: the text is %d tokens, the model's context %d; using its first %d "
+        "characters (%d tokens) of %d", n, limit, lo, kept, len(text),
+    )
+    return text[:lo]
+
+
 def tokenize(tokenizer: object, text: str, *, min_tokens: int = MIN_TOKENS) -> torch.Tensor:
     """Token ids ``[1, T]`` of ``text`` with the tokenizer's special tokens (BOS for Llama).
 
     This is what the reference code feeds the model (``tokenizer.encode``); Qwen tokenizers
     add no BOS. Texts shorter than ``min_tokens`` are refused.
     """
-    ids = tokenizer(text, return_tensors="pt").input_ids  # type: ignore[operator]
+    with _quiet_transformers():  # its "longer than the maximum" warning: see fit_text
+        ids = tokenizer(text, return_tensors="pt").input_ids  # type: ignore[operator]
     n = int(ids.shape[1])
     if n < min_tokens:
         raise AchillesError(

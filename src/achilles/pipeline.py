@@ -17,6 +17,7 @@ import dataclasses
 import gc
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,14 @@ from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
 from achilles.identify import Identification, identify
 from achilles.io import environment, weights_fingerprint
-from achilles.loading import LoadedModel, check_token_ids, inspect_model, load_model, tokenize
+from achilles.loading import (
+    LoadedModel,
+    check_token_ids,
+    context_length,
+    inspect_model,
+    load_model,
+    tokenize,
+)
 from achilles.ranking import Ranking, get_method, rank_units
 from achilles.units import UnitPool, build_pool
 
@@ -43,20 +51,29 @@ NONFINITE_REFUSE = 0.5
 
 
 @torch.no_grad()
-def check_clean_forward(lm: LoadedModel, input_ids: torch.Tensor) -> None:
+def check_clean_forward(lm: LoadedModel, input_ids: torch.Tensor) -> float:
     """Refuse a model whose clean (unmasked) forward pass on the text is not finite.
 
     Checks the hidden state after every layer and the NLL: a NaN or inf here means the
     weights are broken or overflow in this dtype, before any unit is masked, so no ranking
-    or critical set measured on it would mean anything.
+    or critical set measured on it would mean anything. A text longer than the model's
+    context is refused too. Returns the seconds the clean forward pass took.
     """
     from achilles.batching import input_device
     from achilles.metrics import sequence_nll
 
     model = lm.model
     check_token_ids(input_ids, model)
+    limit = context_length(model)
+    if limit is not None and input_ids.shape[1] > limit:
+        raise AchillesError(
+            f"the text is {input_ids.shape[1]} tokens, longer than the model's context of {limit}: "
+            "shorten it (or cut it with achilles.loading.fit_text / --truncate)"
+        )
     ids = input_ids.to(input_device(model))
+    start = time.perf_counter()
     out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    seconds = time.perf_counter() - start
     dtype = str(lm.dtype).removeprefix("torch.")
     if lm.dtype == torch.float32:
         why = "the model is broken (a NaN or inf in its weights?); check the checkpoint"
@@ -73,6 +90,27 @@ def check_clean_forward(lm: LoadedModel, input_ids: torch.Tensor) -> None:
     nll = float(sequence_nll(model, input_ids)[0])
     if not math.isfinite(nll):
         raise AchillesError(f"the clean NLL of the text is {nll} ({dtype}), before any masking: {why}")
+    return seconds
+
+
+LONG_RUN_S = 600.0
+"""Stage 1 estimated to take longer than this is announced with its estimate."""
+
+
+def warn_if_long(what: str, passes: int, seconds_per_pass: float) -> None:
+    """Warn with the estimated time when ``passes`` forward passes would take long.
+
+    The estimate is one row per pass at the measured single-row time: an upper bound where
+    batching helps (GPUs), about right on a CPU.
+    """
+    est = passes * seconds_per_pass
+    if est > LONG_RUN_S:
+        hours = est / 3600
+        when = f"{hours:.1f} h" if hours >= 1 else f"{est / 60:.0f} min"
+        logger.warning(
+            "%s: %d forward passes at %.3g s each measured: about %s (up to); Ctrl-C stops it",
+            what, passes, seconds_per_pass, when,
+        )
 
 
 def score_health(flat: torch.Tensor) -> dict[str, int]:
@@ -107,7 +145,8 @@ def rank(
     """Stage 1 (or another ranking method): score every unit of the pool and sort them."""
     pool = build_pool(lm.model, config.pool, config.components)
     input_ids = tokenize(lm.tokenizer, text)
-    check_clean_forward(lm, input_ids)
+    seconds = check_clean_forward(lm, input_ids)
+    warn_if_long(f"stage 1 with --samples {config.samples}", config.samples, seconds)
     method = get_method(config.method)
     torch.manual_seed(config.seed)
     scores = method(lm.model, input_ids, pool, config, progress=progress)

@@ -38,6 +38,14 @@ def text_of(args: argparse.Namespace) -> str:
     return from_args(TextSpec, args).resolve()
 
 
+def fitted_text(args: argparse.Namespace, skeleton: object, text: str) -> str:
+    """``text`` checked against the model's context: refused, or cut with ``--truncate``."""
+    from achilles.loading import fit_text
+
+    return fit_text(skeleton.tokenizer, skeleton.model, text,  # type: ignore[attr-defined]
+                    truncate=getattr(args, "truncate", False))
+
+
 def rank_config(args: argparse.Namespace) -> RankConfig:
     return from_args(RankConfig, args)
 

@@ -10,6 +10,7 @@ from achilles.commands.common import (
     add_common,
     add_rank_options,
     claim_out_dir,
+    fitted_text,
     model_spec,
     progress,
     rank_config,
@@ -52,6 +53,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     corpus = load_corpus(pcfg.data, max_documents=pcfg.max_samples)
     lm = load_model(spec)
     tokenize(lm.tokenizer, text)  # refuse a short ranking text before any work
+    text = fitted_text(args, lm, text)
     ev = evaluator_from_config(
         lm.model, lm.tokenizer, corpus.documents, pcfg, progress=False
     )

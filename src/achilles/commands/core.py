@@ -12,6 +12,7 @@ from achilles.commands.common import (
     add_rank_options,
     check_destination,
     claim_out_dir,
+    fitted_text,
     identify_config,
     model_spec,
     progress,
@@ -55,6 +56,7 @@ def _run_rank(args: argparse.Namespace) -> int:
     text = text_of(args)
     out = check_destination(args.out, "file")
     skeleton = preflight(spec, text=text, rank_config=cfg)
+    text = fitted_text(args, skeleton, text)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     ranking, _ = rank(lm, text, cfg, progress=progress(args))
     ranking.save(out)
@@ -70,6 +72,7 @@ def _run_identify(args: argparse.Namespace) -> int:
     out = check_destination(args.out, "file")
     ranking = Ranking.load(args.ranking)
     skeleton = preflight(spec, text=text, ranking=ranking, force=args.force)
+    text = fitted_text(args, skeleton, text)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     ident = identify_with(lm, text, ranking, cfg, progress=progress(args), force=args.force)
     ident.save(out)
@@ -84,6 +87,7 @@ def _run_find(args: argparse.Namespace) -> int:
     text = text_of(args)
     out_dir = claim_out_dir(args, args.out_dir)
     skeleton = preflight(spec, text=text, rank_config=rcfg)
+    text = fitted_text(args, skeleton, text)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     ranking, ident = find(lm, text, rcfg, icfg, progress=progress(args))
     ranking.save(out_dir / "ranking.json")

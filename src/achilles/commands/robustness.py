@@ -10,6 +10,7 @@ from achilles.commands.common import (
     add_identify_options,
     add_rank_options,
     claim_out_dir,
+    fitted_text,
     identify_config,
     model_spec,
     progress,
@@ -18,7 +19,7 @@ from achilles.commands.common import (
 from achilles.errors import require
 from achilles.loading import load_model, tokenize
 from achilles.pipeline import preflight
-from achilles.experiments.robustness import run_robustness, texts_from_files
+from achilles.experiments.robustness import LabelledText, run_robustness, texts_from_files
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -29,6 +30,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = model_spec(args)
     out_dir = claim_out_dir(args, args.out_dir)
     skeleton = preflight(spec, rank_config=rcfg)  # bad input fails before loading
+    texts = [LabelledText(t.label, fitted_text(args, skeleton, t.text)) for t in texts]
     for t in texts:
         tokenize(skeleton.tokenizer, t.text)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
@@ -55,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(p, text=False)
     p.add_argument("--text-file", dest="text_files", action="append", metavar="FILE",
                    help="an input text (UTF-8); repeat for each text, at least two")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut a text longer than the model's context to fit, with a warning "
+                   "(default: refuse it)")
     add_rank_options(p)  # its --batch-size serves both stages
     add_identify_options(p, prefix_batch=False)
     p.add_argument("--top", type=int, default=100,

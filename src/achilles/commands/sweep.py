@@ -9,6 +9,7 @@ from achilles.commands.common import (
     add_common,
     add_identify_options,
     claim_out_dir,
+    fitted_text,
     identify_config,
     model_spec,
     progress,
@@ -41,6 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     text = text_of(args)
     out_dir = claim_out_dir(args, args.out_dir)
     skeleton = preflight(spec, text=text, rank_config=rcfg)  # bad input fails before loading
+    text = fitted_text(args, skeleton, text)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     result = run_sweep(lm, text, rcfg, icfg, sweep, out_dir, progress=progress(args),
                        force=args.force)
