@@ -623,3 +623,35 @@ def test_probe_plot_without_suffix_gets_png(zoo: Zoo, tmp_path: Path,
     assert code == 0
     assert f"{tmp_path / 'charts' / 'chart.png'}" in capsys.readouterr().out
     assert (tmp_path / "charts" / "chart.png").is_file()
+
+
+# ------------------------------------------------------------------ inf/NaN never crash
+
+
+def test_random_set_spread_with_inf_is_reported_not_raised() -> None:
+    from achilles.analysis.controls import RandomSets
+
+    r = RandomSets(n_units=3, seeds=[0, 1, 2], deltas=[0.1, math.inf, 0.2], delta_set=2.0)
+    assert r.mean == math.inf and math.isnan(r.sd)
+
+
+def test_report_on_a_run_with_an_inf_curve(zoo: Zoo, tmp_path: Path) -> None:
+    """A collapsed prefix (NLL inf) in a saved run: the report is written, the inf shown."""
+    from achilles.report import write_report
+
+    run = _run_copy(zoo, tmp_path)
+    d = json.loads((run / "identification.json").read_text())
+    d["curve"][-1].update(delta="inf", nll="inf", finite=False)
+    d["delta_critical"] = "inf"
+    (run / "identification.json").write_text(json.dumps(d))
+    files = write_report(run)
+    assert "inf" in files.markdown.read_text()
+
+
+def test_non_utf8_data_file_is_one_line(tmp_path: Path) -> None:
+    from achilles.evaluation.data import load_corpus
+
+    f = tmp_path / "d.txt"
+    f.write_bytes(b"caf\xe9 " * 50)
+    with pytest.raises(AchillesError, match="not UTF-8"):
+        load_corpus(str(f))
