@@ -51,15 +51,15 @@ NONFINITE_REFUSE = 0.5
 
 
 @torch.no_grad()
-def check_clean_forward(lm: LoadedModel, input_ids: torch.Tensor) -> float:
+def check_clean_forward(lm: LoadedModel, input_ids: torch.Tensor, pool: UnitPool) -> float:
     """Refuse a model whose clean (unmasked) forward pass on the text is not finite.
 
-    Checks the hidden state after every layer and the NLL: a NaN or inf here means the
-    weights are broken or overflow in this dtype, before any unit is masked, so no ranking
-    or critical set measured on it would mean anything. A text longer than the model's
-    context is refused too. Returns the seconds the clean forward pass took.
+    Watches every site of ``pool`` and the NLL: a NaN or inf here means the weights are
+    broken or overflow in this dtype, before any unit is masked, so no ranking or critical
+    set measured on it would mean anything. A text longer than the model's context is
+    refused too. Returns the seconds the clean forward pass took.
     """
-    from achilles.batching import input_device
+    from achilles.hooks import observed_io
     from achilles.metrics import sequence_nll
 
     model = lm.model
@@ -70,9 +70,18 @@ def check_clean_forward(lm: LoadedModel, input_ids: torch.Tensor) -> float:
             f"the text is {input_ids.shape[1]} tokens, longer than the model's context of {limit}: "
             "shorten it (or cut it with achilles.loading.fit_text / --truncate)"
         )
-    ids = input_ids.to(input_device(model))
+    bad: list[str] = []
+
+    def watch(site: str):  # noqa: ANN202
+        def fn(_x: torch.Tensor, out: torch.Tensor) -> None:
+            if not bad and not bool(torch.isfinite(out).all()):
+                bad.append(site)
+        return fn
+
+    sites = {s.module: s for s in pool.sites}
     start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    with observed_io(model, {name: watch(name) for name in sites}):
+        nll = float(sequence_nll(model, input_ids)[0])
     seconds = time.perf_counter() - start
     dtype = str(lm.dtype).removeprefix("torch.")
     if lm.dtype == torch.float32:
@@ -80,14 +89,12 @@ def check_clean_forward(lm: LoadedModel, input_ids: torch.Tensor) -> float:
     else:
         alt = "--dtype float32 or --dtype bfloat16" if lm.dtype == torch.float16 else "--dtype float32"
         why = f"the model overflows in {dtype} or is broken; try {alt}"
-    for i, h in enumerate(out.hidden_states or ()):
-        if not bool(torch.isfinite(h).all()):
-            where = "the embeddings" if i == 0 else f"layer {i - 1}"
-            raise AchillesError(
-                f"the clean forward pass is not finite from {where} on ({dtype}), before any "
-                f"masking: {why}"
-            )
-    nll = float(sequence_nll(model, input_ids)[0])
+    if bad:
+        s = sites[bad[0]]
+        raise AchillesError(
+            f"the clean forward pass is not finite from layer {s.layer} ({s.component}) on "
+            f"({dtype}), before any masking: {why}"
+        )
     if not math.isfinite(nll):
         raise AchillesError(f"the clean NLL of the text is {nll} ({dtype}), before any masking: {why}")
     return seconds
@@ -145,7 +152,7 @@ def rank(
     """Stage 1 (or another ranking method): score every unit of the pool and sort them."""
     pool = build_pool(lm.model, config.pool, config.components)
     input_ids = tokenize(lm.tokenizer, text)
-    seconds = check_clean_forward(lm, input_ids)
+    seconds = check_clean_forward(lm, input_ids, pool)
     warn_if_long(f"stage 1 with --samples {config.samples}", config.samples, seconds)
     method = get_method(config.method)
     torch.manual_seed(config.seed)
@@ -320,7 +327,7 @@ def identify_with(
     pool = pool or pool_for_ranking(lm, ranking, force=force)
     units = pool.validate(ranking.units)
     input_ids = tokenize(lm.tokenizer, text)
-    check_clean_forward(lm, input_ids)
+    check_clean_forward(lm, input_ids, pool)
     result = identify(lm.model, input_ids, pool, units, config, progress=progress)
     if config.fp32_check and lm.dtype != torch.float32:
         result.fp32_check = fp32_check(lm, text, pool, result)
