@@ -655,3 +655,36 @@ def test_non_utf8_data_file_is_one_line(tmp_path: Path) -> None:
     f.write_bytes(b"caf\xe9 " * 50)
     with pytest.raises(AchillesError, match="not UTF-8"):
         load_corpus(str(f))
+
+
+# ------------------------------------------------------------------------- CPU memory
+
+
+CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 93824992 bytes."
+
+
+def test_cpu_allocation_failure_backs_off_then_is_one_line(
+    zoo: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from achilles.batching import is_oom, run_batched
+
+    assert is_oom(RuntimeError(CPU_OOM)) and is_oom(MemoryError()) and not is_oom(RuntimeError("x"))
+    seen: list[int] = []
+
+    def fn(chunk) -> None:  # noqa: ANN001
+        if len(chunk) > 2:
+            raise RuntimeError(CPU_OOM)
+        seen.extend(chunk)
+
+    assert run_batched(list(range(7)), fn, 8) == 2 and seen == list(range(7))
+
+    def always(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr("achilles.pipeline.get_method", lambda name: always)
+    capsys.readouterr()
+    out = tmp_path / "r.json"
+    assert main(["rank", "--model", str(zoo.tiny), "--text", TEXT, "--samples", "2",
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory" in err[0] and not out.exists()

@@ -43,7 +43,7 @@ def _read_optional(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
         logger.warning("ignoring %s: %s", path, e)
         return None
     return data if isinstance(data, dict) else None
