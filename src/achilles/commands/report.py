@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from achilles.commands.common import claim_out_dir
 from achilles.config import ModelSpec, add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.loading import load_model
@@ -20,6 +21,7 @@ def _run_report(args: argparse.Namespace) -> int:
     for name in ("ranking.json", "identification.json"):
         if not (run_dir / name).is_file():
             raise AchillesError(f"{run_dir} has no {name}: point at a folder written by `achilles find`")
+    claim_out_dir(args, run_dir, flag="RUN_DIR")  # no second report (or find) writing into it
     lm = None
     if getattr(args, "model", None):
         from achilles.io import read_json
