@@ -688,3 +688,23 @@ def test_cpu_allocation_failure_backs_off_then_is_one_line(
                  "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "out of memory" in err[0] and not out.exists()
+
+
+def test_sigterm_mid_run_leaves_no_folder_and_exits_143(tmp_path: Path) -> None:
+    """SIGTERM while stage 1 runs: the claimed out-dir (made by this run) is removed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "achilles", "find", "--model", str(SINK), "--text", TEXT,
+         "--samples", "100000", "--out-dir", str(out), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    deadline = time.monotonic() + 90
+    while not (out / io.LOCK_NAME).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the model load / stage 1
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "achilles: terminated"
+    assert list(tmp_path.iterdir()) == []
