@@ -25,12 +25,12 @@ CPU_TOKENS_PER_BATCH = 4096
 
 
 def is_oom(e: BaseException) -> bool:
-    """Whether ``e`` is an out-of-memory error: an accelerator's, or the CPU allocator's."""
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+    """Whether ``e`` is an accelerator out-of-memory error."""
+    if isinstance(e, torch.OutOfMemoryError):
         return True
-    msg = str(e).lower()
-    return isinstance(e, RuntimeError) and (
-        "out of memory" in msg or "can't allocate memory" in msg  # DefaultCPUAllocator
+    msg = str(e).lower()  # also the CPU allocator's: MemoryError, "can't allocate memory"
+    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and (
+        "out of memory" in msg or "can't allocate memory" in msg
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -244,14 +244,14 @@ def identify(
     n_max = min(config.max_neurons, len(ranking))
     if n_max < 1:
         raise AchillesError("the ranking holds no units: nothing to mask (rank again)")
-    step = min(config.step, n_max)  # a step past n_max would evaluate no prefix at all
-    if step != config.step:
-        logger.warning("--step %d > %d units to try: using step %d", config.step, n_max, step)
+    if config.step > n_max:  # a step past n_max would evaluate no prefix at all
+        logger.warning("--step %d > %d units to try: using step %d", config.step, n_max, n_max)
+        config = replace(config, step=n_max)
     candidates = list(ranking[:n_max])
     modules = list(dict.fromkeys(u.module for u in candidates))
     ev = MaskEvaluator(
         model, pool, input_ids, modules=modules, batch_size=config.batch_size,
-        rows_hint=max(1, n_max // step),
+        rows_hint=max(1, n_max // config.step),
     )
     seen: dict[int, Measurement] = {}
     bar = tqdm(total=n_max, desc="stage 2: masking prefixes", disable=not progress)
@@ -270,12 +270,12 @@ def identify(
             prefix_objective,
             epsilon=config.epsilon,
             n_max=n_max,
-            step=step,
+            step=config.step,
             batch=ev.batch_size,
             continue_until=config.curve_until,
         )
     else:
-        trace = bisect_search(prefix_objective, epsilon=config.epsilon, n_max=n_max, step=step)
+        trace = bisect_search(prefix_objective, epsilon=config.epsilon, n_max=n_max, step=config.step)
     bar.close()
     if not seen:
         raise AchillesError("stage 2 evaluated no prefix: nothing was measured (check --step and --max-neurons)")

@@ -16,9 +16,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import math
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +56,9 @@ def check_clean_forward(lm: LoadedModel, input_ids: torch.Tensor, pool: UnitPool
     set measured on it would mean anything. A text longer than the model's context is
     refused too. Returns the seconds the clean forward pass took.
     """
+    import math
+    import time
+
     from achilles.hooks import observed_io
     from achilles.metrics import sequence_nll
 
@@ -174,6 +174,8 @@ def rank(
 
 def _model_identity(name: str | None, env: dict[str, Any]) -> dict[str, str | None]:
     """A model's weights fingerprint (from ``env``) and its resolved path or hub id."""
+    from pathlib import Path
+
     fp = env.get("weights_fingerprint")
     local = Path(name).expanduser() if name else None
     return {
@@ -246,10 +248,10 @@ def refuse_mixed(what: str, diff: list[str], *, force: bool, hint: str) -> None:
     raise AchillesError(f"{msg}: {hint}, or pass --force")
 
 
-def pool_for_ranking(lm: LoadedModel, ranking: Ranking, *, force: bool = False) -> UnitPool:
-    """Rebuild the unit pool a ranking was made over, checking it fits this model.
+def pool_for_ranking(lm: LoadedModel, ranking: Ranking) -> UnitPool:
+    """Rebuild the unit pool a ranking was made over, checking it fits this model's shapes.
 
-    A ranking made on another model (other weights, same shapes) is refused unless ``force``.
+    Whether it was made on these weights is :func:`check_same_model`'s question.
     """
     comps = ranking.pool.get("components")
     pool = build_pool(lm.model, components=comps) if comps else build_pool(lm.model)
@@ -261,10 +263,6 @@ def pool_for_ranking(lm: LoadedModel, ranking: Ranking, *, force: bool = False) 
             f"{ranking.pool.get('n_units')} units), which does not match this model "
             f"({pool.model_type}, {pool.n_units} units): rank this model first"
         )
-    check_same_model(
-        ranking.config, ranking.env, lm.spec, what="the ranking", force=force,
-        hint="rank this model first",
-    )
     return pool
 
 
@@ -277,6 +275,8 @@ def check_same_model(
     Weights are compared by fingerprint where both are known (so another spelling of the
     path, or a copy of the folder, matches), else by resolved path.
     """
+    from pathlib import Path
+
     made = (config.get("model") or {}).get("model")
     local = Path(spec.model).expanduser()
     fp = weights_fingerprint(spec.model, None) if local.is_dir() else None
@@ -309,7 +309,9 @@ def preflight(
     if rank_config is not None:
         build_pool(skeleton.model, rank_config.pool, rank_config.components)
     if ranking is not None:
-        pool_for_ranking(skeleton, ranking, force=force)
+        pool_for_ranking(skeleton, ranking)
+        check_same_model(ranking.config, ranking.env, spec, what="the ranking", force=force,
+                         hint="rank this model first")
     return skeleton
 
 
@@ -320,12 +322,14 @@ def identify_with(
     config: IdentifyConfig,
     *,
     pool: UnitPool | None = None,
+    force: bool = False,  # apply a ranking made on other weights of the same shapes
     progress: bool = False,
-    force: bool = False,
 ) -> Identification:
-    """Stage 2 on ``text`` over the prefixes of ``ranking`` (one made on another model: ``force``)."""
-    pool = pool or pool_for_ranking(lm, ranking, force=force)
+    """Stage 2 on ``text`` over the prefixes of ``ranking``."""
+    pool = pool or pool_for_ranking(lm, ranking)
     units = pool.validate(ranking.units)
+    check_same_model(ranking.config, ranking.env, lm.spec, what="the ranking", force=force,
+                     hint="rank this model first")
     input_ids = tokenize(lm.tokenizer, text)
     check_clean_forward(lm, input_ids, pool)
     result = identify(lm.model, input_ids, pool, units, config, progress=progress)
