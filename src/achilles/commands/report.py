@@ -21,19 +21,18 @@ def _run_report(args: argparse.Namespace) -> int:
     for name in ("ranking.json", "identification.json"):
         if not (run_dir / name).is_file():
             raise AchillesError(f"{run_dir} has no {name}: point at a folder written by `achilles find`")
-    claim_out_dir(args, run_dir, flag="RUN_DIR")  # no second report (or find) writing into it
-    lm = None
-    if getattr(args, "model", None):
+    spec = from_args(ModelSpec, args) if getattr(args, "model", None) else None
+    if spec is not None:
         from achilles.io import read_json
         from achilles.pipeline import check_same_model
 
-        spec = from_args(ModelSpec, args)
         ident = read_json(run_dir / "identification.json", kind="identification")
         check_same_model(
             ident.get("config") or {}, ident.get("env") or {}, spec, what="the run",
             force=args.force, hint="give the run's own --model",
         )
-        lm = load_model(spec)
+    claim_out_dir(args, run_dir, flag="RUN_DIR")  # no second report or find writing into it
+    lm = load_model(spec) if spec is not None else None
     files = write_report(
         run_dir, lm, top_n=args.top_n, seeds=args.seeds, tolerance=args.tolerance,
         fp32=args.fp32,
