@@ -75,8 +75,8 @@ class RandomSets:
     def sd(self) -> float | None:
         if len(self.deltas) <= 1:
             return None
-        if not all(math.isfinite(d) for d in self.deltas):
-            return math.nan  # statistics.stdev raises on inf; a non-finite spread is reported
+        if not all(abs(d) < float("inf") for d in self.deltas):  # False for NaN too
+            return float("nan")  # statistics.stdev raises on inf; a non-finite spread is reported
         return statistics.stdev(self.deltas)
 
     @property
