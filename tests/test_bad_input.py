@@ -215,6 +215,8 @@ CASES: dict[str, tuple[Case, str]] = {
     "model-nan-weight": (lambda z, w: _find(z, w, model=z.models["nan"]), "not finite from layer 3"),
     "model-fp16-overflow": (lambda z, w: _find(z, w, "--dtype", "float16", model=z.models["fp16"]),
                             "overflows in float16"),
+    "scores-all-nan-fp16": (lambda z, w: _rank(z, w, "--dtype", "float16", "--alpha", "1e6", model=SINK),
+                            "the ranking would be mostly arbitrary"),
     "tokenizer-ids-past-vocab": (lambda z, w: _rank(z, w, model=z.models["vocab"]), "vocabulary has 64"),
     "device-map-bogus": (lambda z, w: _rank(z, w, "--device-map", "bogus"), "--device-map must be one of"),
     # option values
