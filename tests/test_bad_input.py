@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -710,3 +711,23 @@ def test_sigterm_mid_run_leaves_no_folder_and_exits_143(tmp_path: Path) -> None:
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "achilles: terminated"
     assert list(tmp_path.iterdir()) == []
+
+
+WRITES = re.compile(
+    r"write_text\(|write_bytes\(|savefig\(|save_file\(|save_pretrained\(|torch\.save\("
+    r"|open\([^)]*['\"][wax]b?\+?['\"]"
+)
+ATOMIC_WRITERS = {"io.py": "the atomic writer itself", "plots/__init__.py": "savefig to its temp path"}
+
+
+def test_every_file_the_package_writes_goes_through_the_atomic_writer() -> None:
+    """No module writes a result file directly: JSON, text, figures and weights all go
+    through ``io.atomic_write`` / ``io.atomic_path`` (so a new command cannot forget it)."""
+    src = REPO / "src" / "achilles"
+    direct = []
+    for path in sorted(src.rglob("*.py")):
+        rel = path.relative_to(src).as_posix()
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if WRITES.search(line) and rel not in ATOMIC_WRITERS and "# atomic:" not in line:
+                direct.append(f"{rel}:{i}: {line.strip()}")
+    assert not direct, "write through achilles.io.atomic_path instead:\n" + "\n".join(direct)
