@@ -20,8 +20,6 @@ from achilles.errors import AchillesError, require
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-"""The named device maps accelerate accepts."""
 
 
 def opt(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:  # noqa: A002
@@ -46,12 +44,6 @@ class ModelSpec:
     trust_remote_code: bool = opt(
         False, "allow the model folder's own Python code to run (off by default: a security risk)"
     )
-
-    def __post_init__(self) -> None:
-        require(
-            self.device_map is None or self.device_map in DEVICE_MAPS,
-            f"--device-map must be one of {', '.join(DEVICE_MAPS)}, not {self.device_map!r}",
-        )
 
 
 @dataclass(frozen=True)

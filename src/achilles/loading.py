@@ -55,6 +55,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+"""The named device maps accelerate accepts."""
+
 HUB_TIMEOUT_S = 3.0
 """How long the hub may take to answer a connection before a hub id is refused as unreachable."""
 
@@ -116,6 +119,10 @@ def _source(spec: ModelSpec) -> tuple[str, Path]:
     problem = model_path_problem(name)
     if problem is not None:
         raise AchillesError(problem)
+    if spec.device_map is not None and spec.device_map not in DEVICE_MAPS:
+        raise AchillesError(
+            f"--device-map must be one of {', '.join(DEVICE_MAPS)}, not {spec.device_map!r}"
+        )
     return (str(local) if local.exists() else name), local
 
 

@@ -172,82 +172,6 @@ def rank(
     return ranking, pool
 
 
-def _model_identity(name: str | None, env: dict[str, Any]) -> dict[str, str | None]:
-    """A model's weights fingerprint (from ``env``) and its resolved path or hub id."""
-    from pathlib import Path
-
-    fp = env.get("weights_fingerprint")
-    local = Path(name).expanduser() if name else None
-    return {
-        "weights": fp if isinstance(fp, str) and fp.startswith("sha256:") else None,
-        "path": (str(local.resolve()) if local is not None and local.exists() else name),
-    }
-
-
-def _same_model(a: dict[str, str | None], b: dict[str, str | None]) -> bool | None:
-    """Same weights where both fingerprints are known, else the same resolved path."""
-    if a["weights"] and b["weights"]:
-        return a["weights"] == b["weights"]
-    if a["path"] and b["path"]:
-        return a["path"] == b["path"]
-    return None
-
-
-def run_settings(config: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-    """The settings two results must share to be compared, mixed or reused for each other.
-
-    Model identity (weights fingerprint, else resolved path), dtype, device type, device
-    map, revision, unit pool and text; another spelling of the same model folder matches.
-    """
-    model = config.get("model") or {}
-    device = env.get("device")
-    return {
-        "model": _model_identity(model.get("model"), env),
-        "dtype": env.get("dtype"),
-        "device": str(device).split(":")[0] if device else None,
-        "device_map": model.get("device_map"),
-        "revision": model.get("revision"),
-        "pool": (config.get("pool") or {}).get("fingerprint"),
-        "text": config.get("text"),
-    }
-
-
-def current_settings(lm: LoadedModel, text: str | None, pool: UnitPool | None) -> dict[str, Any]:
-    """:func:`run_settings` of what ``lm`` would produce now on ``text`` over ``pool``."""
-    config = {
-        "model": _model_record(lm),
-        "text": text,
-        "pool": {"fingerprint": pool.fingerprint} if pool is not None else {},
-    }
-    return run_settings(config, environment(lm.model))
-
-
-def settings_mismatch(
-    got: dict[str, Any], want: dict[str, Any], *, keys: tuple[str, ...] | None = None
-) -> list[str]:
-    """The setting names where ``got`` and ``want`` differ (a ``None`` on either side is unknown)."""
-    out = []
-    for k in keys or tuple(want):
-        a, b = got.get(k), want.get(k)
-        if k == "model" and a is not None and b is not None:
-            if _same_model(a, b) is False:
-                out.append("model")
-        elif a is not None and b is not None and a != b:
-            out.append(k)
-    return out
-
-
-def refuse_mixed(what: str, diff: list[str], *, force: bool, hint: str) -> None:
-    """Raise (or, with ``force``, warn) when results of different settings would be mixed."""
-    if not diff:
-        return
-    msg = f"{what} was made with a different {', '.join(diff)}"
-    if force:
-        logger.warning("%s; using it anyway (--force)", msg)
-        return
-    raise AchillesError(f"{msg}: {hint}, or pass --force")
-
-
 def pool_for_ranking(lm: LoadedModel, ranking: Ranking) -> UnitPool:
     """Rebuild the unit pool a ranking was made over, checking it fits this model's shapes.
 
@@ -408,3 +332,79 @@ def find(
     ranking, pool = rank(lm, text, rank_config, progress=progress)
     ident = identify_with(lm, text, ranking, identify_config, pool=pool, progress=progress)
     return ranking, ident
+
+
+def _model_identity(name: str | None, env: dict[str, Any]) -> dict[str, str | None]:
+    """A model's weights fingerprint (from ``env``) and its resolved path or hub id."""
+    from pathlib import Path
+
+    fp = env.get("weights_fingerprint")
+    local = Path(name).expanduser() if name else None
+    return {
+        "weights": fp if isinstance(fp, str) and fp.startswith("sha256:") else None,
+        "path": (str(local.resolve()) if local is not None and local.exists() else name),
+    }
+
+
+def _same_model(a: dict[str, str | None], b: dict[str, str | None]) -> bool | None:
+    """Same weights where both fingerprints are known, else the same resolved path."""
+    if a["weights"] and b["weights"]:
+        return a["weights"] == b["weights"]
+    if a["path"] and b["path"]:
+        return a["path"] == b["path"]
+    return None
+
+
+def run_settings(config: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """The settings two results must share to be compared, mixed or reused for each other.
+
+    Model identity (weights fingerprint, else resolved path), dtype, device type, device
+    map, revision, unit pool and text; another spelling of the same model folder matches.
+    """
+    model = config.get("model") or {}
+    device = env.get("device")
+    return {
+        "model": _model_identity(model.get("model"), env),
+        "dtype": env.get("dtype"),
+        "device": str(device).split(":")[0] if device else None,
+        "device_map": model.get("device_map"),
+        "revision": model.get("revision"),
+        "pool": (config.get("pool") or {}).get("fingerprint"),
+        "text": config.get("text"),
+    }
+
+
+def current_settings(lm: LoadedModel, text: str | None, pool: UnitPool | None) -> dict[str, Any]:
+    """:func:`run_settings` of what ``lm`` would produce now on ``text`` over ``pool``."""
+    config = {
+        "model": _model_record(lm),
+        "text": text,
+        "pool": {"fingerprint": pool.fingerprint} if pool is not None else {},
+    }
+    return run_settings(config, environment(lm.model))
+
+
+def settings_mismatch(
+    got: dict[str, Any], want: dict[str, Any], *, keys: tuple[str, ...] | None = None
+) -> list[str]:
+    """The setting names where ``got`` and ``want`` differ (a ``None`` on either side is unknown)."""
+    out = []
+    for k in keys or tuple(want):
+        a, b = got.get(k), want.get(k)
+        if k == "model" and a is not None and b is not None:
+            if _same_model(a, b) is False:
+                out.append("model")
+        elif a is not None and b is not None and a != b:
+            out.append(k)
+    return out
+
+
+def refuse_mixed(what: str, diff: list[str], *, force: bool, hint: str) -> None:
+    """Raise (or, with ``force``, warn) when results of different settings would be mixed."""
+    if not diff:
+        return
+    msg = f"{what} was made with a different {', '.join(diff)}"
+    if force:
+        logger.warning("%s; using it anyway (--force)", msg)
+        return
+    raise AchillesError(f"{msg}: {hint}, or pass --force")

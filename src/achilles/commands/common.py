@@ -38,14 +38,6 @@ def text_of(args: argparse.Namespace) -> str:
     return from_args(TextSpec, args).resolve()
 
 
-def fitted_text(args: argparse.Namespace, skeleton: object, text: str) -> str:
-    """``text`` checked against the model's context: refused, or cut with ``--truncate``."""
-    from achilles.loading import fit_text
-
-    return fit_text(skeleton.tokenizer, skeleton.model, text,  # type: ignore[attr-defined]
-                    truncate=getattr(args, "truncate", False))
-
-
 def rank_config(args: argparse.Namespace) -> RankConfig:
     return from_args(RankConfig, args)
 
@@ -79,3 +71,11 @@ def claim_out_dir(args: argparse.Namespace, path: str | Path, *, flag: str = "--
 
 def progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "quiet", False)
+
+
+def fitted_text(args: argparse.Namespace, skeleton: object, text: str) -> str:
+    """``text`` checked against the model's context: refused, or cut with ``--truncate``."""
+    from achilles.loading import fit_text
+
+    return fit_text(skeleton.tokenizer, skeleton.model, text,  # type: ignore[attr-defined]
+                    truncate=getattr(args, "truncate", False))

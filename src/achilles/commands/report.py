@@ -14,25 +14,31 @@ from achilles.loading import load_model
 logger = logging.getLogger(__name__)
 
 
+def _check_run_model(args: argparse.Namespace, run_dir: Path) -> None:
+    """Refuse ``--model`` naming other weights than the run's, unless ``--force``."""
+    if not getattr(args, "model", None) or not (run_dir / "identification.json").is_file():
+        return
+    from achilles.io import read_json
+    from achilles.pipeline import check_same_model
+
+    ident = read_json(run_dir / "identification.json", kind="identification")
+    check_same_model(
+        ident.get("config") or {}, ident.get("env") or {}, from_args(ModelSpec, args),
+        what="the run", force=args.force, hint="give the run's own --model",
+    )
+
+
 def _run_report(args: argparse.Namespace) -> int:
     from achilles.report import write_report
 
     run_dir = Path(args.run_dir)
+    _check_run_model(args, run_dir)  # before RUN_DIR is claimed: a refusal leaves it untouched
+    claim_out_dir(args, run_dir, flag="RUN_DIR")  # no second report or find writing into it
+
     for name in ("ranking.json", "identification.json"):
         if not (run_dir / name).is_file():
             raise AchillesError(f"{run_dir} has no {name}: point at a folder written by `achilles find`")
-    spec = from_args(ModelSpec, args) if getattr(args, "model", None) else None
-    if spec is not None:
-        from achilles.io import read_json
-        from achilles.pipeline import check_same_model
-
-        ident = read_json(run_dir / "identification.json", kind="identification")
-        check_same_model(
-            ident.get("config") or {}, ident.get("env") or {}, spec, what="the run",
-            force=args.force, hint="give the run's own --model",
-        )
-    claim_out_dir(args, run_dir, flag="RUN_DIR")  # no second report or find writing into it
-    lm = load_model(spec) if spec is not None else None
+    lm = load_model(from_args(ModelSpec, args)) if getattr(args, "model", None) else None
     files = write_report(
         run_dir, lm, top_n=args.top_n, seeds=args.seeds, tolerance=args.tolerance,
         fp32=args.fp32,
