@@ -14,20 +14,6 @@ from achilles.loading import load_model
 logger = logging.getLogger(__name__)
 
 
-def _check_run_model(args: argparse.Namespace, run_dir: Path) -> None:
-    """Refuse ``--model`` naming other weights than the run's, unless ``--force``."""
-    if not getattr(args, "model", None) or not (run_dir / "identification.json").is_file():
-        return
-    from achilles.io import read_json
-    from achilles.pipeline import check_same_model
-
-    ident = read_json(run_dir / "identification.json", kind="identification")
-    check_same_model(
-        ident.get("config") or {}, ident.get("env") or {}, from_args(ModelSpec, args),
-        what="the run", force=args.force, hint="give the run's own --model",
-    )
-
-
 def _run_report(args: argparse.Namespace) -> int:
     from achilles.report import write_report
 
@@ -72,3 +58,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--quiet", action="store_true", help="warnings only")
     g.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(run=_run_report)
+
+
+def _check_run_model(args: argparse.Namespace, run_dir: Path) -> None:
+    """Refuse ``--model`` naming other weights than the run's, unless ``--force``."""
+    if not getattr(args, "model", None) or not (run_dir / "identification.json").is_file():
+        return
+    from achilles.io import read_json
+    from achilles.pipeline import check_same_model
+
+    ident = read_json(run_dir / "identification.json", kind="identification")
+    check_same_model(
+        ident.get("config") or {}, ident.get("env") or {}, from_args(ModelSpec, args),
+        what="the run", force=args.force, hint="give the run's own --model",
+    )
