@@ -93,7 +93,7 @@ def test_probe_levels_option_and_errors(run: tuple[Path, Path], tmp_path: Path,
     capsys.readouterr()
 
     bad = tmp_path / "bad.json"
-    base = ["probe", "--model", str(tmp_path / "no-model"), "--prompt", PROMPT,
+    base = ["probe", "--model", str(model_dir), "--prompt", PROMPT,
             "--target", TARGET, "--out", str(bad)]
     assert main([*base, "--mask", str(ident_file), "--levels", "0,999"]) == 2
     assert "exceeds" in capsys.readouterr().err

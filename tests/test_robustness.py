@@ -77,10 +77,11 @@ def test_robustness_report(robust: Path) -> None:
     assert (robust / "robustness.png").stat().st_size > 5000
 
 
-def test_robustness_needs_two_texts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_robustness_needs_two_texts(tmp_path: Path, tiny_dir: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "one.txt"
     f.write_text(TEXT, encoding="utf-8")
-    code = main(["robustness", "--model", str(tmp_path / "nope"), "--text-file", str(f),
+    code = main(["robustness", "--model", str(tiny_dir), "--text-file", str(f),
                  "--out-dir", str(tmp_path / "out")])
     assert code == 2
     err = capsys.readouterr().err
@@ -89,7 +90,7 @@ def test_robustness_needs_two_texts(tmp_path: Path, capsys: pytest.CaptureFixtur
     g = tmp_path / "sub"
     g.mkdir()
     (g / "one.txt").write_text(TEXT, encoding="utf-8")
-    code = main(["robustness", "--model", str(tmp_path / "nope"), "--text-file", str(f),
+    code = main(["robustness", "--model", str(tiny_dir), "--text-file", str(f),
                  "--text-file", str(g / "one.txt"), "--out-dir", str(tmp_path / "out")])
     assert code == 2 and "label" in capsys.readouterr().err
 

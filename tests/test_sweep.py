@@ -126,10 +126,10 @@ def test_sweep_end_to_end_and_resume(model_dir: Path, text_file: Path, tmp_path:
     assert "different identify" in capsys.readouterr().err
 
 
-def test_sweep_bad_input_fails_before_loading(tmp_path: Path, text_file: Path,
+def test_sweep_bad_input_fails_before_loading(tmp_path: Path, text_file: Path, tiny_dir: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bad"
-    base = ["sweep", "--model", str(tmp_path / "no-such-model"), "--text-file", str(text_file),
+    base = ["sweep", "--model", str(tiny_dir), "--text-file", str(text_file),
             "--out-dir", str(out)]
     assert main([*base, "--alpha", "1,abc"]) == 2
     err = capsys.readouterr().err

@@ -29,7 +29,10 @@ def is_oom(e: BaseException) -> bool:
     """Whether ``e`` is an accelerator out-of-memory error."""
     if isinstance(e, torch.cuda.OutOfMemoryError):  # also spelled torch.OutOfMemoryError (2.5+)
         return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    msg = str(e).lower()  # also the CPU allocator's: MemoryError, "can't allocate memory"
+    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and (
+        "out of memory" in msg or "can't allocate memory" in msg
+    )
 
 
 _is_oom = is_oom
@@ -159,7 +162,7 @@ def run_batched(
             fn(chunk)
         except Exception as e:  # noqa: BLE001 - re-raised unless it is an OOM
             if not _is_oom(e) or batch_size == 1:
-                raise
+                raise  # the CLI reports an OOM at batch size 1 in one line
             oom = True
         if oom:
             # Outside the except block: the exception's traceback (and the activations its

@@ -9,13 +9,18 @@ on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
+import typing
 from collections.abc import Sequence
 
 from achilles import __version__
+from achilles.checks import argv_model, model_path_problem
 from achilles.errors import AchillesError
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -34,8 +39,15 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad options are one stderr line (``achilles: error: ...``, exit 2), like every bad input."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"achilles: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="achilles",
         description="Find the critical neurons of transformer language models "
         "(perturbation ranking + causal identification, arXiv 2510.10238).",
@@ -76,17 +88,59 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A typo'd local --model fails here, before the command modules import torch (seconds).
+    model = argv_model(sys.argv[1:] if argv is None else argv)
+    problem = model_path_problem(model) if model is not None else None
+    if problem is not None:
+        print(f"achilles: error: {problem}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args)
     try:
-        return int(args.run(args) or 0)
+        with _sigterm_as_exit(), contextlib.ExitStack() as stack:
+            args.exit_stack = stack  # output folders claimed by the command, released at exit
+            return int(args.run(args) or 0)
     except AchillesError as e:
         print(f"achilles: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("achilles: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("achilles: terminated", file=sys.stderr)
+        return 143
+    except (RuntimeError, MemoryError) as e:
+        from achilles.batching import is_oom
+
+        if not is_oom(e):
+            raise
+        print(
+            "achilles: error: out of memory even at batch size 1: use a shorter text, "
+            "another --dtype, --device-map auto, or a machine with more memory",
+            file=sys.stderr,
+        )
+        return 2
+
+
+class _Terminated(BaseException):
+    """SIGTERM: unwind like Ctrl-C, so temp files and claimed folders are cleaned up."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():  # noqa: ANN202
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def entry() -> None:

@@ -88,6 +88,11 @@ class TextSpec:
 
     text: str | None = opt(None, "input text")
     text_file: str | None = opt(None, "file holding the input text (UTF-8)")
+    truncate: bool = opt(
+        False,
+        "cut a text longer than the model's context (max_position_embeddings) to fit, with a "
+        "warning (default: refuse it)",
+    )
 
     def resolve(self) -> str:
         require(
@@ -97,7 +102,12 @@ class TextSpec:
         if self.text_file is not None:
             p = Path(self.text_file)
             require(p.is_file(), f"text file not found: {p} (check --text-file)")
-            return p.read_text(encoding="utf-8")
+            try:
+                return p.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise AchillesError(
+                    f"{p} is not UTF-8 text (byte {e.start}): convert it, e.g. iconv -t UTF-8"
+                ) from None
         return self.text  # type: ignore[return-value]
 
 
@@ -129,6 +139,10 @@ class RankConfig:
         require(self.samples >= 1, "--samples (K) must be >= 1")
         require(self.keep >= 1, "--keep must be >= 1")
         require(self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1")
+        require(
+            self.components is None or len(self.components) > 0,
+            "--components is empty: give component kinds, e.g. mlp.down,attn.o",
+        )
 
 
 @dataclass(frozen=True)
@@ -160,6 +174,10 @@ class IdentifyConfig:
         require(self.step >= 1, "--step must be >= 1")
         require(self.max_neurons >= 1, "--max-neurons must be >= 1")
         require(self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1")
+        require(
+            not math.isnan(self.curve_until) and self.curve_until > 0,
+            "--curve-until must be a number > 0 (or inf)",
+        )
 
 
 # ---------------------------------------------------------------------------- CLI bridge

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from achilles.config import ModelSpec
 from achilles.errors import AchillesError
+from achilles import io
 from achilles.io import SCHEMA_VERSION, environment, write_json
 from achilles.masking import WeightEdit, weight_edits
 from achilles.units import Unit
@@ -95,7 +96,7 @@ def shard_files(source: Path) -> tuple[list[str], dict[str, str]]:
     if not single.is_file():
         raise AchillesError(
             f"{source} has no model.safetensors (or {INDEX_FILE}): export streams safetensors "
-            "checkpoints; save the model with save_pretrained(safe_serialization=True) first"
+            "checkpoints; save the model with save_pretrained(safe_serialization=True) first"  # atomic: a message
         )
     with safe_open(str(single), "pt") as f:
         return ["model.safetensors"], {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
@@ -141,18 +142,10 @@ def plan_export(
 
 
 def check_destination(out: Path, *, force: bool) -> None:
-    """Refuse an existing non-empty ``out`` (unless ``force``) or an unwritable parent."""
-    if out.exists() and not out.is_dir():
-        raise AchillesError(f"--out {out} is a file: give a folder")
+    """Refuse an existing non-empty ``out`` (unless ``force``), or one that cannot be written."""
+    io.check_destination(out, "dir", flag="--out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise AchillesError(f"--out {out} exists and is not empty: pass --force to replace it")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise AchillesError(f"cannot write to {out}: its parent folder {parent} does not exist")
-    try:
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as e:
-        raise AchillesError(f"cannot write to {parent}: {e.strerror}") from None
 
 
 def model_card(result: ExportResult, source_name: str) -> str:
@@ -244,11 +237,11 @@ def export_masked(
                 t = tensors[key]
                 for e in by_key[key]:
                     t.narrow(e.dim, e.index, 1).fill_(e.value)
-            save_file(tensors, str(tmp / shard), metadata=metadata)
+            save_file(tensors, str(tmp / shard), metadata=metadata)  # atomic: temp dir, renamed
             del tensors
         _copy_side_files(source, tmp)
         write_json(tmp / MASK_FILE, result.to_dict())
-        (tmp / "README.md").write_text(model_card(result, spec.model), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(result, spec.model), encoding="utf-8")  # atomic: temp dir
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from achilles.batching import choose_batch_size, input_device, run_batched
 from achilles.config import IdentifyConfig
-from achilles.io import SCHEMA_VERSION, decode_float, read_json, write_json
+from achilles.errors import AchillesError
+from achilles.io import SCHEMA_VERSION, decode_float, read_json, require_fields, write_json
 from achilles.masking import ChannelMasker, PrefixIndex
 from achilles.metrics import delta as delta_from_nll
 from achilles.metrics import sequence_nll
@@ -88,6 +89,11 @@ class MaskEvaluator:
         self.rows_evaluated = 0
         self.baseline_nll = float(sequence_nll(model, input_ids)[0])
         self.forward_passes += 1
+        if not math.isfinite(self.baseline_nll):
+            raise AchillesError(
+                f"the clean NLL of the text is {self.baseline_nll} before any masking: the model "
+                "is broken or overflows in its dtype (try --dtype float32)"
+            )
 
     @property
     def masks_per_pass(self) -> int:
@@ -228,6 +234,21 @@ class Identification:
     @classmethod
     def load(cls, path: str) -> Identification:
         d = read_json(path, kind="identification")
+        require_fields(d, path, {
+            "epsilon": float, "n_star": (int, type(None)), "critical_set": list,
+            "tokens": int, "baseline_nll_sum": float, "n_units": int, "curve": list,
+        })
+        for key, kind in (("minimal_set", list), ("n_star_by_epsilon", dict),
+                          ("fp32_check", dict), ("forward_passes", int)):
+            if d.get(key) is not None:
+                require_fields(d, path, {key: kind})
+        try:
+            return cls._from_dict(d)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise AchillesError(f"{path} is not a valid identification file (bad entry: {e})") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any]) -> Identification:
         tokens = int(d["tokens"])
         minimal = d.get("minimal_set") or []
         return cls(
@@ -280,6 +301,11 @@ def identify(
 ) -> Identification:
     """Find the smallest prefix of ``ranking`` whose masking gives Δ ≥ ε, then minimise it."""
     n_max = min(config.max_neurons, len(ranking))
+    if n_max < 1:
+        raise AchillesError("the ranking holds no units: nothing to mask (rank again)")
+    if config.step > n_max:  # a step past n_max would evaluate no prefix at all
+        logger.warning("--step %d > %d units to try: using step %d", config.step, n_max, n_max)
+        config = replace(config, step=n_max)
     candidates = list(ranking[:n_max])
     modules = list(dict.fromkeys(u.module for u in candidates))
     ev = MaskEvaluator(
@@ -317,6 +343,8 @@ def identify(
         )
         bar.refresh()
     bar.close()
+    if not seen:
+        raise AchillesError("stage 2 evaluated no prefix: nothing was measured (check --step and --max-neurons)")
 
     curve = [
         {"n": n, "delta": seen[n].delta if seen[n].finite else math.inf, "nll": seen[n].nll,

@@ -43,9 +43,15 @@ class Unit:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Unit:
+        """Build a unit; a channel that is not a whole number (``113.7``, ``"7"``) is a ``ValueError``."""
+        ch = d["channel"]
+        if isinstance(ch, bool) or not isinstance(ch, int):
+            raise ValueError(f"channel {ch!r} is not an integer")
+        if not isinstance(d["module"], str):
+            raise ValueError(f"module {d['module']!r} is not a string")
         return cls(
-            module=str(d["module"]),
-            channel=int(d["channel"]),
+            module=d["module"],
+            channel=ch,
             layer=int(d.get("layer", -1)),
             component=str(d.get("component", "")),
         )
@@ -122,7 +128,11 @@ class UnitPool:
         """Check every unit exists in this pool's model; return them with layer/kind filled."""
         known = {s.module: s for s in self.sites}
         out = []
+        seen: set[tuple[str, int]] = set()
         for u in units:
+            if u.key in seen:
+                raise AchillesError(f"{source} lists unit {u} twice: each unit may appear once")
+            seen.add(u.key)
             s = known.get(u.module)
             if s is None:
                 raise AchillesError(

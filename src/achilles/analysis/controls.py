@@ -73,7 +73,11 @@ class RandomSets:
 
     @property
     def sd(self) -> float | None:
-        return statistics.stdev(self.deltas) if len(self.deltas) > 1 else None
+        if len(self.deltas) <= 1:
+            return None
+        if not all(abs(d) < float("inf") for d in self.deltas):  # False for NaN too
+            return float("nan")  # statistics.stdev raises on inf; a non-finite spread is reported
+        return statistics.stdev(self.deltas)
 
     @property
     def max_abs(self) -> float | None:

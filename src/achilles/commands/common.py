@@ -8,6 +8,7 @@ from pathlib import Path
 
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig, TextSpec, add_arguments, from_args
 from achilles.errors import AchillesError
+from achilles.io import check_destination, claim_dir
 from achilles.ranking import METHODS
 
 
@@ -91,16 +92,36 @@ def identify_config(args: argparse.Namespace, **overrides: object) -> IdentifyCo
     return from_args(IdentifyConfig, args, **overrides)
 
 
-def check_writable(path: str | Path) -> Path:
-    """Fail early (before loading a model) if ``path``'s folder cannot be created."""
-    path = Path(path)
-    parent = path.parent if path.suffix else path
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AchillesError(f"cannot write to {parent}: {e.strerror}") from None
-    return path
+def check_writable(path: str | Path, *, flag: str = "--out") -> Path:
+    """Fail early (before loading a model) if ``path`` cannot be written; create nothing.
+
+    A name with a suffix is a file destination, one without a folder destination (see
+    :func:`achilles.io.check_destination`).
+    """
+    kind = "file" if Path(path).suffix else "dir"
+    return check_destination(path, kind, flag=flag)
+
+
+def claim_out_dir(args: argparse.Namespace, path: str | Path, *, flag: str = "--out-dir") -> Path:
+    """Check output folder ``path`` and hold it for this run (see :func:`achilles.io.claim_dir`).
+
+    The claim is released when the command returns (``cli.main`` keeps it in
+    ``args.exit_stack``); a second run into the same folder meanwhile is refused.
+    """
+    p = check_destination(path, "dir", flag=flag)
+    stack = getattr(args, "exit_stack", None)
+    if stack is not None:
+        stack.enter_context(claim_dir(p, flag=flag))
+    return p
 
 
 def progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "quiet", False)
+
+
+def fitted_text(args: argparse.Namespace, skeleton: object, text: str) -> str:
+    """``text`` checked against the model's context: refused, or cut with ``--truncate``."""
+    from achilles.loading import fit_text
+
+    return fit_text(skeleton.tokenizer, skeleton.model, text,  # type: ignore[attr-defined]
+                    truncate=getattr(args, "truncate", False))

@@ -10,7 +10,8 @@ from achilles.commands.common import (
     add_common,
     add_deprecated_alias,
     add_rank_options,
-    check_writable,
+    claim_out_dir,
+    fitted_text,
     model_spec,
     progress,
     rank_config,
@@ -50,10 +51,11 @@ def _run_compare(args: argparse.Namespace) -> int:
         raise AchillesError("--random-runs must be >= 1")
     spec = model_spec(args)
     text = text_of(args)
-    out_dir = check_writable(Path(args.out_dir))
+    out_dir = claim_out_dir(args, args.out_dir)
     corpus = load_corpus(pcfg.data, max_documents=pcfg.max_samples)
     lm = load_model(spec)
     tokenize(lm.tokenizer, text)  # refuse a short ranking text before any work
+    text = fitted_text(args, lm, text)
     ev = evaluator_from_config(
         lm.model, lm.tokenizer, corpus.documents, pcfg, progress=False
     )

@@ -10,7 +10,9 @@ from achilles.commands.common import (
     add_common,
     add_identify_options,
     add_rank_options,
-    check_writable,
+    check_destination,
+    claim_out_dir,
+    fitted_text,
     identify_config,
     model_spec,
     progress,
@@ -56,8 +58,9 @@ def _run_rank(args: argparse.Namespace) -> int:
     cfg = rank_config(args)
     spec = model_spec(args)
     texts = texts_of(args)
-    out = check_writable(args.out)
+    out = check_destination(args.out, "file")
     skeleton = preflight(spec, text=texts[0], rank_config=cfg)
+    texts = [fitted_text(args, skeleton, t) for t in texts]
     for t in texts[1:]:
         tokenize(skeleton.tokenizer, t)  # refuse a short text before the weights load
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
@@ -72,12 +75,14 @@ def _run_identify(args: argparse.Namespace) -> int:
     cfg = identify_config(args)
     spec = model_spec(args)
     text = text_of(args)
-    out = check_writable(args.out)
+    out = check_destination(args.out, "file")
     ranking = Ranking.load(args.ranking)
-    skeleton = preflight(spec, text=text, ranking=ranking)
+    skeleton = preflight(spec, text=text, ranking=ranking, force=args.force)
+    text = fitted_text(args, skeleton, text)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     ident = identify_with(  # saved before the fp32 re-check, and again with it
-        lm, text, ranking, cfg, progress=progress(args), before_recheck=lambda r: r.save(out)
+        lm, text, ranking, cfg, progress=progress(args), force=args.force,
+        before_recheck=lambda r: r.save(out),
     )
     ident.save(out)
     print(summarize(ident, out))
@@ -89,8 +94,9 @@ def _run_find(args: argparse.Namespace) -> int:
     icfg = identify_config(args, batch_size=getattr(args, "batch_size", None))
     spec = model_spec(args)
     text = text_of(args)
-    out_dir = check_writable(Path(args.out_dir))
+    out_dir = claim_out_dir(args, args.out_dir)
     skeleton = preflight(spec, text=text, rank_config=rcfg)
+    text = fitted_text(args, skeleton, text)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     # each result is saved as soon as it exists: a failing fp32 re-check loses nothing
     ranking, pool = rank(lm, text, rcfg, progress=progress(args))
@@ -134,6 +140,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ranking", required=True, help="ranking JSON from `achilles rank`")
     add_identify_options(p)
     p.add_argument("--out", required=True, help="identification JSON to write")
+    p.add_argument("--force", action="store_true",
+                   help="apply a ranking made on another model of the same shapes (default: refused)")
     p.set_defaults(run=_run_identify)
 
     p = sub.add_parser(

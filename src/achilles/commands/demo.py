@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from achilles.commands.common import check_writable, progress
+from achilles.commands.common import claim_out_dir, progress
 from achilles.commands.core import summarize
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
@@ -132,7 +132,7 @@ def write_heldout(path, lm, ev, ranking, ident, data, *, clean=None) -> None:  #
 
 
 def _run(args: argparse.Namespace) -> int:
-    out_dir = check_writable(Path(args.out_dir))
+    out_dir = claim_out_dir(args, args.out_dir)
     return run_demo(args.model, out_dir, samples=args.samples, show_progress=progress(args))
 
 

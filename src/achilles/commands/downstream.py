@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from achilles.commands.common import add_common, check_writable, model_spec
+from achilles.commands.common import add_common, claim_out_dir, model_spec
 from achilles.commands.ppl import add_mask_options, check_mask_args
 from achilles.config import _parse_list
 from achilles.errors import AchillesError
@@ -29,7 +29,7 @@ def _run_downstream(args: argparse.Namespace) -> int:
     if args.include_path is not None and not Path(args.include_path).exists():
         raise AchillesError(f"--include-path {args.include_path} does not exist")
     spec = model_spec(args)
-    out_dir = check_writable(Path(args.out_dir))
+    out_dir = claim_out_dir(args, args.out_dir)
     args.top = None
     check_mask_args(args)
     tm = task_manager_for(tasks, args.include_path)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from achilles.commands.common import check_writable
+from achilles.commands.common import check_destination
 from achilles.experiments.overlap import compare_runs
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = check_writable(args.out) if args.out else None
+    out = check_destination(args.out, "file") if args.out else None
     result = compare_runs(args.run_a, args.run_b, top=args.top)
     print(result.summary())
     if out is not None:

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import logging
 
-from achilles.commands.common import add_common, check_writable, model_spec, progress
+from achilles.commands.common import add_common, check_destination, model_spec, progress
 from achilles.config import add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
@@ -50,7 +50,7 @@ def check_mask_args(args: argparse.Namespace) -> None:
 def _run_ppl(args: argparse.Namespace) -> int:
     cfg: PerplexityConfig = from_args(PerplexityConfig, args)
     spec = model_spec(args)
-    out = check_writable(args.out)
+    out = check_destination(args.out, "file")
     check_mask_args(args)
     corpus = load_corpus(cfg.data, max_documents=cfg.max_samples)
     lm = load_model(spec)

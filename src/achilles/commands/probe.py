@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 from pathlib import Path
 
-from achilles.commands.common import add_common, check_writable, model_spec
+from achilles.commands.common import add_common, check_destination, model_spec
 from achilles.identify import Identification
-from achilles.loading import load_model
+from achilles.loading import context_length, load_model
 from achilles.pipeline import preflight
 from achilles.experiments.probe import ProbeConfig, check_mask, mask_units, probe
 from achilles.config import parse_numbers
+from achilles.errors import AchillesError
+
+logger = logging.getLogger(__name__)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -24,10 +29,11 @@ def _run(args: argparse.Namespace) -> int:
     )
     ident = Identification.load(args.mask)
     cfg.resolve_levels(len(mask_units(ident, cfg.set)))  # refuse bad levels before loading
-    out = check_writable(args.out)
-    png = Path(args.plot) if args.plot else out.with_suffix(".png")
+    out = check_destination(args.out, "file")
+    png = plot_path(args.plot, out)
     spec = model_spec(args)
     skeleton = preflight(spec)  # bad input fails before loading
+    cfg = cap_generation(cfg, skeleton)
     check_mask(skeleton.model, mask_units(ident, cfg.set), source=args.mask)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     result = probe(lm, ident, cfg, source=args.mask)
@@ -38,6 +44,42 @@ def _run(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"\nwritten: {out}, {png}")
     return 0
+
+
+def cap_generation(cfg: ProbeConfig, skeleton: object) -> ProbeConfig:
+    """``--max-new-tokens`` capped so prompt + continuation fit the model's context (warned)."""
+    limit = context_length(skeleton.model)  # type: ignore[attr-defined]
+    if limit is None:
+        return cfg
+    prompt = len(skeleton.tokenizer(cfg.prompt).input_ids)  # type: ignore[attr-defined]
+    if prompt >= limit:
+        raise AchillesError(f"--prompt is {prompt} tokens, the model's context only {limit}: shorten it")
+    room = limit - prompt
+    if cfg.max_new_tokens > room:
+        logger.warning(
+            "--max-new-tokens %d exceeds the model's context (%d tokens, prompt %d): capped at %d",
+            cfg.max_new_tokens, limit, prompt, room,
+        )
+        return dataclasses.replace(cfg, max_new_tokens=room)
+    return cfg
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def plot_path(plot: str | None, out: Path) -> Path:
+    """The chart file: ``--plot`` (``.png`` added when it has no suffix), else ``--out`` as .png."""
+    if plot is None:
+        png = out.with_suffix(".png")
+    else:
+        png = Path(plot).expanduser()
+        if png.is_dir():
+            raise AchillesError(f"--plot {plot} is a folder: name a file, e.g. {png / 'probe.png'}")
+        if not png.suffix:
+            png = png.with_name(png.name + ".png")
+        elif png.suffix.lower() not in PLOT_SUFFIXES:
+            raise AchillesError(f"--plot must end in {', '.join(PLOT_SUFFIXES)}, not {png.suffix!r}")
+    return check_destination(png, "file", flag="--plot")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from achilles.commands.common import claim_out_dir
 from achilles.config import ModelSpec, add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.loading import load_model
@@ -33,6 +34,9 @@ def _run_report(args: argparse.Namespace) -> int:
     from achilles.report import write_report
 
     run_dir = Path(args.run_dir)
+    _check_run_model(args, run_dir)  # before RUN_DIR is claimed: a refusal leaves it untouched
+    claim_out_dir(args, run_dir, flag="RUN_DIR")  # no second report or find writing into it
+
     for name in ("ranking.json", "identification.json"):
         if not (run_dir / name).is_file():
             raise AchillesError(f"{run_dir} has no {name}: point at a folder written by `achilles find`")
@@ -73,6 +77,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="drop in Δ counted as non-monotone (default: 0.1)")
     g.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=None,
                    help="recheck the final set in float32 (default: when the run used bf16/fp16)")
+    g.add_argument("--force", action="store_true",
+                   help="analyse with a --model other than the run's own (default: refused)")
     g.add_argument("--quiet", action="store_true", help="warnings only")
     g.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(run=_run_report)
+
+
+def _check_run_model(args: argparse.Namespace, run_dir: Path) -> None:
+    """Refuse ``--model`` naming other weights than the run's, unless ``--force``."""
+    if not getattr(args, "model", None) or not (run_dir / "identification.json").is_file():
+        return
+    from achilles.io import read_json
+    from achilles.pipeline import check_same_model
+
+    ident = read_json(run_dir / "identification.json", kind="identification")
+    check_same_model(
+        ident.get("config") or {}, ident.get("env") or {}, from_args(ModelSpec, args),
+        what="the run", force=args.force, hint="give the run's own --model",
+    )

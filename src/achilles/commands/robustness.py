@@ -9,7 +9,8 @@ from achilles.commands.common import (
     add_common,
     add_identify_options,
     add_rank_options,
-    check_writable,
+    claim_out_dir,
+    fitted_text,
     identify_config,
     model_spec,
     progress,
@@ -18,7 +19,7 @@ from achilles.commands.common import (
 from achilles.errors import require
 from achilles.loading import load_model, tokenize
 from achilles.pipeline import preflight
-from achilles.experiments.robustness import run_robustness, texts_from_files
+from achilles.experiments.robustness import LabelledText, run_robustness, texts_from_files
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -27,12 +28,14 @@ def _run(args: argparse.Namespace) -> int:
     rcfg = rank_config(args)
     icfg = identify_config(args, batch_size=getattr(args, "batch_size", None))
     spec = model_spec(args)
-    out_dir = check_writable(Path(args.out_dir))
+    out_dir = claim_out_dir(args, args.out_dir)
     skeleton = preflight(spec, rank_config=rcfg)  # bad input fails before loading
+    texts = [LabelledText(t.label, fitted_text(args, skeleton, t.text)) for t in texts]
     for t in texts:
         tokenize(skeleton.tokenizer, t.text)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
-    result = run_robustness(lm, texts, rcfg, icfg, out_dir, top=args.top, progress=progress(args))
+    result = run_robustness(lm, texts, rcfg, icfg, out_dir, top=args.top, progress=progress(args),
+                            force=args.force)
     result.save(out_dir / "robustness.json")
     from achilles.plots.robustness import plot_robustness
 
@@ -54,9 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(p, text=False)
     p.add_argument("--text-file", dest="text_files", action="append", metavar="FILE",
                    help="an input text (UTF-8); repeat for each text, at least two")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut a text longer than the model's context to fit, with a warning "
+                   "(default: refuse it)")
     add_rank_options(p)  # its --batch-size serves both stages
     add_identify_options(p, prefix_batch=False)
     p.add_argument("--top", type=int, default=100,
                    help="size of the top-of-ranking sets compared (default: %(default)s)")
     p.add_argument("--out-dir", required=True, help="folder to write (reruns reuse finished texts)")
+    p.add_argument("--force", action="store_true",
+                   help="reuse finished texts made with other settings (default: refused)")
     p.set_defaults(run=_run)

@@ -8,7 +8,8 @@ from pathlib import Path
 from achilles.commands.common import (
     add_common,
     add_identify_options,
-    check_writable,
+    claim_out_dir,
+    fitted_text,
     identify_config,
     model_spec,
     progress,
@@ -39,10 +40,12 @@ def _run(args: argparse.Namespace) -> int:
     icfg = identify_config(args, batch_size=getattr(args, "batch_size", None))
     spec = model_spec(args)
     text = text_of(args)
-    out_dir = check_writable(Path(args.out_dir))
+    out_dir = claim_out_dir(args, args.out_dir)
     skeleton = preflight(spec, text=text, rank_config=rcfg)  # bad input fails before loading
+    text = fitted_text(args, skeleton, text)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
-    result = run_sweep(lm, text, rcfg, icfg, sweep, out_dir, progress=progress(args))
+    result = run_sweep(lm, text, rcfg, icfg, sweep, out_dir, progress=progress(args),
+                       force=args.force)
     result.save(out_dir / "sweep.json")
     from achilles.plots.sweep import plot_sweep
 
@@ -81,4 +84,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top", type=int, default=d.top,
                    help="top-ranked units compared with the reference point (default: %(default)s)")
     p.add_argument("--out-dir", required=True, help="sweep folder to write (reruns resume it)")
+    p.add_argument("--force", action="store_true",
+                   help="reuse finished points made with other settings (default: refused)")
     p.set_defaults(run=_run)

@@ -140,10 +140,11 @@ def load_corpus(spec: str, *, max_documents: int | None = None) -> Corpus:
         docs = _load_named(spec, max_documents)
     elif path.is_file():
         suffix = path.suffix.lower()
-        if suffix == ".txt":
-            docs = _read_txt(path)
-        elif suffix == ".jsonl":
-            docs = _read_jsonl(path)
+        if suffix in (".txt", ".jsonl"):
+            try:
+                docs = _read_txt(path) if suffix == ".txt" else _read_jsonl(path)
+            except UnicodeDecodeError as e:
+                raise AchillesError(f"--data {spec} is not UTF-8 text (byte {e.start}): convert it") from None
         elif suffix == ".parquet":
             docs = _read_parquet(path)
         else:

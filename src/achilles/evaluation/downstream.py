@@ -152,6 +152,12 @@ def run_downstream(
                     random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                     fewshot_random_seed=seed,
                 )
+            except OSError as e:  # datasets' not-found / connection errors are OSErrors
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise AchillesError(
+                    f"lm-eval could not load the data of {', '.join(tasks)}: {first} (offline? "
+                    "download the task's dataset while online, or use a local --include-path task)"
+                ) from None
             except OverflowError:
                 # lm-eval aggregates perplexity as math.exp(-mean(loglik)), which overflows
                 # for a collapsed model (mean log-likelihood below -709.8)

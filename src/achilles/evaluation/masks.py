@@ -14,7 +14,7 @@ from achilles.errors import AchillesError
 from achilles.identify import Identification
 from achilles.io import read_json
 from achilles.loading import LoadedModel
-from achilles.pipeline import pool_for_ranking
+from achilles.pipeline import check_same_model, pool_for_ranking
 from achilles.ranking import Ranking
 from achilles.units import Unit, UnitPool, build_pool
 
@@ -66,6 +66,8 @@ def load_mask(
                 "(rank again with a larger --keep)"
             )
         pool = pool_for_ranking(lm, ranking)
+        check_same_model(ranking.config, ranking.env, lm.spec, what=f"the ranking {path}",
+                         force=True, hint="")  # a mask from other weights: said, not refused
         units = pool.validate(ranking.units[:top], source=path)
         source = {"file": str(path), "kind": kind, "method": ranking.method}
     else:

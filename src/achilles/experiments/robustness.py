@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,17 @@ class LabelledText:
     text: str
 
 
+def safe_label(name: str) -> str:
+    """``name`` as a folder name that stays inside its parent: runs of characters other
+    than letters, digits, ``_``, ``-`` and ``.`` become ``_``; leading/trailing dots go
+    (``..`` or ``...`` would climb out); empty becomes ``text``."""
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip(".")
+    return label or "text"
+
+
 def texts_from_files(paths: Sequence[str]) -> list[LabelledText]:
-    """Read the text files, labelled by file stem; refuse fewer than two or clashing labels."""
+    """Read the text files, labelled by sanitised file stem (see :func:`safe_label`);
+    refuse fewer than two, unreadable ones, or clashing labels."""
     require(
         len(paths) >= 2,
         f"robustness compares texts: give at least two --text-file (got {len(paths)})",
@@ -45,11 +55,15 @@ def texts_from_files(paths: Sequence[str]) -> list[LabelledText]:
     out: list[LabelledText] = []
     for p in map(Path, paths):
         require(p.is_file(), f"text file not found: {p} (check --text-file)")
-        out.append(LabelledText(p.stem, p.read_text(encoding="utf-8")))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise AchillesError(f"{p} is not UTF-8 text (check --text-file)") from None
+        out.append(LabelledText(safe_label(p.stem), text))
     labels = [t.label for t in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
-        raise AchillesError(f"text files share the label {dup[0]!r} (the file stem): rename one")
+        raise AchillesError(f"text files share the label {dup[0]!r} (the file stem, sanitised): rename one")
     return out
 
 
@@ -140,6 +154,7 @@ def run_robustness(
     *,
     top: int = 100,
     progress: bool = False,
+    force: bool = False,
 ) -> Robustness:
     """Find the critical set of every text and compare the results pairwise."""
     if len(texts) < 2:
@@ -149,11 +164,16 @@ def run_robustness(
     runs: list[TextRun] = []
     minimal, critical, tops = [], [], []
     by_key: dict[tuple[str, int], str] = {}
+    labels = [t.label for t in texts]
+    require(
+        all(safe_label(x) == x for x in labels) and len(set(labels)) == len(labels),
+        f"text labels must be unique folder names (letters, digits, '_', '-', '.'), got {labels}",
+    )
     for i, t in enumerate(texts):
         logger.info("text %d/%d: %s", i + 1, len(texts), t.label)
         folder = out_dir / "texts" / t.label
         ranking, ident, reused = find_cached(
-            lm, t.text, rank_config, identify_config, folder, progress=progress
+            lm, t.text, rank_config, identify_config, folder, progress=progress, force=force
         )
         minimal.append({u.key for u in ident.minimal_set})
         critical.append({u.key for u in ident.critical_set})

@@ -30,8 +30,9 @@ from achilles.identify import Identification
 from achilles.io import SCHEMA_VERSION, _jsonable, environment, write_json
 from achilles.loading import LoadedModel
 from achilles.experiments.overlap import jaccard
-from achilles.pipeline import find
+from achilles.pipeline import current_settings, find, refuse_mixed, run_settings, settings_mismatch
 from achilles.ranking import Ranking
+from achilles.units import build_pool
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,14 @@ class SweepConfig:
             "every K (--samples, --anchor-samples) must be >= 1",
         )
         require(self.grid in ("axes", "full"), "--grid must be 'axes' or 'full'")
+        names: dict[str, float] = {}
+        for a in sorted({*self.alphas, self.anchor_alpha}):
+            other = names.setdefault(f"{a:g}", a)
+            require(
+                other == a,
+                f"α values {other!r} and {a!r} would share the point folder alpha={a:g}: "
+                "give values that differ in the first 6 significant digits",
+            )
         require(self.top >= 1, "--top must be >= 1")
 
     def points(self) -> list[tuple[float, int]]:
@@ -116,11 +125,13 @@ def find_cached(
     folder: str | Path,
     *,
     progress: bool = False,
+    force: bool = False,
 ) -> tuple[Ranking, Identification, bool]:
     """:func:`~achilles.pipeline.find` into ``folder``, or read it back if already done.
 
     Returns ``(ranking, identification, reused)``. A finished folder made with another
-    model, text or configuration is refused rather than silently reused.
+    model (weights), dtype, device, revision, unit pool, text or configuration is refused
+    rather than silently reused (``force``: reused with a warning).
     """
     folder = Path(folder)
     rfile, ifile = folder / "ranking.json", folder / "identification.json"
@@ -128,12 +139,15 @@ def find_cached(
         ident = Identification.load(str(ifile))
         got = _comparable(ident.config)
         want = _expected_config(lm, text, rank_config, identify_config)
-        if got != want:
-            diff = sorted(k for k in want if got.get(k) != want[k])
-            raise AchillesError(
-                f"{folder} holds a finished run with a different {', '.join(diff)}: "
-                "use a new --out-dir (or delete that folder) to recompute"
-            )
+        diff = sorted(k for k in want if k != "model" and got.get(k) != want[k])
+        pool = build_pool(lm.model, rank_config.pool, rank_config.components)
+        diff += [k for k in settings_mismatch(
+            run_settings(ident.config, ident.env), current_settings(lm, text, pool)
+        ) if k not in diff]
+        refuse_mixed(
+            f"the finished run in {folder}", diff, force=force,
+            hint="use a new --out-dir (or delete that folder) to recompute",
+        )
         logger.info("reusing finished run %s", folder)
         return Ranking.load(str(rfile)), ident, True
     ranking, ident = find(lm, text, rank_config, identify_config, progress=progress)
@@ -232,6 +246,7 @@ def run_sweep(
     out_dir: str | Path,
     *,
     progress: bool = False,
+    force: bool = False,
 ) -> SweepResult:
     """Run both stages at every point of ``sweep`` (resuming finished points) and summarise.
 
@@ -249,7 +264,7 @@ def run_sweep(
         logger.info("sweep point %d/%d: α=%g, K=%d", i + 1, len(grid), a, k)
         rcfg = dataclasses.replace(rank_config, alpha=a, samples=k)
         ranking, ident, was_reused = find_cached(
-            lm, text, rcfg, identify_config, folder, progress=progress
+            lm, text, rcfg, identify_config, folder, progress=progress, force=force
         )
         reused += was_reused
         evaluated += not was_reused

@@ -7,11 +7,16 @@ from typing import Any
 
 
 def save_figure(fig: Any, path: str | Path, *, dpi: int | str = 110, **kwargs: Any) -> Path:
-    """Write ``fig`` to ``path`` (creating its folder), close it, and return the path."""
+    """Write ``fig`` to ``path`` atomically (creating its folder), close it, return the path."""
     import matplotlib.pyplot as plt
 
+    from achilles.io import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, **kwargs)
-    plt.close(fig)
+    kwargs.setdefault("format", path.suffix.lstrip(".") or "png")
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, **kwargs)
+    finally:
+        plt.close(fig)
     return path

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from achilles.errors import AchillesError
-from achilles.io import SCHEMA_VERSION, decode_float, read_json, write_json
+from achilles.io import SCHEMA_VERSION, decode_float, read_json, require_fields, write_json
 from achilles.units import Unit, UnitPool
 
 
@@ -88,6 +88,8 @@ class Ranking:
     tokens: int
     config: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
+    nonfinite: dict[str, int] | None = None
+    """Counts of NaN/inf/-inf scores over the whole pool (before ``keep`` cut the list)."""
 
     @property
     def units(self) -> list[Unit]:
@@ -104,6 +106,7 @@ class Ranking:
             "tokens": self.tokens,
             # the reference code's |N|: per-token channels × positions
             "n_triples": self.pool.get("n_units", 0) * self.tokens,
+            "nonfinite": self.nonfinite,
             "neurons": [r.to_dict() for r in self.neurons],
         }
 
@@ -113,14 +116,32 @@ class Ranking:
     @classmethod
     def load(cls, path: str) -> Ranking:
         d = read_json(path, kind="ranking")
+        require_fields(d, path, {"method": str, "pool": dict, "tokens": int, "neurons": list})
+        if not d["neurons"]:
+            raise AchillesError(f"{path} ranks no units: rank again (check --keep)")
         try:
-            neurons = [
-                RankedUnit(Unit.from_dict(n), decode_float(n["score"]), n.get("position"))
-                for n in d["neurons"]
-            ]
-            return cls(d["method"], neurons, d["pool"], int(d["tokens"]), d.get("config", {}), d.get("env", {}))
-        except (KeyError, TypeError, ValueError) as e:
-            raise AchillesError(f"{path} is not a valid ranking file (bad field {e})") from None
+            neurons = []
+            for n in d["neurons"]:
+                require_fields(n, path, {"score": (float, type(None))})
+                pos = n.get("position")
+                if pos is not None and _is_int(pos) is False:
+                    raise ValueError(f"position {pos!r}")
+                neurons.append(RankedUnit(Unit.from_dict(n), decode_float(n["score"]), pos))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise AchillesError(f"{path} is not a valid ranking file (bad unit: {e})") from None
+        seen: set[tuple[str, int]] = set()
+        for r in neurons:
+            if r.unit.key in seen:
+                raise AchillesError(f"{path} lists unit {r.unit} twice: the file is damaged, rank again")
+            seen.add(r.unit.key)
+        return cls(
+            d["method"], neurons, d["pool"], d["tokens"], d.get("config", {}), d.get("env", {}),
+            d.get("nonfinite"),
+        )
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def rank_units(scores: Scores, pool: UnitPool, keep: int) -> list[RankedUnit]:

@@ -63,7 +63,7 @@ def _read_optional(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
         logger.warning("ignoring %s: %s", path, e)
         return None
     return data if isinstance(data, dict) else None
@@ -530,6 +530,6 @@ def write_report(
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    from achilles.io import atomic_write
+
+    atomic_write(path, text)
