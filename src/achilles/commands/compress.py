@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from pathlib import Path
 
-from achilles.commands.common import add_common, add_weightless_common, model_spec, progress
+from achilles.commands.common import (
+    add_common,
+    add_weightless_common,
+    check_destination,
+    model_spec,
+    progress,
+)
 from achilles.commands.ppl import add_mask_options, check_mask_args
 from achilles.compress import DEFAULT_METHODS, compress_experiment, keep_list, parse_methods
 from achilles.compress.run import random_units
@@ -31,13 +36,8 @@ def _require_mask(args: argparse.Namespace) -> None:
 
 
 def _check_folder(folder: Path) -> Path:
-    """Refuse a folder that is a file or cannot be created, without creating it now."""
-    if folder.exists() and not folder.is_dir():
-        raise AchillesError(f"{folder} is a file: give a folder")
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise AchillesError(f"cannot write to {folder}: {existing} is not a writable folder")
-    return folder
+    """Refuse a folder that is a file or cannot be written (a real probe), creating nothing."""
+    return check_destination(folder, "dir", flag="--out-dir")
 
 
 def _check_outputs(paths: list[Path], force: bool) -> None:
