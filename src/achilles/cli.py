@@ -29,6 +29,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "achilles.commands.overlap",
     "achilles.commands.probe",
     "achilles.commands.report",
+    "achilles.commands.plan",
+    "achilles.commands.census",
 )
 
 
