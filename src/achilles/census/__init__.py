@@ -116,9 +116,9 @@ def run_census(
         raise AchillesError("--jobs must be >= 1")
     if launcher == "slurm":
         launch._import_submitit()
+    todo = [e for e in entries if not is_done(run_dir_of(out_dir, e))]
+    preflight_entries(todo, settings)  # before the out folder exists: bad input leaves nothing
     out = check_out_dir(out_dir)
-    todo = [e for e in entries if not is_done(run_dir_of(out, e))]
-    preflight_entries(todo, settings)
     tasks = [Task(e, str(run_dir_of(out, e))) for e in todo]
     logger.info("census: %d model(s) to run, %d already done", len(todo), len(entries) - len(todo))
     job_ids: list[str] = []
