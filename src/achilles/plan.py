@@ -123,6 +123,7 @@ class Plan:
     gpus: int | None
     fits: bool
     stage1_accumulator_bytes: int
+    gpu_load_bytes: int
     fp32_check_bytes: int
     stage1: dict[str, Any]
     stage2: dict[str, Any]
@@ -222,7 +223,8 @@ def plan_model(config: Any, settings: PlanConfig, *, name: str = "") -> Plan:
     widest = max(s.width for s in pool.sites)
     n_gpu = gpus or 1
     worst = max(load.values()) if load else total
-    free = max(0, settings.gpu_bytes - worst - accum // n_gpu)
+    per_gpu_load = worst + accum // n_gpu  # the fullest GPU's weights and its stage-1 sums
+    free = max(0, settings.gpu_bytes - per_gpu_load)
     k_max = max(1, settings.max_neurons // settings.step)
 
     def batch(rows: int, logits: bool) -> int:
@@ -261,6 +263,7 @@ def plan_model(config: Any, settings: PlanConfig, *, name: str = "") -> Plan:
         gpus=gpus,
         fits=fits,
         stage1_accumulator_bytes=accum,
+        gpu_load_bytes=per_gpu_load,
         fp32_check_bytes=params * 4,
         stage1={
             "passes_rows": K + 1,
@@ -312,8 +315,9 @@ def plan_entry(entry: Any, settings: PlanConfig) -> Plan:
 def table(plans: list[Plan]) -> str:
     """A markdown table of plans, one row per model."""
     head = (
-        "| model | params | layers | units/token | weights | GPUs | stage 1 (passes, batch) "
-        "| stage 2 linear (rows, batch) | est. time |\n|---|---|---|---|---|---|---|---|---|"
+        "| model | params | layers | units/token | weights | GPUs | per GPU "
+        "| stage 1 (rows, batch) | stage 2 linear (rows, batch) | est. time |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for p in plans:
@@ -322,6 +326,7 @@ def table(plans: list[Plan]) -> str:
         rows.append(
             f"| {p.model} | {format_count(p.params)} | {p.layers} | {p.units:,} | "
             f"{format_bytes(p.weight_bytes[dtype])} ({dtype}) | {gpus} | "
+            f"{format_bytes(p.gpu_load_bytes)} | "
             f"{p.stage1['passes_rows']}, {p.stage1['batch_size']} | "
             f"{p.stage2['rows']['linear']}, {p.stage2['batch_size']} | {_duration(p.seconds)} |"
         )

@@ -28,7 +28,8 @@ def describe(p: Plan) -> str:
         f"unit pool ({c['pool']}): {p.units:,} per token ({p.units * c['tokens']:,} over "
         f"T = {c['tokens']} tokens); {per_kind}",
         f"weights: {mem}",
-        f"GPUs ({c['dtype']}): {gpus}; stage-1 sums {format_bytes(p.stage1_accumulator_bytes)}; "
+        f"GPUs ({c['dtype']}): {gpus}, fullest GPU {format_bytes(p.gpu_load_bytes)} with its share "
+        f"of the stage-1 sums ({format_bytes(p.stage1_accumulator_bytes)} in all); "
         f"float32 re-check needs {format_bytes(p.fp32_check_bytes)} more",
         f"stage 1: {s1['passes_rows']} rows (K + 1) in {s1['forward_passes']} passes of "
         f"batch {s1['batch_size']}, {s1['flops']:.3g} FLOP, {s1['seconds']:.1f} s",
@@ -48,6 +49,15 @@ def _run(args: argparse.Namespace) -> int:
         raise AchillesError("give exactly one of --model or --models")
     if args.models is not None:
         entries = read_model_list(args.models)
+        if args.select:
+            wanted = [n.strip() for n in args.select.split(",") if n.strip()]
+            unknown = [n for n in wanted if n not in {e.name for e in entries}]
+            if unknown:
+                raise AchillesError(
+                    f"--select names {', '.join(unknown)}, not in {args.models}; its models are "
+                    f"{', '.join(e.name for e in entries)}"
+                )
+            entries = [e for e in entries if e.name in wanted]
     else:
         entries = [ModelEntry(args.model, ModelSpec(model=args.model, revision=args.revision))]
     out = Path(args.out) if args.out else None
@@ -98,6 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--model", help="local folder (config.json is enough) or hub id")
     g.add_argument("--models", help="file of model ids/paths, one per line, or 'paper21'")
+    g.add_argument("--select", help="comma-separated names of --models to keep, e.g. "
+                   "Meta-Llama-3-8B-Instruct,Llama-3.3-70B-Instruct")
     g.add_argument("--revision", help="hub revision of --model")
     add_arguments(p, PlanConfig)
     o = p.add_argument_group("output")

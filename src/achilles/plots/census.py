@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from achilles.plan import format_count  # noqa: E402
 from achilles.plots import save_figure  # noqa: E402
 from achilles.plots.layers import KIND_COLORS  # noqa: E402
 
@@ -41,7 +42,7 @@ def plot_depth(rows: list[dict[str, Any]], path: str | Path) -> Path:
                        label=k if k not in seen else None)
             seen.add(k)
     ax.set_yticks(range(len(ok)))
-    ax.set_yticklabels([f"{r['name']} ({r['params'] / 1e6:.3g}M)" for r in ok], fontsize=8)
+    ax.set_yticklabels([f"{r['name']} ({format_count(r['params'])})" for r in ok], fontsize=8)
     ax.set_ylim(-0.8, len(ok) - 0.2)
     ax.set_xlim(-0.05, 1.05)
     ax.set_xlabel("relative depth of the layer (0 = first, 1 = last)")
@@ -61,7 +62,7 @@ def plot_depth(rows: list[dict[str, Any]], path: str | Path) -> Path:
 def plot_scale(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """n* and Δ(n*) against model size (log axis); a non-finite Δ is drawn at the top as ∞."""
     ok = _ok(rows)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
     found = [r for r in ok if r["n_star"] is not None]
     none = [r for r in ok if r["n_star"] is None]
     for r in found:
