@@ -248,3 +248,17 @@ def test_missing_list_and_unknown_hub_model(tmp_path, capsys) -> None:  # noqa: 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Qwen2.5-0.5B-Instruct" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # one process per model: every architecture through submitit's local executor
+def test_slurm_launcher_every_architecture(zoo, tmp_path) -> None:  # noqa: ANN001
+    pytest.importorskip("submitit")
+    entries = read_model_list(str(_list(tmp_path / "models.txt", _all_models(zoo))))
+    out = tmp_path / "census"
+    result = run_census(entries, _settings(), out, launcher="slurm", jobs=4,
+                        slurm={"cluster": "local"})
+    assert result.complete and result.ran == len(entries)
+    rows = _check_summary(out, len(entries))
+    assert {r["model_type"] for r in rows} >= set(ARCHS)
+    again = run_census(entries, _settings(), out, launcher="slurm", slurm={"cluster": "local"})
+    assert again.ran == 0 and again.skipped == len(entries)
