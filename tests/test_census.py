@@ -178,7 +178,8 @@ def test_interrupted_folder_restarts_cleanly(zoo, tmp_path) -> None:  # noqa: AN
     assert (run_dir / DONE_FILE).stat().st_mtime_ns == stamp
 
 
-def test_model_list_options_and_names(tmp_path) -> None:  # noqa: ANN001
+def test_model_list_options_and_names(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.chdir(ROOT)
     path = _list(tmp_path / "m.txt", [
         "models/sink --dtype bfloat16", "org/model-a  # a comment", "org/model-a --name second",
         "models/sink",

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from tiny import ARCHS, configs, make_model
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoTokenizer
 
 from achilles.batching import batch_size_for_memory
 from achilles.census.models import builtin_list, read_model_list
@@ -17,6 +19,7 @@ from achilles.cli import main
 from achilles.plan import PlanConfig, meta_model, parse_size, plan_model
 
 PAPER21 = builtin_list("paper21")["models"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _reference_units(shape: dict) -> int:
@@ -139,10 +142,17 @@ def test_cli_plan_paper21_table(capsys) -> None:  # noqa: ANN001
 
 def test_cli_plan_model_json(capsys, tmp_path) -> None:  # noqa: ANN001
     out = tmp_path / "plan.json"
-    assert main(["plan", "--model", "models/sink", "--json", "--tokens", "30", "--out", str(out)]) == 0
+    assert main(["plan", "--model", str(ROOT / "models" / "sink"), "--json", "--tokens", "30",
+                 "--out", str(out)]) == 0
     d = json.loads(capsys.readouterr().out.split("\nwritten:")[0])
     assert d["kind"] == "plan" and d["units"] == 6 * (4 * 192 + 3 * 512 + 2 * 192)
     assert json.loads(out.read_text())["plans"][0]["units"] == d["units"]
+    # T from the model's own tokenizer when a text is given
+    argv = ["plan", "--model", str(ROOT / "models" / "sink"), "--json"]
+    assert main([*argv, "--text-file", str(ROOT / "data" / "demo.txt")]) == 0
+    tokens = json.loads(capsys.readouterr().out)["config"]["tokens"]
+    text = (ROOT / "data" / "demo.txt").read_text(encoding="utf-8")
+    assert tokens == len(AutoTokenizer.from_pretrained(ROOT / "models" / "sink")(text).input_ids)
 
 
 @pytest.mark.parametrize(
@@ -152,6 +162,8 @@ def test_cli_plan_model_json(capsys, tmp_path) -> None:  # noqa: ANN001
         (["plan", "--model", "models/sink", "--gpu-memory", "lots"], "not a memory size"),
         (["plan", "--model", "no/such/folder/x"], "model path not found"),
         (["plan", "--models", "nolist.txt"], "model list not found"),
+        (["plan", "--models", "paper21", "--text", "some text"], "give --tokens, not a text"),
+        (["plan", "--models", "paper21", "--select", "gpt-5"], "--select names gpt-5"),
     ],
 )
 def test_cli_plan_bad_input(argv, message, capsys) -> None:  # noqa: ANN001

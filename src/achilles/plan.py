@@ -81,7 +81,7 @@ class PlanConfig:
     """What to size: the hardware, the throughput and the run's settings."""
 
     gpu_memory: str = opt("80GiB", "memory of one GPU (e.g. 80GiB, 141GB)")
-    gpus: int | None = opt(None, "GPUs available per run (default: as many as needed)")
+    gpus: int | None = opt(None, "GPUs available per run; a plan needing more is marked as not fitting")
     tflops: float = opt(
         400.0, "sustained throughput of one GPU in TFLOP/s for the estimate (not the peak)"
     )
@@ -303,10 +303,32 @@ def plan_source(
     return plan_model(config, settings, name=name or model)
 
 
-def plan_entry(entry: Any, settings: PlanConfig) -> Plan:
+def count_tokens(model: str, text: str, *, revision: str | None = None) -> int:
+    """Tokens of ``text`` under the tokenizer of ``model`` (a folder or hub id), BOS included."""
+    from transformers import AutoTokenizer
+
+    from achilles.config import ModelSpec
+    from achilles.loading import _load_error, _source, tokenize
+
+    source, local = _source(ModelSpec(model=model, revision=revision))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(model, local, e) from None
+    return int(tokenize(tokenizer, text).shape[1])
+
+
+def plan_entry(entry: Any, settings: PlanConfig, text: str | None = None) -> Plan:
     """Plan one :class:`~achilles.census.models.ModelEntry`: from its shipped shape, else its config."""
     if entry.spec.dtype in DTYPE_BYTES:
         settings = dataclasses.replace(settings, dtype=entry.spec.dtype)
+    if text is not None:
+        if entry.shape is not None:
+            raise AchillesError(
+                f"{entry.name} is a shipped shape without a tokenizer: give --tokens, not a text"
+            )
+        tokens = count_tokens(entry.spec.model, text, revision=entry.spec.revision)
+        settings = dataclasses.replace(settings, tokens=tokens)
     if entry.shape is not None:
         return plan_model(entry.shape, settings, name=entry.name)
     return plan_source(entry.spec.model, settings, revision=entry.spec.revision, name=entry.name)

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from achilles.census.models import ModelEntry, read_model_list
-from achilles.config import ModelSpec, add_arguments, from_args
+from achilles.config import ModelSpec, TextSpec, add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.io import _jsonable, write_json
 from achilles.plan import Plan, PlanConfig, format_bytes, plan_entry, table
@@ -66,7 +66,14 @@ def _run(args: argparse.Namespace) -> int:
 
         check_writable(out)
     quiet = args.quiet or args.json or len(entries) == 1
-    plans = [plan_entry(e, settings) for e in tqdm(entries, desc="plan", disable=quiet)]
+    spec = from_args(TextSpec, args)
+    text = spec.resolve() if (spec.text, spec.text_file) != (None, None) else None
+    shipped = [e.name for e in entries if e.shape is not None]
+    if text is not None and shipped:
+        raise AchillesError(
+            f"{args.models} holds shipped shapes without tokenizers: give --tokens, not a text"
+        )
+    plans = [plan_entry(e, settings, text) for e in tqdm(entries, desc="plan", disable=quiet)]
     payload = {
         "schema_version": plans[0].to_dict()["schema_version"],
         "kind": "plans",
@@ -112,6 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "Meta-Llama-3-8B-Instruct,Llama-3.3-70B-Instruct")
     g.add_argument("--revision", help="hub revision of --model")
     add_arguments(p, PlanConfig)
+    add_arguments(p, TextSpec)  # optional: T from the model's tokenizer instead of --tokens
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the plan(s) as JSON")
     o.add_argument("--out", help="also write the plans to this JSON file")
