@@ -71,7 +71,16 @@ def preflight_entries(entries: list[ModelEntry], settings: CensusSettings) -> No
             raise AchillesError(f"model {e.name!r} of the list: {err}") from None
 
 
-def gpus_needed(entries: list[ModelEntry], gpu_memory: str = "80GiB") -> list[int]:
+DEFAULT_GPU_MEMORY = "80GiB"
+
+
+def _local_gpu_memory() -> str:
+    import torch
+
+    return f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.3f}GiB"
+
+
+def gpus_needed(entries: list[ModelEntry], gpu_memory: str = DEFAULT_GPU_MEMORY) -> list[int]:
     """GPUs each model needs (``achilles plan`` at its dtype, bfloat16 for ``auto``)."""
     from achilles.plan import PlanConfig, plan_entry
 
@@ -92,7 +101,7 @@ def run_census(
     launcher: str = "local",
     jobs: int = 1,
     gpus_per_job: int | None = None,
-    gpu_memory: str = "80GiB",
+    gpu_memory: str | None = None,
     slurm: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
     progress: bool = False,
@@ -102,6 +111,8 @@ def run_census(
     Args:
         launcher: ``local`` (a process pool of ``jobs`` workers) or ``slurm`` (submitit).
         gpus_per_job: GPUs per model; default: from ``achilles plan`` where GPUs are used.
+        gpu_memory: memory of one GPU for that plan (default: the first visible GPU's for
+            ``local``, ``DEFAULT_GPU_MEMORY`` for ``slurm``).
         slurm: options of :func:`~achilles.census.launch.run_slurm` (``partition``,
             ``timeout_min``, ``cluster``, ``wait``).
         config: recorded in ``summary.json`` (the command line's resolved options).
@@ -124,12 +135,16 @@ def run_census(
     job_ids: list[str] = []
     if tasks and launcher == "local":
         per_job = gpus_per_job
-        if per_job is None:
-            per_job = max(gpus_needed(todo, gpu_memory)) if launch.visible_gpus() else 1
+        if per_job is None and launch.visible_gpus():
+            per_job = max(gpus_needed(todo, gpu_memory or _local_gpu_memory()))
+        per_job = per_job or 1
         launch.run_local(tasks, settings, jobs=jobs, gpus_per_job=per_job, progress=progress)
     elif tasks:
         opts = dict(slurm or {})
-        needs = [gpus_per_job] * len(todo) if gpus_per_job is not None else gpus_needed(todo, gpu_memory)
+        needs = (
+            [gpus_per_job] * len(todo) if gpus_per_job is not None
+            else gpus_needed(todo, gpu_memory or DEFAULT_GPU_MEMORY)
+        )
         result = launch.run_slurm(
             tasks, settings, folder=out / "slurm", gpus=needs, parallelism=jobs,
             progress=progress, **opts,

@@ -34,11 +34,13 @@ LAUNCHERS: tuple[str, ...] = ("local", "slurm")
 
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    import torch
-
     return [str(i) for i in range(torch.cuda.device_count())]
 
 

@@ -131,6 +131,7 @@ def run_task(task: Task, settings: CensusSettings, progress: bool = False) -> di
 
             write_report(run_dir, lm, fp32=False)  # identify already re-checked in float32
         row = summary_row(entry, lm, ranking, ident, time.perf_counter() - start)
+        row["report"] = "report.html" if settings.report else None
         write_json(run_dir / DONE_FILE, {
             "schema_version": SCHEMA_VERSION,
             "kind": "census_run",

@@ -87,7 +87,7 @@ def to_markdown(rows: list[dict[str, Any]], title: str = "Census") -> str:
         units = r["minimal_set"]
         shown = ", ".join(units[:6]) + (f" … (+{len(units) - 6})" if len(units) > 6 else "")
         lines.append(
-            f"| [{r['name']}](runs/{r['name']}/) | {r['params'] / 1e6:.3g}M | {r['layers']} | "
+            f"| [{r['name']}](runs/{r['name']}/{r.get('report') or ''}) | {r['params'] / 1e6:.3g}M | {r['layers']} | "
             f"{r['n_units_total']:,} | {r['n_star'] if r['n_star'] is not None else 'none'} | "
             f"{_num(r['delta_critical'])} | {shown or '-'} | {_num(r['delta_minimal'])} | "
             f"{', '.join(map(str, r['critical_layers'])) or '-'} | {_cell(r['components']) or '-'} | "

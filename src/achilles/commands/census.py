@@ -67,8 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "slurm: array parallelism) (default: %(default)s)")
     g.add_argument("--gpus-per-job", type=int, default=None,
                    help="GPUs per model (default: from `achilles plan` at --gpu-memory)")
-    g.add_argument("--gpu-memory", default="80GiB",
-                   help="memory of one GPU, for the GPUs-per-model plan (default: %(default)s)")
+    g.add_argument("--gpu-memory", default=None,
+                   help="memory of one GPU, for the GPUs-per-model plan (default: the first "
+                   "visible GPU's locally, 80GiB for slurm)")
     g.add_argument("--slurm-partition", default=None, help="Slurm partition")
     g.add_argument("--slurm-timeout", type=int, default=240,
                    help="minutes per Slurm task (default: %(default)s)")

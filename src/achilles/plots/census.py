@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from achilles.plan import format_count  # noqa: E402
 from achilles.plots import save_figure  # noqa: E402
@@ -32,14 +33,21 @@ def plot_depth(rows: list[dict[str, Any]], path: str | Path) -> Path:
         depths, kinds = r["relative_depths"], r["unit_components"]
         if not depths:
             ax.text(0.5, y, "no critical set", ha="center", va="center", fontsize=8, color="gray")
-        # units in the same layer are spread a little so a count is visible
+        # one marker per (layer, component): its area grows with the units it holds
         counts: dict[tuple[float, str], int] = {}
         for d, k in zip(depths, kinds, strict=True):
-            j = counts.get((d, k), 0)
-            counts[(d, k)] = j + 1
-            ax.scatter(d, y + 0.12 * j - 0.12, s=42, color=KIND_COLORS.get(k, "black"),
-                       edgecolor="black", linewidth=0.4, zorder=3,
-                       label=k if k not in seen else None)
+            counts[(d, k)] = counts.get((d, k), 0) + 1
+        kinds_at: dict[float, list[str]] = {}
+        for d, k in counts:
+            kinds_at.setdefault(d, []).append(k)
+        for (d, k), c in counts.items():
+            j = kinds_at[d].index(k)
+            dy = 0.22 * (j - (len(kinds_at[d]) - 1) / 2)
+            ax.scatter(d, y + dy, s=min(300.0, 36 * math.sqrt(c)), zorder=3,
+                       color=KIND_COLORS.get(k, "black"), edgecolor="black", linewidth=0.4)
+            if c > 1:
+                ax.annotate(f"×{c}", (d, y + dy), fontsize=7, xytext=(6, 4),
+                            textcoords="offset points")
             seen.add(k)
     ax.set_yticks(range(len(ok)))
     ax.set_yticklabels([f"{r['name']} ({format_count(r['params'])})" for r in ok], fontsize=8)
@@ -47,11 +55,14 @@ def plot_depth(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_xlim(-0.05, 1.05)
     ax.set_xlabel("relative depth of the layer (0 = first, 1 = last)")
     ax.grid(axis="x", color="0.9")
-    ax.set_title("Critical units per model (minimal set; stacked when several share a layer)",
+    ax.set_title("Critical units per model (minimal set; ×n: units in one layer and component)",
                  fontsize=10)
     if seen:
-        ax.legend(fontsize=8, title="component", title_fontsize=8, loc="upper left",
-                  bbox_to_anchor=(1.01, 1.0))
+        handles = [Line2D([], [], marker="o", linestyle="", markersize=6, markeredgecolor="black",
+                          markeredgewidth=0.4, color=KIND_COLORS.get(k, "black"), label=k)
+                   for k in sorted(seen)]
+        ax.legend(handles=handles, fontsize=8, title="component", title_fontsize=8,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))
     missing = [r["name"] for r in rows if r["status"] != "ok"]
     if missing:
         fig.text(0.01, 0.01, f"not finished: {', '.join(missing)}", fontsize=7, color="firebrick")
