@@ -13,7 +13,7 @@ from tiny import ARCHS, configs, make_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer
 
-from achilles.batching import batch_size_for_memory
+from achilles.batching import batch_size_for_memory, row_bytes_estimate
 from achilles.census.models import builtin_list, read_model_list
 from achilles.cli import main
 from achilles.plan import PlanConfig, meta_model, parse_size, plan_model
@@ -117,9 +117,15 @@ def test_gpu_count_grows_as_gpus_shrink() -> None:
 
 
 def test_batch_size_rule() -> None:
-    assert batch_size_for_memory(1000, 70, 100) == 10  # 70 % of free over bytes per row
-    assert batch_size_for_memory(1000, 70, 4) == 4
-    assert batch_size_for_memory(10, 70, 100) == 1
+    model = make_model("llama")
+    per_row = row_bytes_estimate(model, 20, 48, logits=True)
+    free = int(10 * per_row / 0.7) + 1  # 70 % of free memory over the bytes of one row
+    assert batch_size_for_memory(model, free, 20, 100, 48) == 10
+    assert batch_size_for_memory(model, free, 20, 4, 48) == 4
+    assert batch_size_for_memory(model, 10, 20, 100, 48) == 1
+    # the plan applies the same rule to the meta-device model of the same config
+    plan = plan_model(configs()["llama"], PlanConfig(dtype="float32", tokens=20, max_neurons=100))
+    assert plan.stage2["batch_size"] == 100
 
 
 def test_parse_size() -> None:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from achilles.batching import batch_size_for_memory, row_bytes_estimate
+from achilles.batching import batch_size_for_memory
 from achilles.config import opt
 from achilles.errors import AchillesError, require
 from achilles.io import SCHEMA_VERSION
@@ -227,12 +227,8 @@ def plan_model(config: Any, settings: PlanConfig, *, name: str = "") -> Plan:
     free = max(0, settings.gpu_bytes - per_gpu_load)
     k_max = max(1, settings.max_neurons // settings.step)
 
-    def batch(rows: int, logits: bool) -> int:
-        per_row = row_bytes_estimate(model, T, widest, logits=logits)
-        return batch_size_for_memory(free, per_row, rows)
-
-    b1 = batch(K, logits=False)
-    b2 = batch(k_max, logits=True)
+    b1 = batch_size_for_memory(model, free, T, K, widest, logits=False)
+    b2 = batch_size_for_memory(model, free, T, k_max, widest, logits=True)
     n = settings.assume_n_star
     rows2 = {
         "linear": 1 + k_max,
