@@ -18,7 +18,7 @@ from tiny import ARCHS, TEXT, make_model
 
 from achilles.census import CensusSettings, read_model_list, run_census
 from achilles.census.launch import _init_worker, gpu_groups, run_slurm
-from achilles.census.run import DONE_FILE, Task, collect, run_dir_of, run_task
+from achilles.census.run import DONE_FILE, Task, check_resumable, collect, run_dir_of, run_task
 from achilles.cli import main
 from achilles.config import IdentifyConfig, RankConfig
 from achilles.errors import AchillesError
@@ -176,6 +176,11 @@ def test_interrupted_folder_restarts_cleanly(zoo, tmp_path) -> None:  # noqa: AN
     stamp = (run_dir / DONE_FILE).stat().st_mtime_ns
     assert run_task(Task(entry, str(run_dir)), _settings()) == row  # done: skipped
     assert (run_dir / DONE_FILE).stat().st_mtime_ns == stamp
+    # resuming with other settings is refused instead of mixing results
+    check_resumable(run_dir, entry, _settings())
+    other = CensusSettings(TEXT, RankConfig(samples=5, keep=100), IdentifyConfig(max_neurons=20), report=False)
+    with pytest.raises(AchillesError, match=r"rank\.samples differ"):
+        check_resumable(run_dir, entry, other)
 
 
 def test_model_list_options_and_names(tmp_path, monkeypatch) -> None:  # noqa: ANN001

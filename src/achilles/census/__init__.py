@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from achilles.census.models import ModelEntry, read_model_list
-from achilles.census.run import CensusSettings, Task, collect, is_done, run_dir_of
+from achilles.census.run import CensusSettings, Task, check_resumable, collect, is_done, run_dir_of
 from achilles.census.summary import SummaryFiles, write_summary
 from achilles.errors import AchillesError
 
@@ -128,6 +128,9 @@ def run_census(
     if launcher == "slurm":
         launch._import_submitit()
     todo = [e for e in entries if not is_done(run_dir_of(out_dir, e))]
+    for e in entries:
+        if e not in todo:
+            check_resumable(run_dir_of(out_dir, e), e, settings)
     preflight_entries(todo, settings)  # before the out folder exists: bad input leaves nothing
     out = check_out_dir(out_dir)
     tasks = [Task(e, str(run_dir_of(out, e))) for e in todo]

@@ -11,6 +11,7 @@ so one bad model does not stop the others.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import shutil
 import time
@@ -21,7 +22,7 @@ from typing import Any
 
 from achilles.census.models import ModelEntry
 from achilles.config import IdentifyConfig, RankConfig
-from achilles.io import SCHEMA_VERSION, environment, read_json, write_json
+from achilles.io import SCHEMA_VERSION, _jsonable, environment, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,31 @@ def summary_row(entry: ModelEntry, lm: Any, ranking: Any, ident: Any, wall_s: fl
     }
 
 
+def run_config(entry: ModelEntry, settings: CensusSettings) -> dict[str, Any]:
+    """What a finished run was made with (stored in its marker, compared on resume)."""
+    return {"model": asdict(entry.spec), "rank": asdict(settings.rank),
+            "identify": asdict(settings.identify), "report": settings.report,
+            "text": settings.text}
+
+
+def check_resumable(run_dir: str | Path, entry: ModelEntry, settings: CensusSettings) -> None:
+    """Refuse to reuse a finished run made with other settings (a silent mix otherwise)."""
+    from achilles.errors import AchillesError
+
+    old = read_json(Path(run_dir) / DONE_FILE, kind="census_run").get("config", {})
+    new = json.loads(json.dumps(_jsonable(run_config(entry, settings))))
+    for key in new:
+        if old.get(key) != new[key]:
+            what = key
+            if isinstance(new[key], dict):
+                diff = [k for k in new[key] if (old.get(key) or {}).get(k) != new[key][k]]
+                what = ", ".join(f"{key}.{k}" for k in diff) or key
+            raise AchillesError(
+                f"{run_dir} was made with other settings ({what} differ): rerun with the same "
+                "options, or use another --out-dir"
+            )
+
+
 def failed_row(entry: ModelEntry, status: str, error: str | None) -> dict[str, Any]:
     return {"name": entry.name, "model": entry.spec.model, "status": status, "error": error}
 
@@ -135,8 +161,7 @@ def run_task(task: Task, settings: CensusSettings, progress: bool = False) -> di
         write_json(run_dir / DONE_FILE, {
             "schema_version": SCHEMA_VERSION,
             "kind": "census_run",
-            "config": {"model": asdict(entry.spec), "rank": asdict(settings.rank),
-                       "identify": asdict(settings.identify), "report": settings.report},
+            "config": run_config(entry, settings),
             "env": environment(lm.model),
             "row": row,
         })
