@@ -13,6 +13,7 @@ from tiny import ARCHS, configs, make_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer
 
+from achilles import batching
 from achilles.batching import batch_size_for_memory, row_bytes_estimate
 from achilles.census.models import builtin_list, read_model_list
 from achilles.cli import main
@@ -116,13 +117,21 @@ def test_gpu_count_grows_as_gpus_shrink() -> None:
     assert p.gpus is None and not p.fits and p.notes
 
 
-def test_batch_size_rule() -> None:
+def test_batch_size_rule_is_choose_batch_sizes(monkeypatch) -> None:  # noqa: ANN001
     model = make_model("llama")
-    per_row = row_bytes_estimate(model, 20, 48, logits=True)
+    monkeypatch.setattr(batching, "model_devices", lambda m: [torch.device("cuda", 0)])
+    sizes = set()
+    for free in (10**5, 10**6, 10**7, 10**9):  # what choose_batch_size would do on such a GPU
+        monkeypatch.setattr(batching, "free_cuda_bytes", lambda d, free=free: free)
+        for logits in (True, False):
+            b = batching.choose_batch_size(model, 20, 100, 48, logits=logits)
+            assert b == batch_size_for_memory(model, free, 20, 100, 48, logits=logits)
+            sizes.add(b)
+    assert len(sizes) >= 3  # the memory actually decides
+    per_row = row_bytes_estimate(model, 20, 48, logits=False)
     free = int(10 * per_row / 0.7) + 1  # 70 % of free memory over the bytes of one row
-    assert batch_size_for_memory(model, free, 20, 100, 48) == 10
-    assert batch_size_for_memory(model, free, 20, 4, 48) == 4
-    assert batch_size_for_memory(model, 10, 20, 100, 48) == 1
+    assert batch_size_for_memory(model, free, 20, 100, 48, logits=False) == 10
+    assert batch_size_for_memory(model, free, 20, 4, 48, logits=False) == 4
     # the plan applies the same rule to the meta-device model of the same config
     plan = plan_model(configs()["llama"], PlanConfig(dtype="float32", tokens=20, max_neurons=100))
     assert plan.stage2["batch_size"] == 100
