@@ -20,7 +20,7 @@ from achilles.census import CensusSettings, read_model_list, run_census
 from achilles.census.launch import _init_worker, gpu_groups, run_slurm
 from achilles.census.run import DONE_FILE, Task, check_resumable, collect, run_dir_of, run_task
 from achilles.cli import main
-from achilles.config import IdentifyConfig, RankConfig
+from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def test_model_list_options_and_names(tmp_path, monkeypatch) -> None:  # noqa: A
     ])
     e = read_model_list(str(path))
     assert [x.name for x in e] == ["sink", "org__model-a", "second", "sink-2"]
-    assert e[0].spec.dtype == "bfloat16" and e[3].spec.dtype == "auto"
+    assert e[0].spec.dtype == "bfloat16" and e[3].spec.dtype == ModelSpec(model="x").dtype
     paper = read_model_list("paper21")
     assert len(paper) == 21 and paper[6].spec.model == "Qwen/Qwen2.5-72B-Instruct"
 
