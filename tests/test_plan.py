@@ -17,6 +17,7 @@ from achilles import batching
 from achilles.batching import batch_size_for_memory, row_bytes_estimate
 from achilles.census.models import builtin_list, read_model_list
 from achilles.cli import main
+from achilles.errors import AchillesError
 from achilles.plan import PlanConfig, meta_model, parse_size, plan_model
 
 PAPER21 = builtin_list("paper21")["models"]
@@ -140,7 +141,8 @@ def test_batch_size_rule_is_choose_batch_sizes(monkeypatch) -> None:  # noqa: AN
 def test_parse_size() -> None:
     assert parse_size("141GB") == 141 * 10**9
     assert parse_size("80GiB") == 80 * 2**30
-    assert parse_size("80") == 80 * 2**30
+    with pytest.raises(AchillesError, match="not a memory size"):
+        parse_size("80")
 
 
 def test_meta_model_keeps_tied_embeddings() -> None:

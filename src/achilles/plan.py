@@ -17,12 +17,11 @@ most ``n*(n*+1)/2 + n*`` sets, reported for an assumed n*.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import math
-import re
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -45,19 +44,14 @@ context (accelerate's own ``device_map="auto"`` also leaves room)."""
 
 MAX_GPUS = 64
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
-
-
 def parse_size(text: str) -> int:
-    """``"141GiB"`` -> bytes; ``GB`` is 10⁹, ``GiB`` 2³⁰; a bare number is GiB."""
-    m = _SIZE.match(text)
-    if not m:
-        raise AchillesError(f"not a memory size: {text!r} (write e.g. 80GiB or 141GB)")
-    value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    if not unit:
-        unit, binary = "G", "i"
-    power = "KMGT".index(unit) + 1
-    return int(value * ((1024 if binary else 1000) ** power))
+    """``"141GiB"`` -> bytes (accelerate's parser: ``GB`` is 10⁹, ``GiB`` 2³⁰)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        return int(convert_file_size_to_int(text.strip()))
+    except ValueError:
+        raise AchillesError(f"not a memory size: {text!r} (write e.g. 80GiB or 141GB)") from None
 
 
 def format_bytes(n: float) -> str:
