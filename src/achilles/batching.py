@@ -133,12 +133,30 @@ def choose_batch_size(
     cuda = [d for d in model_devices(model) if d.type == "cuda"]
     if cuda:
         free = min(free_cuda_bytes(d) for d in cuda)
-        if logits:  # the NLL's head runs LOGIT_CHUNK rows at a time: a fixed cost per pass
-            free -= head_bytes(model, tokens)
-        per_row = row_bytes_estimate(model, tokens, widest_site, logits=False)
-        b = int(0.7 * max(free, 0) // max(per_row, 1))
-    else:
-        b = CPU_TOKENS_PER_BATCH // max(tokens, 1)
+        return batch_size_for_memory(model, free, tokens, rows, widest_site, logits=logits)
+    b = CPU_TOKENS_PER_BATCH // max(tokens, 1)
+    return max(1, min(b, rows))
+
+
+def batch_size_for_memory(
+    model: torch.nn.Module,
+    free_bytes: int,
+    tokens: int,
+    rows: int,
+    widest_site: int,
+    *,
+    logits: bool = True,
+) -> int:
+    """Rows per forward pass on a GPU with ``free_bytes`` free: 70 % of it over a row's bytes.
+
+    The memory rule of :func:`choose_batch_size` without the device query, so ``achilles
+    plan`` applies it to a meta-device model and a GPU it does not have. The NLL's head runs
+    ``LOGIT_CHUNK`` rows at a time, so its logits are a fixed cost per pass, not per row.
+    """
+    if logits:
+        free_bytes -= head_bytes(model, tokens)
+    per_row = row_bytes_estimate(model, tokens, widest_site, logits=False)
+    b = int(0.7 * max(free_bytes, 0) // max(per_row, 1))
     return max(1, min(b, rows))
 
 

@@ -36,6 +36,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "achilles.commands.report",
     "achilles.commands.export",
     "achilles.commands.compress",
+    "achilles.commands.plan",
+    "achilles.commands.census",
 )
 
 

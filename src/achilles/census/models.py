@@ -1,0 +1,125 @@
+"""Model lists: a file of model ids/paths with per-model options, or the shipped ``paper21``.
+
+One model per line; ``#`` starts a comment. After the id or path a line may carry the model
+options of ``achilles find`` (``--dtype``, ``--device``, ``--device-map``, ``--revision``,
+``--trust-remote-code``) and ``--name`` (the run folder's name)::
+
+    models/sink
+    Qwen/Qwen2.5-0.5B-Instruct --dtype bfloat16
+    /data/llama-70b --device-map auto --name llama70b
+
+``paper21`` names the 21 models of the study, shipped with their shapes
+(``achilles/data/paper21.json``) so ``achilles plan`` can size them offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from achilles.config import ModelSpec, add_arguments
+from achilles.errors import AchillesError
+
+BUILTIN_LISTS: tuple[str, ...] = ("paper21",)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of a census: its run-folder name, how to load it, and (if shipped) its shape.
+
+    Attributes:
+        name: the run folder's name (unique within the list).
+        spec: the model id/path and its loading options.
+        shape: a config dict sufficient to build the model on the meta device (``paper21``).
+        info: the shipped facts about it (reported parameters, reference unit counts).
+    """
+
+    name: str
+    spec: ModelSpec
+    shape: dict[str, Any] | None = None
+    info: dict[str, Any] | None = None
+
+
+class _LineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise AchillesError(message)
+
+
+def _line_parser() -> argparse.ArgumentParser:
+    p = _LineParser(prog="", add_help=False)
+    add_arguments(p, ModelSpec, exclude=("model",))
+    p.add_argument("--name", default=argparse.SUPPRESS)
+    return p
+
+
+def slug(model: str) -> str:
+    """A folder name for ``model``: a local folder's name, or the hub id with ``/`` as ``__``."""
+    local = Path(model).expanduser()
+    base = local.resolve().name if local.exists() else model.strip("/").replace("/", "__")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", base) or "model"
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return out
+
+
+def builtin_list(name: str) -> dict[str, Any]:
+    """The shipped model list ``name`` (``paper21``) as stored."""
+    text = resources.files("achilles.data").joinpath(f"{name}.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def read_model_list(source: str, base: ModelSpec | None = None) -> list[ModelEntry]:
+    """Parse ``source`` (a list file, or ``paper21``) into entries.
+
+    ``base`` carries the options given on the command line; a line's own options override
+    them. Raises :class:`AchillesError` naming the file and line for a bad line, and for a
+    missing or empty list.
+    """
+    base = base or ModelSpec(model="-")
+    if source in BUILTIN_LISTS:
+        doc = builtin_list(source)
+        return [
+            ModelEntry(m["name"], dataclasses.replace(base, model=m["id"]), dict(m["config"]), m)
+            for m in doc["models"]
+        ]
+    path = Path(source)
+    if not path.is_file():
+        raise AchillesError(
+            f"model list not found: {source} (give a file with one model id or path per line, "
+            f"or one of: {', '.join(BUILTIN_LISTS)})"
+        )
+    parser = _line_parser()
+    entries: list[tuple[str | None, ModelSpec]] = []
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            words = shlex.split(raw, comments=True)
+        except ValueError as e:
+            raise AchillesError(f"{path}:{lineno}: {e}") from None
+        if not words:
+            continue
+        model, *options = words
+        if model.startswith("-"):
+            raise AchillesError(f"{path}:{lineno}: a line starts with the model id or path, not {model!r}")
+        try:
+            ns = vars(parser.parse_args(options))
+        except AchillesError as e:
+            raise AchillesError(f"{path}:{lineno}: {e}") from None
+        name = ns.pop("name", None)
+        entries.append((name, dataclasses.replace(base, model=model, **ns)))
+    if not entries:
+        raise AchillesError(f"model list {path} is empty: put one model id or path per line")
+    names = _unique([n or slug(s.model) for n, s in entries])
+    return [ModelEntry(n, s) for n, (_, s) in zip(names, entries, strict=True)]

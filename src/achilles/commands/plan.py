@@ -1,0 +1,128 @@
+"""``achilles plan``: size a run (units, memory, GPUs, passes, time) from configs alone."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from achilles.census.models import ModelEntry, read_model_list
+from achilles.config import ModelSpec, TextSpec, add_arguments, from_args
+from achilles.errors import AchillesError
+from achilles.io import _jsonable, write_json
+from achilles.plan import Plan, PlanConfig, format_bytes, plan_entry, table
+
+
+def describe(p: Plan) -> str:
+    """Human lines about one plan."""
+    c = p.config
+    s1, s2 = p.stage1, p.stage2
+    per_kind = ", ".join(f"{k} {v:,}" for k, v in p.units_per_component.items())
+    mem = ", ".join(f"{k} {format_bytes(v)}" for k, v in p.weight_bytes.items())
+    gpus = f"{p.gpus} × {c['gpu_memory']}" if p.gpus else f"more than 64 × {c['gpu_memory']}"
+    lines = [
+        f"{p.model} ({p.model_type}): {p.params:,} parameters, {p.layers} layers",
+        f"unit pool ({c['pool']}): {p.units:,} per token ({p.units * c['tokens']:,} over "
+        f"T = {c['tokens']} tokens); {per_kind}",
+        f"weights: {mem}",
+        f"GPUs ({c['dtype']}): {gpus}, fullest GPU {format_bytes(p.gpu_load_bytes)} with its share "
+        f"of the stage-1 sums ({format_bytes(p.stage1_accumulator_bytes)} in all); "
+        f"float32 re-check needs {format_bytes(p.fp32_check_bytes)} more",
+        f"stage 1: {s1['passes_rows']} rows (K + 1) in {s1['forward_passes']} passes of "
+        f"batch {s1['batch_size']}, {s1['flops']:.3g} FLOP, {s1['seconds']:.1f} s",
+        f"stage 2: batch {s2['batch_size']}; linear ≤ {s2['rows']['linear']} rows "
+        f"({s2['seconds']['linear']:.1f} s), bisect ≤ {s2['rows']['bisect']} rows, "
+        f"minimise ≤ {s2['rows']['minimize']} rows for n* = {s2['assumed_n_star']} "
+        f"({s2['seconds']['minimize']:.1f} s)",
+        f"estimated time at {c['tflops']:g} TFLOP/s: {p.seconds:.1f} s (stage 1 + linear + minimise)",
+    ]
+    lines += [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = from_args(PlanConfig, args)
+    if (args.model is None) == (args.models is None):
+        raise AchillesError("give exactly one of --model or --models")
+    if args.models is not None:
+        entries = read_model_list(args.models)
+        if args.select:
+            wanted = [n.strip() for n in args.select.split(",") if n.strip()]
+            unknown = [n for n in wanted if n not in {e.name for e in entries}]
+            if unknown:
+                raise AchillesError(
+                    f"--select names {', '.join(unknown)}, not in {args.models}; its models are "
+                    f"{', '.join(e.name for e in entries)}"
+                )
+            entries = [e for e in entries if e.name in wanted]
+    else:
+        entries = [ModelEntry(args.model, ModelSpec(model=args.model, revision=args.revision))]
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        from achilles.commands.common import check_writable
+
+        check_writable(out)
+    quiet = args.quiet or args.json or len(entries) == 1
+    spec = from_args(TextSpec, args)
+    text = spec.resolve() if (spec.text, spec.text_file) != (None, None) else None
+    shipped = [e.name for e in entries if e.shape is not None]
+    if text is not None and shipped:
+        raise AchillesError(
+            f"{args.models} holds shipped shapes without tokenizers: give --tokens, not a text"
+        )
+    plans = [plan_entry(e, settings, text) for e in tqdm(entries, desc="plan", disable=quiet)]
+    payload = {
+        "schema_version": plans[0].to_dict()["schema_version"],
+        "kind": "plans",
+        "config": dataclasses.asdict(settings),
+        "plans": [p.to_dict() for p in plans],
+    }
+    if out is not None:
+        write_json(out, payload)
+    if args.json:
+        print(json.dumps(_jsonable(payload if len(plans) > 1 else plans[0].to_dict()), indent=1))
+    elif len(plans) == 1:
+        print(describe(plans[0]))
+    else:
+        print(table(plans))
+        print(
+            f"\nGPUs of {settings.gpu_memory}, {settings.dtype}, T = {settings.tokens}, "
+            f"K = {settings.samples}, max {settings.max_neurons} prefixes; times at "
+            f"{settings.tflops:g} TFLOP/s (stage 1 + linear search + minimise for "
+            f"n* = {settings.assume_n_star})"
+        )
+        for p in plans:
+            for n in p.notes:
+                print(f"note: {p.model}: {n}")
+    if out is not None:
+        print(f"written: {out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="size a run from the config alone: units, memory, GPUs, passes, time",
+        description="From a model's config (no weights are loaded: seconds even for 72B), "
+        "print the unit pool per component kind, the weight memory per dtype, the fewest GPUs "
+        "that hold the model (accelerate's device map), the forward passes and FLOPs of both "
+        "stages, the batch sizes achilles would choose and an estimated time. --models "
+        "paper21 sizes the study's 21 models offline from shipped shapes.",
+    )
+    g = p.add_argument_group("models")
+    g.add_argument("--model", help="local folder (config.json is enough) or hub id")
+    g.add_argument("--models", help="file of model ids/paths, one per line, or 'paper21'")
+    g.add_argument("--select", help="comma-separated names of --models to keep, e.g. "
+                   "Meta-Llama-3-8B-Instruct,Llama-3.3-70B-Instruct")
+    g.add_argument("--revision", help="hub revision of --model")
+    add_arguments(p, PlanConfig)
+    add_arguments(p, TextSpec)  # optional: T from the model's tokenizer instead of --tokens
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print the plan(s) as JSON")
+    o.add_argument("--out", help="also write the plans to this JSON file")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument("--verbose", action="store_true", help="debug logging")
+    p.set_defaults(run=_run)
