@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "achilles.commands.overlap",
     "achilles.commands.probe",
     "achilles.commands.report",
+    "achilles.commands.explain",
 )
 
 

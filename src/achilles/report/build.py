@@ -239,6 +239,13 @@ def _external(run_dir: Path, name: str, title: str, keys: tuple[str, ...]) -> li
     return out
 
 
+def _mechanism(run_dir: Path) -> list[Block]:
+    """The Mechanism section (``achilles explain``), when the run has a mechanism.json."""
+    from achilles.report.mechanism import mechanism_blocks
+
+    return mechanism_blocks(run_dir) or []
+
+
 def write_report(
     run_dir: str | Path,
     lm: LoadedModel | None = None,
@@ -287,6 +294,7 @@ def write_report(
     )]
     blocks += _provenance(ident_d, ranking_d)
     blocks += _sets(ident_d, scores)
+    blocks += _mechanism(run_dir)
     blocks += [Heading("Where the critical units live")]
     blocks += [Table(
         ["set", "units", "mlp.down share", "outer-layer share"],
