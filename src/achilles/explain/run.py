@@ -343,7 +343,7 @@ def summarize(m: Mechanism) -> str:
         ratio = max(max(a[0], b[0]) / med if med > 0 else math.inf
                     for a, b, med in zip(prof["sink_top"], prof["rest_top"], prof["median"], strict=True))
         parts[0] += f" with no massive activation in the clean model (largest |h| {ratio:,.0f}× its layer's median)"
-    if not (math.isfinite(m.delta) and m.delta >= SMALL_DELTA):
+    if math.isfinite(m.delta) and m.delta < SMALL_DELTA:
         return "; ".join(parts) + (f"; Δ is below {SMALL_DELTA:g}, too small for shares of it "
                                    "(patching recoveries) to mean anything.")
     heads = m.sink_heads
