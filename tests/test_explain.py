@@ -92,6 +92,11 @@ def test_sink_planted_heads_lose_their_sink_and_restoring_them_recovers_delta(si
     others = [d for d in m.sink_heads[len(planted):]]
     assert all(d["drop"] < min(drops[: len(planted)]) for d in others)
     assert m.patching_checks["restore_sink_heads"] >= 0.9
+    # the writer's own MLP holds the masked unit: restoring it undoes the mask (recovers all)
+    assert m.patching[0] == {"component": "L1.mlp", "recovered": pytest.approx(1.0, abs=1e-6),
+                             "holds_set": True}
+    assert not any("L1.mlp" in c["components"] for c in m.patching_cumulative)
+    assert m.patching_cumulative[-1]["recovered"] >= 0.9  # the mediators: planted heads + MLPs
     assert m.delta > 3  # planted: Δ 3.83 on the demo text
     assert m.output["top1_masked"][0]["token_id"] == PLANTED["wake_token"]
     assert m.output["top1_clean"][0]["token_id"] != PLANTED["wake_token"]

@@ -125,20 +125,23 @@ def explain(
     tokens = T - 1
     delta = (nll_masked - nll_clean) / (tokens * LN10) if math.isfinite(nll_masked) else math.inf
     gap = nll_masked - nll_clean
+    touched = touched_by(units, layout)
     patching = [
-        {"component": c.name, "recovered": _fraction(nll_masked - n, gap)}
+        {"component": c.name, "recovered": _fraction(nll_masked - n, gap), "holds_set": c in touched}
         for c, n in zip(comps, restore[1:], strict=True)
     ]
     patching.sort(key=lambda d: finite_first_key(d["recovered"]))
     reverse = [
-        {"component": c.name, "reproduced": _fraction(n - nll_clean, gap)}
+        {"component": c.name, "reproduced": _fraction(n - nll_clean, gap), "holds_set": c in touched}
         for c, n in zip(comps, noise[1:], strict=True)
     ]
     reverse.sort(key=lambda d: finite_first_key(d["reproduced"]))
 
     heads = _sink_heads(model, layout, tr, config)
     lost = [Component(h["layer"], h["head"]) for h in heads]
-    ranked = [Component.parse(d["component"]) for d in patching]
+    # restoring a component that holds a masked unit undoes the mask itself: the cumulative
+    # restore ranks the other components, the mediators
+    ranked = [Component.parse(d["component"]) for d in patching if not d["holds_set"]]
     k_max = min(config.top_components, len(ranked))
     joint: list[list[Component]] = [ranked[:k] for k in range(1, k_max + 1)]
     joint += [comps] + ([lost] if lost else [])
@@ -200,6 +203,19 @@ def explain(
     mech.summary = summarize(mech)
     logger.info("explain: %s", mech.summary)
     return mech
+
+
+def touched_by(units: Sequence[Unit], layout: Layout) -> set[Component]:
+    """The components a masked unit sits in: the MLP of its layer for ``mlp.*`` / ``norm.mlp*``
+    units, every head of its layer for ``attn.*`` / ``norm.attn*`` units (a q/k/v channel
+    feeds one head, or a group under GQA; all are marked)."""
+    out: set[Component] = set()
+    for u in units:
+        if u.component.startswith(("mlp.", "norm.mlp")):
+            out.add(Component(u.layer))
+        elif u.component.startswith(("attn.", "norm.attn")):
+            out.update(Component(u.layer, h) for h in range(layout.heads))
+    return out
 
 
 def _sink_heads(model: torch.nn.Module, layout: Layout, tr: Trace, config: ExplainConfig) -> list[dict]:
@@ -357,11 +373,12 @@ def summarize(m: Mechanism) -> str:
                      f"{_pct(chk['restore_sink_heads'])} of Δ")
     else:
         parts.append(f"no head loses its sink at position {m.sink_position}")
-        if m.patching:
-            best = m.patching[0]
+        mediators = [d for d in m.patching if not d.get("holds_set")]
+        if mediators:
+            best = mediators[0]
             k = m.patching_cumulative[-1] if m.patching_cumulative else None
             tail = f", the top {k['k']} together {_pct(k['recovered'])}" if k else ""
-            parts.append(f"the best single component, {best['component']}, recovers "
+            parts.append(f"the best single component outside the set, {best['component']}, recovers "
                          f"{_pct(best['recovered'])} of Δ{tail}")
     return "; ".join(parts) + "."
 

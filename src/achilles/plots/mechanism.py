@@ -75,6 +75,7 @@ def plot_patching(mech: dict[str, Any], path: str | Path, top: int = 15) -> Path
     single = mech["patching"][:top]
     rev = {d["component"]: d["reproduced"] for d in mech["patching_reverse"]}
     names = [d["component"] for d in single]
+    labels = [n + (" *" if d.get("holds_set") else "") for n, d in zip(names, single, strict=True)]
     fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(names) + 3), 4.2))
     x = np.arange(len(names))
     rec = np.array([d["recovered"] for d in single], dtype=float)
@@ -83,13 +84,14 @@ def plot_patching(mech: dict[str, Any], path: str | Path, top: int = 15) -> Path
            label="patched alone into the clean model (share of Δ reproduced)")
     cum = mech.get("patching_cumulative", [])
     if cum:
-        ax.plot([c["k"] - 1 for c in cum][: len(names)], [c["recovered"] for c in cum][: len(names)],
-                color="black", marker="o", ms=3, label="top k restored together")
+        ax.plot([c["k"] for c in cum], [c["recovered"] for c in cum], color="black", marker="o",
+                ms=3, label="top k mediators restored together (x = k)")
     ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
     ax.axhline(0.0, color="0.6", lw=0.8)
-    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("fraction of Δ")
-    ax.set_title("Activation patching: components ranked by the share of Δ they recover", fontsize=10)
+    ax.set_title("Activation patching: components ranked by the share of Δ they recover "
+                 "(* holds a masked unit)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)

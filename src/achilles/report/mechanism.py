@@ -26,6 +26,14 @@ class MechanismSection:
     html: str
 
 
+def _span(a: int, b: int) -> str:
+    return str(a) if a == b else f"{a}–{b}"
+
+
+def _tok(t: dict[str, Any]) -> str:
+    return f"{t['token_id']}: {t['token']!r}"
+
+
 def _highlight(tokens: list[str], rise: list[Any]) -> Raw:
     """The text with each token's background shaded by how much its loss rose under the mask."""
     vals = [r for r in rise if isinstance(r, (int, float)) and math.isfinite(r) and r > 0]
@@ -71,7 +79,7 @@ def mechanism_blocks(run_dir: str | Path) -> list[Block] | None:
         out.append(Table(
             ["position", "channel", "layers", "erased at", "peak layer", "peak value", "peak ratio",
              "masked value", "masked max ratio", "survives masking"],
-            [[g["position"], g["channel"], f"{g['first_layer']}–{g['last_layer']}", g["erased_at"],
+            [[g["position"], g["channel"], _span(g["first_layer"], g["last_layer"]), g["erased_at"],
               g["peak_layer"], g["peak_value"], g["peak_ratio"], g["masked_value"],
               g["masked_peak_ratio"], g["survives"]] for g in m["massive_groups"]],
         ))
@@ -121,14 +129,17 @@ def mechanism_blocks(run_dir: str | Path) -> list[Block] | None:
            if chk.get("restore_sink_heads") is not None else "") + "."
     ))
     rev = m["patching_reverse"]
+    out.append(Para("Components marked * hold a masked unit: restoring them undoes the mask "
+                    "itself. The cumulative restore ranks the other components (the mediators)."))
+    star = lambda d: d["component"] + (" *" if d.get("holds_set") else "")  # noqa: E731
     out.append(Table(
         ["rank", "restored alone", "recovered", "patched into clean", "reproduced"],
-        [[i + 1, a["component"], a["recovered"], b["component"], b["reproduced"]]
+        [[i + 1, star(a), a["recovered"], star(b), b["reproduced"]]
          for i, (a, b) in enumerate(zip(m["patching"][:10], rev[:10], strict=False))],
     ))
     if m["patching_cumulative"]:
         out.append(Table(
-            ["top k restored together", "recovered", "last added"],
+            ["top k mediators restored together", "recovered", "last added"],
             [[c["k"], c["recovered"], c["components"][-1]] for c in m["patching_cumulative"]],
         ))
     if (figs / FIGURES[2]).is_file():
@@ -141,8 +152,8 @@ def mechanism_blocks(run_dir: str | Path) -> list[Block] | None:
         f"masked; top-1 accuracy {fmt(o['accuracy_clean'])} clean, {fmt(o['accuracy_masked'])} masked."
     ))
     out.append(Table(
-        ["rank", "top-1 token (masked)", "share", "top-1 token (clean)", "share"],
-        [[i + 1, repr(a["token"]), a["share"], repr(b["token"]), b["share"]]
+        ["rank", "top-1 token (masked): id, text", "share", "top-1 token (clean)", "share"],
+        [[i + 1, _tok(a), a["share"], _tok(b), b["share"]]
          for i, (a, b) in enumerate(zip(o["top1_masked"], o["top1_clean"], strict=False))],
     ))
     out.append(Table(
