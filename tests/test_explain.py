@@ -215,3 +215,36 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, tiny_run, tiny_dir,
     err = _fails(["explain", str(other), "--model", str(tiny_dir)], other, capsys)
     assert "another model" in err
     assert "not found" in _fails(["explain", str(tmp_path / "nope")], tmp_path, capsys)
+
+
+def test_bf16_and_offloaded_models_explain(tokenizer) -> None:  # noqa: ANN001
+    """bf16 weights (fp32 NLL) and accelerate offloading (weights on ``meta``) both run; the
+    offloaded model measures what the plain one does."""
+    from accelerate import cpu_offload
+
+    units_of = lambda pool: [Unit("model.layers.0.mlp.down_proj", c, 0, "mlp.down") for c in range(32)]  # noqa: E731
+    plain = make_model("llama")
+    pool = build_pool(plain)
+    lm = LoadedModel(plain, tokenizer, ModelSpec(model="tiny"))
+    ref = explain(lm, TEXT, units_of(pool), pool, ExplainConfig(sink_drop=0.0))
+    off = make_model("llama")
+    cpu_offload(off, execution_device=torch.device("cpu"))
+    assert off.get_input_embeddings().weight.device.type == "meta"
+    got = explain(LoadedModel(off, tokenizer, ModelSpec(model="tiny")), TEXT, units_of(pool), pool,
+                  ExplainConfig(sink_drop=0.0))
+    assert got.nll_masked == pytest.approx(ref.nll_masked, abs=1e-4)
+    assert [p["component"] for p in got.patching] == [p["component"] for p in ref.patching]
+    assert got.sink_heads[0]["write_masked"] == pytest.approx(ref.sink_heads[0]["write_masked"], rel=1e-4)
+    bf = make_model("llama")
+    with torch.no_grad():  # random tiny weights barely matter in bf16: scale the projections up
+        for name, p in bf.named_parameters():
+            if "proj" in name:
+                p.mul_(8)
+    bf = bf.to(torch.bfloat16)
+    m = explain(LoadedModel(bf, tokenizer, ModelSpec(model="tiny")), TEXT, units_of(pool), pool)
+    assert m.env["dtype"] == "bfloat16" and m.delta > 1e-3
+    # restoring everything: Δ back to ~0 (bf16 rows batched differently differ by ~1e-5)
+    assert abs(m.patching_checks["delta_restore_all"]) < 2e-4
+    assert m.patching_checks["restore_all"] == pytest.approx(1.0, abs=0.05)
+    assert bf.config._attn_implementation == "sdpa"  # the eager pass is undone
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in bf.modules())

@@ -50,18 +50,23 @@ def all_components(layout: Layout) -> list[Component]:
     ]
 
 
-def head_contributions(o_proj: torch.nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
-    """Each head's write into the residual stream: ``[..., heads, D]`` from ``x [..., H*hd]``.
+def head_contributions(
+    o_proj: torch.nn.Module, x: torch.Tensor, heads: int, only: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Each head's write into the residual stream: ``[..., n, D]`` from ``x [..., H*hd]``.
 
-    For ``nn.Linear`` (weight ``[D, H*hd]``) and transformers' ``Conv1D`` (weight ``[H*hd, D]``);
-    the bias is not part of any head.
+    Head ``h``'s write is ``o_proj(x_h) - o_proj(0)``, with ``x_h`` zero outside the head's
+    slice: the module is called, not its weight read, so offloaded (``meta``) weights and
+    ``Conv1D`` work as they do in the forward pass; the bias belongs to no head. ``only``
+    picks the heads (default: all).
     """
-    w = o_proj.weight
-    w = w.T if type(o_proj).__name__ == "Conv1D" else w  # [D, H*hd]
-    hd = w.shape[1] // heads
-    xs = x.reshape(*x.shape[:-1], heads, hd)  # [..., H, hd]
-    ws = w.reshape(w.shape[0], heads, hd)  # [D, H, hd]
-    return torch.einsum("...hk,dhk->...hd", xs.to(w.dtype), ws)
+    picked = list(range(heads)) if only is None else list(only)
+    hd = x.shape[-1] // heads
+    keep = torch.zeros(len(picked), x.shape[-1], dtype=torch.bool, device=x.device)
+    for i, h in enumerate(picked):
+        keep[i, h * hd : (h + 1) * hd] = True
+    xs = x.unsqueeze(-2) * keep.to(x.dtype)  # [..., n, H*hd]
+    return o_proj(xs) - o_proj(torch.zeros_like(x[..., :1, :]).unsqueeze(-2))
 
 
 class ComponentPatcher:

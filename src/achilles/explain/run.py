@@ -227,15 +227,16 @@ def _sink_heads(model: torch.nn.Module, layout: Layout, tr: Trace, config: Expla
     for layer, head in (drop >= config.sink_drop).nonzero().tolist():
         out.append({"layer": layer, "head": head, "clean": float(tr.sink[0, layer, head]),
                     "masked": float(tr.sink[1, layer, head]), "drop": float(drop[layer, head])})
-    norms: dict[int, torch.Tensor] = {}
     for layer in sorted({h["layer"] for h in out}):
+        mine = [h for h in out if h["layer"] == layer]
         o_proj = model.get_submodule(layout.o_proj[layer])
         with torch.no_grad():
-            contrib = head_contributions(o_proj, tr.o_inputs[layer][:, p + 1 :], layout.heads)
-        norms[layer] = contrib.float().norm(dim=-1).mean(1).cpu()  # [2, H]
-    for h in out:
-        h["write_clean"] = float(norms[h["layer"]][0, h["head"]])
-        h["write_masked"] = float(norms[h["layer"]][1, h["head"]])
+            contrib = head_contributions(
+                o_proj, tr.o_inputs[layer][:, p + 1 :], layout.heads, [h["head"] for h in mine]
+            )  # [2, T', n, D]
+        norms = contrib.float().norm(dim=-1).mean(1).cpu()  # [2, n]
+        for i, h in enumerate(mine):
+            h["write_clean"], h["write_masked"] = float(norms[0, i]), float(norms[1, i])
     out.sort(key=lambda h: finite_first_key(h["drop"]))
     return out
 
