@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +86,10 @@ def explain(
     p = config.sink_position
     modules = list(dict.fromkeys(u.module for u in units))
     comps = all_components(layout)
-    bar = tqdm(total=2 + 2 * (len(comps) + 1), desc="explain", unit="row", disable=not progress)
 
     masker2 = ChannelMasker(model, pool, rows=2)
     masker2.set_rows([[], list(units)])
     tr = trace(model, layout, ids, masker2, p, modules)
-    bar.update(2)
 
     clean_massive, _ = massive_activations(
         tr.residual[0], ratio=config.massive_ratio, min_abs=config.massive_min, top=config.top_channels
@@ -106,6 +104,15 @@ def explain(
         "clean": residual_profile(tr.residual[0], p),
         "masked": residual_profile(tr.residual[1], p),
     }
+
+    heads = _sink_heads(model, layout, tr, config)
+    lost = [Component(h["layer"], h["head"]) for h in heads]
+    touched = touched_by(units, layout)
+    k_max = min(config.top_components, len([c for c in comps if c not in touched]))
+    n_writers = len(units) if groups else 0
+    rows = 2 + n_writers + 2 * (len(comps) + 1) + k_max + 1 + (1 if lost else 0)
+    bar = tqdm(total=rows, initial=2, desc="explain", unit="row", disable=not progress)
+    writers = _writers(model, layout, pool, ids, units, groups, config, modules, tr, bar.update)
 
     # denoise: the masked model with one clean component per row; row 0 restores nothing
     masker1 = ChannelMasker(model, pool, rows=1)
@@ -125,7 +132,6 @@ def explain(
     tokens = T - 1
     delta = (nll_masked - nll_clean) / (tokens * LN10) if math.isfinite(nll_masked) else math.inf
     gap = nll_masked - nll_clean
-    touched = touched_by(units, layout)
     patching = [
         {"component": c.name, "recovered": _fraction(nll_masked - n, gap), "holds_set": c in touched}
         for c, n in zip(comps, restore[1:], strict=True)
@@ -137,18 +143,11 @@ def explain(
     ]
     reverse.sort(key=lambda d: finite_first_key(d["reproduced"]))
 
-    heads = _sink_heads(model, layout, tr, config)
-    lost = [Component(h["layer"], h["head"]) for h in heads]
     # restoring a component that holds a masked unit undoes the mask itself: the cumulative
     # restore ranks the other components, the mediators
     ranked = [Component.parse(d["component"]) for d in patching if not d["holds_set"]]
-    k_max = min(config.top_components, len(ranked))
     joint: list[list[Component]] = [ranked[:k] for k in range(1, k_max + 1)]
     joint += [comps] + ([lost] if lost else [])
-    bar.total += len(joint)
-    writers = _writers(model, pool, ids, units, groups, config, modules, tr)
-    bar.total += len(units) if groups else 0
-    bar.update(len(units) if groups else 0)
     together = patched_nll(
         model, ids, clean_src, joint, masker=masker1, mask_modules=modules,
         batch_size=config.batch_size, on_progress=bar.update,
@@ -166,7 +165,6 @@ def explain(
         "restore_sink_heads": rec[k_max + 1] if lost else None,
         "sink_heads_restored": [c.name for c in lost],
     }
-    rows = 2 + 2 * (len(comps) + 1) + len(joint) + (len(units) if groups else 0)
     output = _collapsed_output(lm.tokenizer, ids, tr)
     mech = Mechanism(
         summary="",
@@ -242,13 +240,13 @@ def _sink_heads(model: torch.nn.Module, layout: Layout, tr: Trace, config: Expla
 
 
 def _writers(
-    model: torch.nn.Module, pool: UnitPool, ids: torch.Tensor, units: Sequence[Unit],
-    groups: list[dict], config: ExplainConfig, modules: list[str], tr: Trace,
+    model: torch.nn.Module, layout: Layout, pool: UnitPool, ids: torch.Tensor,
+    units: Sequence[Unit], groups: list[dict], config: ExplainConfig, modules: list[str],
+    tr: Trace, on_progress: Callable[[int], object] | None = None,
 ) -> list[dict]:
     """For each unit masked alone: each flagged channel's value at its peak layer."""
     if not groups:
         return []
-    layout = Layout.of(model)
     pos = torch.tensor([g["position"] for g in groups])
     ch = torch.tensor([g["channel"] for g in groups])
     peak = torch.tensor([g["peak_layer"] + 1 for g in groups])
@@ -274,7 +272,7 @@ def _writers(
         values.append(stacked.gather(1, peak.view(1, 1, -1).expand(len(chunk), 1, -1))[:, 0])
         nlls.extend(n.tolist())
 
-    run_batched(list(units), run, bs)
+    run_batched(list(units), run, bs, on_progress=on_progress)
     vals = torch.cat(values)  # [|S|, G]
     clean_nll = float(tr.nll[0].sum())
     out = []

@@ -65,9 +65,13 @@ def mechanism_blocks(run_dir: str | Path) -> list[Block] | None:
     cfg = m.get("config", {}).get("explain", {})
     out: list[Block] = [Heading("Mechanism"), Para(m["summary"])]
     units = ", ".join(f"{u['module']}[{u['channel']}]" for u in m["units"][:10])
+    ident = run_dir / "identification.json"
+    run_text = read_json(ident).get("config", {}).get("text") if ident.is_file() else None
+    which = "the run's text" if run_text == m.get("config", {}).get("text") else \
+        "another text than the run's (given to achilles explain; recorded in mechanism.json)"
     out.append(Para(
         f"The {m['set_name']} set ({len(m['units'])} unit(s): {units}{' ...' if len(m['units']) > 10 else ''}) "
-        f"masked on the run's text ({m['tokens']} tokens), Δ = {fmt(m['delta'])}. Clean vs masked, "
+        f"masked on {which} ({m['tokens']} tokens), Δ = {fmt(m['delta'])}. Clean vs masked, "
         "in one traced pass, then activation patching (see docs/explain.md in the achilles repository)."
     ))
     out.append(Heading("Massive activations", 3))
