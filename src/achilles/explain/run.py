@@ -199,7 +199,7 @@ def explain(
         env=environment(model),
     )
     mech.summary = summarize(mech)
-    logger.info("explain: %s", mech.summary)
+    logger.debug("explain: %s", mech.summary)
     return mech
 
 
