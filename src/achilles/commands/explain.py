@@ -24,9 +24,6 @@ def preflight_explain(
     """Check the run folder, its set against the model, the text and the sink position, and
     that the folder is writable, all before any weight is loaded. Returns the weightless
     model and the text to explain on."""
-    path = run_dir / "identification.json"
-    if not path.is_file():
-        raise AchillesError(f"{run_dir} has no identification.json: point at a folder written by `achilles find`")
     skeleton = inspect_model(spec)
     _units, _pool, run_text = run_set(run_dir, skeleton, config)
     text = run_text if text is None else text
@@ -57,21 +54,25 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise AchillesError(f"run folder not found: {run_dir} (give a folder written by `achilles find`)")
+    ident_path = run_dir / "identification.json"
+    if not ident_path.is_file():
+        raise AchillesError(f"{run_dir} has no identification.json: point at a folder written by `achilles find`")
     config = from_args(ExplainConfig, args)
     text = None
     if args.text_file is not None:
         p = Path(args.text_file)
         if not p.is_file():
             raise AchillesError(f"text file not found: {p} (check --text-file)")
-        text = p.read_text(encoding="utf-8")
-    model = args.model
-    if model is None:
-        ident_path = run_dir / "identification.json"
-        if not ident_path.is_file():
-            raise AchillesError(f"{run_dir} has no identification.json: point at a folder written by `achilles find`")
-        model = Identification.load(str(ident_path)).config.get("model", {}).get("model")
-        if not model:
-            raise AchillesError(f"{ident_path} does not record its model: pass --model")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise AchillesError(f"{p} is not UTF-8 text (check --text-file)") from None
+    recorded = Identification.load(str(ident_path)).config.get("model", {}).get("model")
+    model = args.model or recorded
+    if not model:
+        raise AchillesError(f"{ident_path} does not record its model: pass --model")
+    if recorded and model != recorded:
+        logger.warning("the run was made on %s; explaining it on %s", recorded, model)
     spec = from_args(ModelSpec, args, model=model)
     skeleton, text = preflight_explain(run_dir, spec, config, text)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
