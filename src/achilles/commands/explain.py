@@ -71,10 +71,10 @@ def _run(args: argparse.Namespace) -> int:
     model = args.model or recorded
     if not model:
         raise AchillesError(f"{ident_path} does not record its model: pass --model")
-    if recorded and model != recorded:
-        logger.warning("the run was made on %s; explaining it on %s", recorded, model)
     spec = from_args(ModelSpec, args, model=model)
     skeleton, text = preflight_explain(run_dir, spec, config, text)
+    if recorded and model != recorded:  # after the checks: a bad input gets one line only
+        logger.warning("the run was made on %s; explaining it on %s", recorded, model)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     for line in run_explain(
         run_dir, lm, config, text=text, show_progress=progress(args), report=args.report
