@@ -70,29 +70,37 @@ def plot_sinks(mech: dict[str, Any], path: str | Path) -> Path:
 
 
 def plot_patching(mech: dict[str, Any], path: str | Path, top: int = 15) -> Path:
-    """Fraction of Δ recovered by restoring each of the top components alone (bars), the
-    cumulative recovery of the top k together (line), and the noising direction."""
+    """Fraction of Δ recovered by restoring each of the top components alone and reproduced
+    by patching it alone into the clean model (bars), and the recovery of the top k
+    mediators restored together (right panel)."""
     single = mech["patching"][:top]
     rev = {d["component"]: d["reproduced"] for d in mech["patching_reverse"]}
     names = [d["component"] for d in single]
     labels = [n + (" *" if d.get("holds_set") else "") for n, d in zip(names, single, strict=True)]
-    fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(names) + 3), 4.2))
+    fig, (ax, ax2) = plt.subplots(
+        1, 2, figsize=(max(9, 0.5 * len(names) + 6), 4.4), gridspec_kw={"width_ratios": [3, 1]}
+    )
     x = np.arange(len(names))
     rec = np.array([d["recovered"] for d in single], dtype=float)
     ax.bar(x - 0.2, rec, width=0.4, color="#2ca02c", label="restored alone in the masked model")
     ax.bar(x + 0.2, [rev.get(n, np.nan) for n in names], width=0.4, color="#d62728",
            label="patched alone into the clean model (share of Δ reproduced)")
-    cum = mech.get("patching_cumulative", [])
-    if cum:
-        ax.plot([c["k"] for c in cum], [c["recovered"] for c in cum], color="black", marker="o",
-                ms=3, label="top k mediators restored together (x = k)")
     ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
     ax.axhline(0.0, color="0.6", lw=0.8)
     ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("fraction of Δ")
-    ax.set_title("Activation patching: components ranked by the share of Δ they recover "
-                 "(* holds a masked unit)", fontsize=10)
+    ax.set_title("Each component alone (* holds a masked unit)", fontsize=10)
     ax.legend(fontsize=8)
+    cum = mech.get("patching_cumulative", [])
+    if cum:
+        ax2.plot([c["k"] for c in cum], [c["recovered"] for c in cum], color="black", marker="o", ms=4)
+        ax2.set_xticks([c["k"] for c in cum])
+    else:
+        ax2.text(0.5, 0.5, "no mediators", transform=ax2.transAxes, ha="center", color="gray")
+    ax2.axhline(1.0, color="0.6", lw=0.8, ls=":")
+    ax2.set_ylim(min(0.0, ax.get_ylim()[0]), max(1.05, ax.get_ylim()[1]))
+    ax2.set_xlabel("k")
+    ax2.set_title("Top k mediators restored together", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
 
