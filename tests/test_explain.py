@@ -92,6 +92,8 @@ def test_sink_planted_heads_lose_their_sink_and_restoring_them_recovers_delta(si
     others = [d for d in m.sink_heads[len(planted):]]
     assert all(d["drop"] < min(drops[: len(planted)]) for d in others)
     assert m.patching_checks["restore_sink_heads"] >= 0.9
+    assert abs(m.patching_checks["restore_none"]) < 1e-4  # eager traced pass == patching rows
+    assert m.patching_checks["delta_traced"] == pytest.approx(m.delta, abs=1e-4)
     # the writer's own MLP holds the masked unit: restoring it undoes the mask (recovers all)
     assert m.patching[0] == {"component": "L1.mlp", "recovered": pytest.approx(1.0, abs=1e-6),
                              "holds_set": True}

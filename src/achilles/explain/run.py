@@ -159,7 +159,10 @@ def explain(
         for k in range(1, k_max + 1)
     ]
     checks = {
-        "restore_none": 0.0 if gap > 0 else math.nan,
+        # the no-restore row against the traced (eager, two-row) masked pass: ~0 when the
+        # patching harness leaves the masked model as it is
+        "restore_none": _fraction(float(tr.nll[1].sum()) - nll_masked, gap),
+        "delta_traced": (float(tr.nll[1].sum()) - float(tr.nll[0].sum())) / (tokens * LN10),
         "restore_all": rec[k_max],
         "delta_restore_all": (together[k_max] - nll_clean) / (tokens * LN10),
         "restore_sink_heads": rec[k_max + 1] if lost else None,
