@@ -250,3 +250,21 @@ def test_bf16_and_offloaded_models_explain(tokenizer) -> None:  # noqa: ANN001
     assert m.patching_checks["restore_all"] == pytest.approx(1.0, abs=0.05)
     assert bf.config._attn_implementation == "sdpa"  # the eager pass is undone
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in bf.modules())
+
+
+@pytest.mark.parametrize("flag", ["--explain", "--no-explain"])
+def test_find_explains_the_minimal_set_unless_told_not_to(flag, tmp_path, tiny_dir, capsys) -> None:  # noqa: ANN001
+    out = tmp_path / "run"
+    argv = ["find", "--model", str(tiny_dir), "--text", TEXT, "--samples", "4", "--epsilon", "0.0002",
+            "--max-neurons", "60", "--out-dir", str(out), "--no-report", "--quiet", flag]
+    assert main(argv) == 0
+    ident = json.loads((out / "identification.json").read_text())
+    assert ident["found"]
+    if flag == "--no-explain":
+        assert not (out / "mechanism.json").exists()
+        return
+    m = json.loads((out / "mechanism.json").read_text())
+    assert m["set_name"] == "minimal"
+    assert [(u["module"], u["channel"]) for u in m["units"]] == \
+        [(u["module"], u["channel"]) for u in ident["minimal_set"]]
+    assert m["summary"] in capsys.readouterr().out
