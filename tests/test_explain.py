@@ -217,6 +217,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, tiny_run, tiny_dir,
     err = _fails(["explain", str(other), "--model", str(tiny_dir)], other, capsys)
     assert "another model" in err
     assert "not found" in _fails(["explain", str(tmp_path / "nope")], tmp_path, capsys)
+    assert "--sink-drop" in _fails(["explain", str(tiny_run), "--sink-drop", "2"], tiny_run, capsys)
 
 
 def test_bf16_and_offloaded_models_explain(tokenizer) -> None:  # noqa: ANN001

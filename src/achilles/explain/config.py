@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from achilles.config import opt
+from achilles.errors import require
 
 MASSIVE_RATIO = 100.0
 """Default ratio |h| / median |h| of the layer above which an activation is flagged massive.
@@ -32,3 +33,12 @@ class ExplainConfig:
     )
     top_components: int = opt(10, "components restored together in the cumulative patching")
     batch_size: int | None = opt(None, "rows per forward pass (default: from free memory)")
+
+    def __post_init__(self) -> None:
+        require(self.sink_position >= 0, "--sink-position must be >= 0")
+        require(self.massive_ratio > 0, "--massive-ratio must be > 0")
+        require(self.massive_min >= 0, "--massive-min must be >= 0")
+        require(self.top_channels >= 1, "--top-channels must be >= 1")
+        require(0 <= self.sink_drop <= 1, "--sink-drop must be between 0 and 1")
+        require(self.top_components >= 0, "--top-components must be >= 0")
+        require(self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1")
