@@ -269,3 +269,19 @@ def test_find_explains_the_minimal_set_unless_told_not_to(flag, tmp_path, tiny_d
     assert [(u["module"], u["channel"]) for u in m["units"]] == \
         [(u["module"], u["channel"]) for u in ident["minimal_set"]]
     assert m["summary"] in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_natural_model_real_critical_set(tmp_path, capsys) -> None:  # noqa: ANN001
+    """`find` on the natural model (n* = 197 at ε = 1, a few minutes), then explain its
+    critical set: no massive activation, no lost sink, every number reported."""
+    out = tmp_path / "natural"
+    argv = ["find", "--model", str(NATURAL), "--text-file", str(ROOT / "data" / "demo.txt"),
+            "--out-dir", str(out), "--no-report", "--quiet"]
+    assert main(argv) == 0
+    assert main(["explain", str(out), "--set", "critical", "--quiet"]) == 0
+    m = Mechanism.load(out / "mechanism.json")
+    assert m.set_name == "critical" and len(m.units) > 100 and m.delta >= 1
+    assert m.massive == [] and m.sink_heads == []
+    assert len(m.patching) == 6 * 7 and all(math.isfinite(p["recovered"]) for p in m.patching)
+    assert abs(m.patching_checks["restore_none"]) < 1e-4
