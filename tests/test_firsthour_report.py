@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from achilles import IdentifyConfig, LoadedModel, ModelSpec, RankConfig, find
+from achilles.explain import ExplainConfig, explain_run
 from achilles.io import read_json, write_json
 from achilles.names import model_name, token_label
 from achilles.report import write_report
@@ -28,7 +29,9 @@ def run(tmp_path_factory):  # noqa: ANN001, ANN201
     d = tmp_path_factory.mktemp("run")
     ranking.save(d / "ranking.json")
     ident.save(d / "identification.json")
-    write_json(d / "mechanism.json", {"kind": "mechanism", "summary": "The unit feeds a sink."})
+    explain_run(d, lm, ExplainConfig(), figures=False)  # a real mechanism.json, summary replaced
+    mech = read_json(d / "mechanism.json")
+    write_json(d / "mechanism.json", {**mech, "summary": "The unit feeds a sink."})
     write_json(d / "heldout.json", {
         "kind": "heldout", "config": {"data": "/data/held.txt"},
         "clean": {"ppl": 12.5, "tokens": 900}, "masked": {"ppl": 4100.0, "tokens": 900},

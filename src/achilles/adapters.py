@@ -78,12 +78,17 @@ class ArchAdapter:
         layers: dotted path, from the ``*ForCausalLM`` root, of the ``ModuleList`` of layers.
         components: component kind -> module path relative to one layer.
         paper: the kinds the reference code hooks for this family (``--pool paper``).
+        attention: path, relative to one layer, of the attention module (``achilles explain``
+            reads its attention probabilities; its ``attn.o`` input is split by head).
+        mlp: path, relative to one layer, of the MLP module whose output joins the residual.
     """
 
     layers: str
     components: Mapping[str, str]
     paper: tuple[str, ...]
     notes: str = ""
+    attention: str = "self_attn"
+    mlp: str = "mlp"
 
     def __post_init__(self) -> None:
         unknown = set(self.components) - set(COMPONENT_KINDS)
@@ -172,6 +177,7 @@ _GPT2 = ArchAdapter(
     # substrings matches; it hooks only the MLP (mlp.dropout duplicates mlp.c_proj).
     paper=("mlp.up", "mlp.act", "mlp.down"),
     notes="Conv1D layers: weight is [in, out]. The reference filter hooks only GPT-2's MLP.",
+    attention="attn",
 )
 
 _NEOX = ArchAdapter(
@@ -188,6 +194,7 @@ _NEOX = ArchAdapter(
     },
     # post_attention_dropout / post_mlp_dropout duplicate attention.dense / the MLP output.
     paper=("attn.qkv", "attn.o", "mlp.up", "mlp.act", "mlp.down", "norm.mlp"),
+    attention="attention",
 )
 
 _ADAPTERS: dict[str, ArchAdapter] = {

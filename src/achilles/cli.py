@@ -38,6 +38,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "achilles.commands.compress",
     "achilles.commands.plan",
     "achilles.commands.census",
+    "achilles.commands.explain",
 )
 
 

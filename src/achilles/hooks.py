@@ -195,3 +195,26 @@ def around_forward(
     finally:
         for h in handles:
             h.remove()
+
+
+ObjectFn = Callable[[object], None]
+
+
+@contextmanager
+def observed_outputs(model: torch.nn.Module, fns: Mapping[str, ObjectFn]) -> Iterator[None]:
+    """Run the block with ``fns[name](output)`` called after each named module's forward.
+
+    Unlike :func:`hooked`, the output may be any object (attention modules return a tuple
+    ``(attn_output, attn_weights)``); the functions only observe it. Hooks are removed on
+    exit, even if the block raises.
+    """
+    modules = _resolve(model, fns)
+    handles = []
+    try:
+        for name, fn in fns.items():
+            hook = (lambda f: lambda _m, _i, out: f(out))(fn)  # noqa: E731 - bind fn now
+            handles.append(modules[name].register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

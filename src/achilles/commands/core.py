@@ -108,6 +108,12 @@ def _run_find(args: argparse.Namespace) -> int:
     )
     ident.save(ident_path)
     print(summarize(ident, out_dir))
+    if args.explain and ident.found:
+        from achilles.commands.explain import run_explain
+        from achilles.explain import ExplainConfig
+
+        for line in run_explain(out_dir, lm, ExplainConfig(), show_progress=progress(args), report=False):
+            print(line)
     if args.report:
         from achilles.report import write_report
 
@@ -157,5 +163,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--report", action=argparse.BooleanOptionalAction, default=True,
         help="also write the analyses, figures and report.md/report.html (default: on)",
+    )
+    p.add_argument(
+        "--explain", action=argparse.BooleanOptionalAction, default=True,
+        help="also run `achilles explain` on the minimal set: mechanism.json (default: on)",
     )
     p.set_defaults(run=_run_find)

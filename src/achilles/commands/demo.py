@@ -48,7 +48,9 @@ def bundled_data(name: str) -> Path:
     return path
 
 
-def run_demo(model: str, out_dir: Path, *, samples: int = 100, show_progress: bool = True) -> int:
+def run_demo(
+    model: str, out_dir: Path, *, samples: int = 100, show_progress: bool = True, explain: bool = True
+) -> int:
     path = bundled_model(model) if model in BUNDLED else Path(model)
     text = bundled_data("demo.txt").read_text(encoding="utf-8")
     heldout = bundled_data("heldout.txt")
@@ -60,11 +62,17 @@ def run_demo(model: str, out_dir: Path, *, samples: int = 100, show_progress: bo
     ranking.save(out_dir / "ranking.json")
     ident.save(out_dir / "identification.json")
     t_find = time.perf_counter() - t0
+    explained = []
+    if explain and ident.found:
+        from achilles.commands.explain import run_explain
+        from achilles.explain import ExplainConfig
+
+        explained = run_explain(out_dir, lm, ExplainConfig(), show_progress=show_progress, report=False)
     extra = _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident)
     print(f"model: {path}")
     print(summarize(ident, out_dir))
     print(f"find took {t_find:.1f} s; total {time.perf_counter() - t0:.1f} s")
-    for line in extra:
+    for line in explained + extra:
         print(line)
     return 0
 
@@ -133,7 +141,9 @@ def write_heldout(path, lm, ev, ranking, ident, data, *, clean=None) -> None:  #
 
 def _run(args: argparse.Namespace) -> int:
     out_dir = claim_out_dir(args, args.out_dir)
-    return run_demo(args.model, out_dir, samples=args.samples, show_progress=progress(args))
+    return run_demo(
+        args.model, out_dir, samples=args.samples, show_progress=progress(args), explain=args.explain
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -147,4 +157,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--samples", type=int, default=100, help="K noisy copies (default: 100)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--explain", action=argparse.BooleanOptionalAction, default=True,
+                   help="explain the minimal set: mechanism.json + Mechanism section (default: on)")
     p.set_defaults(run=_run)

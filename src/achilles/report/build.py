@@ -295,6 +295,13 @@ def _external(run_dir: Path, name: str, title: str, keys: tuple[str, ...]) -> li
     return out
 
 
+def _mechanism(run_dir: Path) -> list[Block]:
+    """The Mechanism section (``achilles explain``), when the run has a mechanism.json."""
+    from achilles.report.mechanism import mechanism_blocks
+
+    return mechanism_blocks(run_dir) or []
+
+
 @dataclass
 class ReportContext:
     """What a section builder sees: the run's result files, loaded once."""
@@ -460,6 +467,7 @@ def provenance_section(ctx: ReportContext) -> list[Block]:
 SECTIONS: list[tuple[str, SectionBuilder]] = [
     ("summary", summary_section),
     ("sets", sets_section),
+    ("mechanism", lambda ctx: _mechanism(ctx.run_dir) or None),
     ("locations", locations_section),
     ("phase", phase_section),
     ("activations", activations_section),

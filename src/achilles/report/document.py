@@ -59,7 +59,16 @@ class Figure:
     caption: str
 
 
-Block = Heading | Para | Table | Figure
+@dataclass(frozen=True)
+class Raw:
+    """Pre-rendered content: ``markdown`` for report.md, ``html`` (trusted, escaped by its
+    maker) for report.html; the highlighted text of the Mechanism section uses it."""
+
+    markdown: str
+    html: str
+
+
+Block = Heading | Para | Table | Figure | Raw
 
 TABLE_ROWS = 20
 """Rows a long table shows before its "… N more" row."""
@@ -95,6 +104,8 @@ def to_markdown(blocks: Sequence[Block], base: Path) -> str:
         elif isinstance(b, Figure):
             rel = b.path.relative_to(base) if b.path.is_relative_to(base) else b.path
             out.append(f"![{b.caption}]({rel.as_posix()})\n\n*{b.caption}*\n")
+        elif isinstance(b, Raw):
+            out.append(b.markdown)
     return "\n".join(out)
 
 
@@ -125,5 +136,7 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
             data = base64.b64encode(b.path.read_bytes()).decode("ascii")
             out.append(f"<figure><img alt='{e(b.caption)}' src='data:image/png;base64,{data}'>"
                        f"<figcaption>{e(b.caption)}</figcaption></figure>")
+        elif isinstance(b, Raw):
+            out.append(b.html)
     out.append("</body></html>")
     return "\n".join(out)

@@ -1,0 +1,107 @@
+"""``achilles explain``: why the run's critical set collapses the model (``mechanism.json``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from achilles.commands.common import progress
+from achilles.config import ModelSpec, add_arguments, from_args
+from achilles.errors import AchillesError
+from achilles.explain import MECHANISM_FILE, ExplainConfig, explain_run
+from achilles.explain.run import check_sink_position, run_set
+from achilles.identify import Identification
+from achilles.loading import LoadedModel, inspect_model, load_model, tokenize
+
+logger = logging.getLogger(__name__)
+
+
+def preflight_explain(
+    run_dir: Path, spec: ModelSpec, config: ExplainConfig, text: str | None
+) -> tuple[LoadedModel, str]:
+    """Check the run folder, its set against the model, the text and the sink position, and
+    that the folder is writable, all before any weight is loaded. Returns the weightless
+    model and the text to explain on."""
+    skeleton = inspect_model(spec)
+    _units, _pool, run_text = run_set(run_dir, skeleton, config)
+    text = run_text if text is None else text
+    check_sink_position(config.sink_position, int(tokenize(skeleton.tokenizer, text).shape[1]))
+    if not os.access(run_dir, os.W_OK) or (
+        (run_dir / "figures").exists() and not os.access(run_dir / "figures", os.W_OK)
+    ):
+        raise AchillesError(f"cannot write to {run_dir}: check its permissions")
+    return skeleton, text
+
+
+def run_explain(
+    run_dir: Path, lm: LoadedModel, config: ExplainConfig, *, text: str | None = None,
+    show_progress: bool, report: bool,
+) -> list[str]:
+    """Explain a run whose model is loaded; the lines to print."""
+    mech = explain_run(run_dir, lm, config, text=text, progress=show_progress)
+    lines = [f"mechanism: {mech.summary}", f"written: {run_dir / MECHANISM_FILE}"]
+    if report and (run_dir / "ranking.json").is_file():
+        from achilles.report import write_report
+
+        files = write_report(run_dir)
+        lines.append(f"report: {files.html}")
+    return lines
+
+
+def _run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise AchillesError(f"run folder not found: {run_dir} (give a folder written by `achilles find`)")
+    ident_path = run_dir / "identification.json"
+    if not ident_path.is_file():
+        raise AchillesError(f"{run_dir} has no identification.json: point at a folder written by `achilles find`")
+    config = from_args(ExplainConfig, args)
+    text = None
+    if args.text_file is not None:
+        p = Path(args.text_file)
+        if not p.is_file():
+            raise AchillesError(f"text file not found: {p} (check --text-file)")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise AchillesError(f"{p} is not UTF-8 text (check --text-file)") from None
+    recorded = Identification.load(str(ident_path)).config.get("model", {}).get("model")
+    model = args.model or recorded
+    if not model:
+        raise AchillesError(f"{ident_path} does not record its model: pass --model")
+    spec = from_args(ModelSpec, args, model=model)
+    skeleton, text = preflight_explain(run_dir, spec, config, text)
+    if recorded and model != recorded:  # after the checks: a bad input gets one line only
+        logger.warning("the run was made on %s; explaining it on %s", recorded, model)
+    lm = load_model(spec, tokenizer=skeleton.tokenizer)
+    for line in run_explain(
+        run_dir, lm, config, text=text, show_progress=progress(args), report=args.report
+    ):
+        print(line)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="why the critical set collapses the model: massive activations, sinks, patching",
+        description="Mask the run's minimal (or critical) set and trace the collapse: massive "
+        "activations in the residual stream, the heads that lose their attention sink, "
+        "activation patching of every head and MLP (both directions), and the collapsed output. "
+        "Writes RUN_DIR/mechanism.json, RUN_DIR/figures/mechanism_*.png and the report's "
+        "Mechanism section.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `achilles find`")
+    p.add_argument("--model", default=None, help="the run's model (default: the one it records)")
+    p.add_argument("--text-file", default=None,
+                   help="explain on this text instead of the run's (recorded in mechanism.json)")
+    add_arguments(p, ModelSpec, exclude=("model",))
+    add_arguments(p, ExplainConfig)
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="rewrite the run's report with the Mechanism section (default: on)")
+    g = p.add_argument_group("output")
+    g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    g.add_argument("--verbose", action="store_true", help="debug logging")
+    p.set_defaults(run=_run)

@@ -1,0 +1,73 @@
+"""``Mechanism``: the typed result of ``achilles explain``, saved as ``mechanism.json``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from achilles.io import SCHEMA_VERSION, read_json, write_json
+
+MECHANISM_FILE = "mechanism.json"
+
+
+@dataclass
+class Mechanism:
+    """Why masking a set collapses the model, as measured (see ``docs/explain.md``).
+
+    ``massive`` lists ``{layer, position, channel, value, ratio}`` (``layer`` -1 is the
+    embeddings); ``sink_heads`` ``{layer, head, clean, masked, ...}`` largest drop first;
+    ``patching`` ``{component, recovered}`` largest first (fractions of Δ).
+    """
+
+    summary: str
+    set_name: str
+    units: list[dict[str, Any]]
+    tokens: int
+    sink_position: int
+    delta: float
+    nll_clean: float
+    nll_masked: float
+    massive: list[dict[str, Any]]
+    massive_masked: list[dict[str, Any]]
+    massive_groups: list[dict[str, Any]]
+    residual_profile: dict[str, Any]
+    writers: list[dict[str, Any]]
+    sink_attention: dict[str, Any]
+    sink_heads: list[dict[str, Any]]
+    patching: list[dict[str, Any]]
+    patching_cumulative: list[dict[str, Any]]
+    patching_reverse: list[dict[str, Any]]
+    patching_checks: dict[str, Any]
+    output: dict[str, Any]
+    cost: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "kind": "mechanism", **asdict(self)}
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Mechanism:
+        d = read_json(path, kind="mechanism")
+        return cls(**{f.name: _decode(d[f.name]) for f in fields(cls) if f.name in d})
+
+
+def _decode(x: Any) -> Any:
+    """``"nan"``/``"inf"`` strings back to floats, recursively."""
+    if isinstance(x, str) and x in ("nan", "inf", "-inf"):
+        return float(x)
+    if isinstance(x, list):
+        return [_decode(v) for v in x]
+    if isinstance(x, dict):
+        return {k: v if k in ("text", "token", "tokens") else _decode(v) for k, v in x.items()}
+    return x
+
+
+def finite_first_key(value: float) -> tuple[int, float]:
+    """Sort key, largest first, that lists non-finite values at the top (reported, not hidden)."""
+    return (0, 0.0) if not math.isfinite(value) else (1, -value)
