@@ -8,11 +8,19 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+
 # Reuse an installed torch (e.g. a CUDA build on a GPU box, seen through
-# --system-site-packages); otherwise install the pinned CPU build, never the CUDA wheels.
+# --system-site-packages). Otherwise: with an NVIDIA driver, the pinned default build;
+# without one, the CPU build, never the CUDA wheels (PyPI's Linux torch is the CUDA build):
+# first from the configured sources (a local wheel cache or mirror), else PyTorch's CPU index.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	@$(PY) -c "import torch" 2>/dev/null \
+	  || { command -v nvidia-smi >/dev/null && $(PY) -m pip install -q "torch==$(TORCH_VERSION)"; } \
+	  || $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+	  || $(PY) -m pip install -q --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -e ".[dev,eval]"
 	@touch $(STAMP)
 
