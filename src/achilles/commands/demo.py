@@ -68,12 +68,14 @@ def run_demo(
         from achilles.explain import ExplainConfig
 
         explained = run_explain(out_dir, lm, ExplainConfig(), show_progress=show_progress, report=False)
+    t_explain = time.perf_counter() - t0 - t_find
     extra = _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident)
     print(f"model: {path}")
     print(summarize(ident, out_dir))
-    print(f"find took {t_find:.1f} s; total {time.perf_counter() - t0:.1f} s")
+    print(f"find took {t_find:.1f} s" + (f"; explain {t_explain:.1f} s" if explained else ""))
     for line in explained + extra:
         print(line)
+    print(f"total {time.perf_counter() - t0:.1f} s")
     return 0
 
 
