@@ -45,3 +45,26 @@ def test_mechanism_shares_are_percentages_of_delta(sink_section) -> None:  # noq
     assert f"recovers {100 * chk['restore_sink_heads']:.1f} %." in sec.markdown
     assert mech["config"]["explain"]["massive_min"] == 0
     assert "and ≥ 0 " not in sec.markdown and "Flagged: |h| ≥ 100× the layer's median |h| (" in sec.markdown
+
+
+def test_demo_runs_bundled_models_on_one_cpu_thread_unless_told(monkeypatch) -> None:  # noqa: ANN001
+    import torch
+
+    from achilles.commands.demo import _one_cpu_thread
+
+    if torch.cuda.is_available():
+        pytest.skip("the thread count is only changed on CPU-only machines")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        with _one_cpu_thread("sink"):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2  # restored
+        with _one_cpu_thread(str(ROOT / "models" / "sink")):  # a folder: the user's model, untouched
+            assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        with _one_cpu_thread("natural"):  # the user's own setting wins
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -8,9 +8,12 @@ report, and prints a short summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from achilles.commands.common import claim_out_dir, progress
@@ -143,9 +146,31 @@ def write_heldout(path, lm, ev, ranking, ident, data, *, clean=None) -> None:  #
 
 def _run(args: argparse.Namespace) -> int:
     out_dir = claim_out_dir(args, args.out_dir)
-    return run_demo(
-        args.model, out_dir, samples=args.samples, show_progress=progress(args), explain=args.explain
-    )
+    with _one_cpu_thread(args.model):
+        return run_demo(
+            args.model, out_dir, samples=args.samples, show_progress=progress(args), explain=args.explain
+        )
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(model: str) -> Iterator[None]:
+    """One torch thread for a bundled model on the CPU, unless ``OMP_NUM_THREADS`` says otherwise.
+
+    The bundled models are 4 M parameters: their matmuls are too small to split, and on a
+    2-core machine two threads took 77 s wall / 85 s CPU for the demo against 35 s / 33 s for
+    one (docs/benchmarks.md). The results do not depend on the thread count.
+    """
+    import torch
+
+    if model not in BUNDLED or "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
