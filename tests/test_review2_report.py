@@ -68,3 +68,12 @@ def test_demo_runs_bundled_models_on_one_cpu_thread_unless_told(monkeypatch) -> 
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_probe_prints_decoded_bytes_with_one_backslash() -> None:
+    from achilles.experiments.probe import _quoted
+
+    for s in ["\n\nThe example", " Par", "\x14ically", "tab\there", "é ü", ""]:
+        assert _quoted(s) == repr(s)  # repr is the oracle where it does not double anything
+    assert _quoted("\\xdc\x14ically") == "'\\xdc\\x14ically'"  # decode_text's escape stays as is
+    assert repr("\\xdc") == "'\\\\xdc'"  # what the printout showed before
