@@ -147,9 +147,8 @@ def write_heldout(path, lm, ev, ranking, ident, data, *, clean=None) -> None:  #
 def _run(args: argparse.Namespace) -> int:
     out_dir = claim_out_dir(args, args.out_dir)
     with _one_cpu_thread(args.model):
-        return run_demo(
-            args.model, out_dir, samples=args.samples, show_progress=progress(args), explain=args.explain
-        )
+        return run_demo(args.model, out_dir, samples=args.samples, show_progress=progress(args),
+                        explain=args.explain)
 
 
 @contextlib.contextmanager
