@@ -7,7 +7,7 @@ batch of linear-scan prefixes, a minimisation batch of removals, and a single bi
 prefix. The masks are sized to the rows of the call, not to the largest batch the masker
 may take, and touch only the sites the call's units live in.
 
-    python bench/masker.py                      # 544 rows: the linear-scan batch at 8B on an H200
+    python bench/masker.py                      # 544 rows: the 8B linear-scan batch on an H200 before the chunked LM head
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def to_markdown(rows: list[dict[str, Any]], title: str = "Census") -> str:
         f"{len(ok)} of {len(rows)} models finished. Δ = log10(PPL masked / PPL clean); "
         "|N| = pool units per token × tokens (the study's count); ratio = n*/|N|.",
         "",
-        "| model | params | layers | \\|N\\| | n* | Δ(n*) | minimal set | Δ(minimal) | layers hit "
+        "| model | params | layers | \\|N\\| | n* | Δ(n*) | minimal set | Δ(minimal) | the set's layers "
         "| components | n*/\\|N\\| | wall |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

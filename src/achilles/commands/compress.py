@@ -23,6 +23,7 @@ from achilles.evaluation.masks import load_mask
 from achilles.evaluation.perplexity import PerplexityConfig, evaluator_from_config
 from achilles.io import environment, read_json, write_json
 from achilles.loading import inspect_model, load_model, tokenize
+from achilles.names import model_name
 from achilles.plots.compression import plot_compression
 from achilles.report.compression import COMPRESSION_FIGURE, COMPRESSION_FILE, compression_rows
 
@@ -100,7 +101,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     kl.update(config={"model": dataclasses.asdict(spec), "mask": mask.source}, env=result.env)
     write_json(outputs[2], kl)
     result.save(str(outputs[0]))
-    plot_compression(result.to_dict(), outputs[1], title=f"{spec.model}: compression with "
+    plot_compression(result.to_dict(), outputs[1], title=f"{model_name(spec.model)}: compression with "
                      f"{len(mask.units)} critical unit(s) protected")
     base = result.baseline["log10_ppl"]
     lines = [f"original: log10 ppl {base:.4f}; Δ log10 ppl after compression:",

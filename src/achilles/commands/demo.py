@@ -8,9 +8,12 @@ report, and prints a short summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from achilles.commands.common import claim_out_dir, progress
@@ -68,12 +71,14 @@ def run_demo(
         from achilles.explain import ExplainConfig
 
         explained = run_explain(out_dir, lm, ExplainConfig(), show_progress=show_progress, report=False)
+    t_explain = time.perf_counter() - t0 - t_find
     extra = _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident)
     print(f"model: {path}")
     print(summarize(ident, out_dir))
-    print(f"find took {t_find:.1f} s; total {time.perf_counter() - t0:.1f} s")
+    print(f"find took {t_find:.1f} s" + (f"; explain {t_explain:.1f} s" if explained else ""))
     for line in explained + extra:
         print(line)
+    print(f"total {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -141,9 +146,30 @@ def write_heldout(path, lm, ev, ranking, ident, data, *, clean=None) -> None:  #
 
 def _run(args: argparse.Namespace) -> int:
     out_dir = claim_out_dir(args, args.out_dir)
-    return run_demo(
-        args.model, out_dir, samples=args.samples, show_progress=progress(args), explain=args.explain
-    )
+    with _one_cpu_thread(args.model):
+        return run_demo(args.model, out_dir, samples=args.samples, show_progress=progress(args),
+                        explain=args.explain)
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(model: str) -> Iterator[None]:
+    """One torch thread for a bundled model on the CPU, unless ``OMP_NUM_THREADS`` says otherwise.
+
+    The bundled models are 4 M parameters: their matmuls are too small to split, and on a
+    2-core machine two threads took 77 s wall / 85 s CPU for the demo against 35 s / 33 s for
+    one (docs/benchmarks.md). The results do not depend on the thread count.
+    """
+    import torch
+
+    if model not in BUNDLED or "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -155,10 +155,18 @@ class ProbeResult:
             )
             for i, t in enumerate(lv.top, 1):
                 mark = " <" if t.token_id == self.target_token_id else ""
-                lines.append(f"  {i:>3}. {t.token!r:<16} {t.prob:.4f}{mark}")
+                lines.append(f"  {i:>3}. {_quoted(t.token):<16} {t.prob:.4f}{mark}")
             if lv.continuation or lv.n_masked == 0:
-                lines.append(f"  greedy: {lv.continuation!r}")
+                lines.append(f"  greedy: {_quoted(lv.continuation)}")
         return "\n".join(lines)
+
+
+def _quoted(text: str) -> str:
+    """``text`` in quotes with control characters escaped; the ``\\xNN`` that :func:`decode_text`
+    writes for broken UTF-8 bytes stays one backslash (``repr`` would double it)."""
+    return "'" + "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    ) + "'"
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:

@@ -78,7 +78,8 @@ def plot_patching(mech: dict[str, Any], path: str | Path, top: int = 15) -> Path
     names = [d["component"] for d in single]
     labels = [n + (" *" if d.get("holds_set") else "") for n, d in zip(names, single, strict=True)]
     fig, (ax, ax2) = plt.subplots(
-        1, 2, figsize=(max(9, 0.5 * len(names) + 6), 4.4), gridspec_kw={"width_ratios": [3, 1]}
+        1, 2, figsize=(min(11, max(9, 0.5 * len(names) + 6)), 4.4),
+        gridspec_kw={"width_ratios": [3, 1]},
     )
     x = np.arange(len(names))
     rec = np.array([d["recovered"] for d in single], dtype=float)

@@ -200,7 +200,7 @@ def _controls(controls: Mapping[str, Any] | None, fig: Path | None) -> list[Bloc
         rows.append(["random sets: max |Δ|", rs.get("max_abs"), ""])
     rows.append(["zero-ablation in fp32", fp.get("delta_fp32") if fp else None,
                  f"run dtype {fp['dtype_run']}, {fp['method']}" if fp else "not needed (run in fp32) or not run"])
-    out.append(Para(f"On the {controls.get('set')} set ({fmt(controls.get('n_units'))} units)."))
+    out.append(Para(f"On the {controls.get('set')} set ({fmt(controls.get('n_units'))} unit(s))."))
     for d in controls.get("dense_modules") or []:
         out.append(Para(
             f"Note: the set covers {d['count']} of the {d['width']} channels of {d['module']}: "

@@ -97,7 +97,7 @@ def to_markdown(blocks: Sequence[Block], base: Path) -> str:
         elif isinstance(b, Para):
             out.append(f"```\n{b.text}\n```\n" if b.code else f"{b.text}\n")
         elif isinstance(b, Table):
-            out.append("| " + " | ".join(b.header) + " |")
+            out.append("| " + " | ".join(_md_cell(h) for h in b.header) + " |")
             out.append("|" + "---|" * len(b.header))
             out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in b.rows]
             out.append("")

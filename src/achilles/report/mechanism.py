@@ -30,6 +30,17 @@ def _span(a: int, b: int) -> str:
     return str(a) if a == b else f"{a}–{b}"
 
 
+def _floor(cfg: dict[str, Any]) -> str:
+    """The absolute floor of the massive-activation test, when there is one."""
+    floor = cfg.get("massive_min")
+    return f" and ≥ {fmt(floor)}" if isinstance(floor, (int, float)) and floor > 0 else ""
+
+
+def _share(x: Any) -> str:
+    """A fraction of Δ as a percentage (``nan``/``-`` as they are)."""
+    return f"{100 * x:.1f} %" if isinstance(x, (int, float)) and math.isfinite(x) else fmt(x)
+
+
 def _tok(t: dict[str, Any]) -> str:
     return f"{t['token_id']}: {t['token']!r}"
 
@@ -82,8 +93,8 @@ def mechanism_blocks(run_dir: str | Path) -> list[Block] | None:
     out.append(Heading("Massive activations", 3))
     if m["massive_groups"]:
         out.append(Para(
-            f"Flagged: |h| ≥ {fmt(cfg.get('massive_ratio'))}× the layer's median |h| and ≥ "
-            f"{fmt(cfg.get('massive_min'))} (layer -1 = embeddings, then each block's output)."
+            f"Flagged: |h| ≥ {fmt(cfg.get('massive_ratio'))}× the layer's median |h|{_floor(cfg)} "
+            "(layer -1 = embeddings, then each block's output)."
         ))
         out.append(Table(
             ["position", "channel", "layers", "erased at", "peak layer", "peak value", "peak ratio",
@@ -94,7 +105,7 @@ def mechanism_blocks(run_dir: str | Path) -> list[Block] | None:
         ))
     else:
         out.append(Para(f"No massive activation flagged (|h| ≥ {fmt(cfg.get('massive_ratio'))}× the "
-                        f"layer median and ≥ {fmt(cfg.get('massive_min'))})."))
+                        f"layer median{_floor(cfg)})."))
     if (figs / FIGURES[0]).is_file():
         out.append(Figure(figs / FIGURES[0], "Top |h| per layer at the sink position and elsewhere, "
                           "and the median: clean (solid) vs masked (dashed), log scale"))
@@ -133,8 +144,8 @@ def mechanism_blocks(run_dir: str | Path) -> list[Block] | None:
         "Recovered: share of Δ removed by restoring one component (a head's slice of the o_proj "
         "input, or an MLP's output) to its clean value in the masked model. Reproduced: share of Δ "
         "caused by patching that component's masked value into the clean model. Restoring every "
-        f"component recovers {fmt(chk['restore_all'])} of Δ"
-        + (f"; restoring the heads that lost their sink recovers {fmt(chk['restore_sink_heads'])}"
+        f"component recovers {_share(chk['restore_all'])} of Δ"
+        + (f"; restoring the heads that lost their sink recovers {_share(chk['restore_sink_heads'])}"
            if chk.get("restore_sink_heads") is not None else "") + "."
     ))
     rev = m["patching_reverse"]
