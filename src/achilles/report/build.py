@@ -372,7 +372,9 @@ def summary_section(ctx: ReportContext) -> list[Block]:
     else:
         text += (" Held-out perplexity with the set masked is not part of this run; "
                  "`achilles ppl --data FILE --mask RUN_DIR/identification.json` measures it.")
-    mech = ctx.read("mechanism.json")
+    from achilles.report.mechanism import read_mechanism
+
+    mech = read_mechanism(ctx.run_dir)
     if mech and isinstance(mech.get("summary"), str) and mech["summary"].strip():
         text += f" Mechanism: {mech['summary'].strip()}"
     dense = (ctx.analysis.get("controls") or {}).get("dense_modules") or []
