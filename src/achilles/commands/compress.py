@@ -98,10 +98,10 @@ def _run_compress(args: argparse.Namespace) -> int:
     result.env = environment(lm.model)
     kl = keep_list(lm.model, mask.units)
     kl.update(config={"model": dataclasses.asdict(spec), "mask": mask.source}, env=result.env)
-    write_json(outputs[2], kl)
-    result.save(str(outputs[0]))
     plot_compression(result.to_dict(), outputs[1], title=f"{spec.model}: compression with "
                      f"{len(mask.units)} critical unit(s) protected")
+    write_json(outputs[2], kl)
+    result.save(str(outputs[0]))  # last: the report's Compression section appears only when all is there
     base = result.baseline["log10_ppl"]
     lines = [f"original: log10 ppl {base:.4f}; Δ log10 ppl after compression:",
              "method | whole | critical protected | random protected (mean ± sd)"]
