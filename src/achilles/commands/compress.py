@@ -22,7 +22,7 @@ from achilles.evaluation.data import load_corpus
 from achilles.evaluation.masks import load_mask
 from achilles.evaluation.perplexity import PerplexityConfig, evaluator_from_config
 from achilles.io import environment, read_json, write_json
-from achilles.loading import inspect_model, load_model, tokenize
+from achilles.loading import MIN_TOKENS, context_length, inspect_model, load_model, tokenize
 from achilles.plots.compression import plot_compression
 from achilles.report.compression import COMPRESSION_FIGURE, COMPRESSION_FILE, compression_rows
 
@@ -51,7 +51,10 @@ def _calibration_text(args: argparse.Namespace) -> str:
         p = Path(args.calib_file)
         if not p.is_file():
             raise AchillesError(f"calibration file not found: {p} (check --calib-file)")
-        return p.read_text(encoding="utf-8")
+        try:
+            return p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise AchillesError(f"{p} is not UTF-8 text (check --calib-file)") from None
     text = (read_json(args.mask).get("config") or {}).get("text")
     if not text:
         raise AchillesError(f"{args.mask} records no text to calibrate Wanda on: pass --calib-file")
@@ -77,7 +80,14 @@ def _run_compress(args: argparse.Namespace) -> int:
                             "empty): pass another --set, or a ranking with --top N")
     random_units(planned.pool, planned.units, 0)  # a random control can be drawn
     if calib is not None:
-        tokenize(skeleton.tokenizer, calib)
+        n = int(tokenize(skeleton.tokenizer, calib, min_tokens=1).shape[1])
+        if n < MIN_TOKENS:
+            raise AchillesError(f"the calibration text is {n} token(s) long; Wanda needs at least "
+                                f"{MIN_TOKENS}: give a longer --calib-file")
+        limit = context_length(skeleton.model)
+        if limit is not None and n > limit:
+            raise AchillesError(f"the calibration text is {n} tokens, longer than the model's "
+                                f"context of {limit}: give a shorter --calib-file")
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     mask = load_mask(lm, args.mask, top=args.top, set_name=args.set_name)
     ev = evaluator_from_config(lm.model, lm.tokenizer, corpus.documents, cfg, progress=progress(args))
