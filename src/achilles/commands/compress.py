@@ -123,11 +123,12 @@ def _run_compress(args: argparse.Namespace) -> int:
 def _run_keep_list(args: argparse.Namespace) -> int:
     spec = model_spec(args)
     _require_mask(args)
-    out = Path(args.out)
-    _check_folder(out.parent)
-    _check_outputs([out], args.force)
+    out = check_destination(args.out, "file", force=args.force, flag="--out")
     skeleton = inspect_model(spec)  # names and shapes are enough
     mask = load_mask(skeleton, args.mask, top=args.top, set_name=args.set_name)
+    if not mask.units:
+        raise AchillesError(f"{args.mask} gives no unit to keep (an empty {args.set_name} set, "
+                            "or --top 0): pass another --set, or a ranking with --top N >= 1")
     kl = keep_list(skeleton.model, mask.units)
     kl.update(config={"model": dataclasses.asdict(spec), "mask": mask.source}, env=environment())
     write_json(out, kl)
