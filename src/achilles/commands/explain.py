@@ -74,10 +74,10 @@ def _run(args: argparse.Namespace) -> int:
     if not model:
         raise AchillesError(f"{ident_path} does not record its model: pass --model")
     spec = from_args(ModelSpec, args, model=model)
-    skeleton, text = preflight_explain(run_dir, spec, config, text)
-    ident = read_json(ident_path, kind="identification")  # same shapes; same weights too?
+    ident = read_json(ident_path, kind="identification")
     check_same_model(ident.get("config") or {}, ident.get("env") or {}, spec, what="the run",
                      force=args.force, hint="give the run's own --model")
+    skeleton, text = preflight_explain(run_dir, spec, config, text)
     if recorded and model != recorded:  # after the checks: a bad input gets one line only
         logger.warning("the run was made on %s; explaining it on %s", recorded, model)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)

@@ -511,6 +511,7 @@ def write_report(
     :func:`~achilles.analysis.run.analyze_run`.
     """
     run_dir = Path(run_dir)
+    _check_inputs(run_dir)
     previous = _read_optional(run_dir / ANALYSIS_FILE)
     if analysis is None:
         analysis = analyze_run(run_dir, lm, write=False, **analysis_options)
@@ -543,3 +544,12 @@ def _atomic_text(path: Path, text: str) -> None:
     from achilles.io import atomic_write
 
     atomic_write(path, text)
+
+
+def _check_inputs(run_dir: Path) -> None:
+    """Refuse a damaged mechanism.json / compression.json before anything is written."""
+    from achilles.report.compression import read_compression
+    from achilles.report.mechanism import read_mechanism
+
+    read_mechanism(run_dir)
+    read_compression(run_dir)

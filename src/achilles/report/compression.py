@@ -33,23 +33,9 @@ COLUMNS = ["method", "Δ whole model", "Δ critical protected", "Δ random prote
 def compression_section(run_dir: str | Path) -> list[Block]:
     """Heading, table and figure for ``RUN_DIR/compression.json``; nothing if it is absent."""
     run_dir = Path(run_dir)
-    path = run_dir / COMPRESSION_FILE
-    if not path.is_file():
+    data = read_compression(run_dir)
+    if data is None:
         return []
-    try:
-        data = read_json(path, kind="compression")
-        require_fields(data, path, {"baseline": dict, "protected": dict, "methods": dict})
-        require_fields(data["baseline"], path, {"log10_ppl": float})
-        for m in data["methods"].values():
-            if not isinstance(m, dict):
-                raise AchillesError(f"{path}: every entry of 'methods' must be an object")
-            require_fields(m, path, {"method": str, "whole": dict, "critical": dict,
-                                     "random_log10_ppl_mean": float})
-            for part in ("whole", "critical"):
-                require_fields(m[part], path, {"log10_ppl": float})
-            require_fields(m["whole"], path, {"fraction_changed": float})
-    except AchillesError as e:
-        raise AchillesError(f"{e}: run `achilles compress --out-dir {run_dir}` again, or remove it") from None
     prot = data.get("protected", {})
     base = data.get("baseline", {})
     seeds = len(next(iter(data["methods"].values()), {}).get("random", []))
@@ -68,3 +54,25 @@ def compression_section(run_dir: str | Path) -> list[Block]:
         out.append(Figure(run_dir / COMPRESSION_FIGURE,
                           "Δ log10 perplexity per method: whole, critical protected, random protected (compression.png)"))
     return out
+
+
+def read_compression(run_dir: str | Path) -> dict[str, Any] | None:
+    """``RUN_DIR/compression.json`` checked (one error line naming the fix), or ``None`` without it."""
+    path = Path(run_dir) / COMPRESSION_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path, kind="compression")
+        require_fields(data, path, {"baseline": dict, "protected": dict, "methods": dict})
+        require_fields(data["baseline"], path, {"log10_ppl": float})
+        for m in data["methods"].values():
+            if not isinstance(m, dict):
+                raise AchillesError(f"{path}: every entry of 'methods' must be an object")
+            require_fields(m, path, {"method": str, "whole": dict, "critical": dict,
+                                     "random_log10_ppl_mean": float})
+            for part in ("whole", "critical"):
+                require_fields(m[part], path, {"log10_ppl": float})
+            require_fields(m["whole"], path, {"fraction_changed": float})
+    except AchillesError as e:
+        raise AchillesError(f"{e}: run `achilles compress --out-dir {run_dir}` again, or remove it") from None
+    return data
