@@ -111,3 +111,19 @@ def test_census_run_folder_is_explained_as_find_does(explain: bool, tmp_path: Pa
         assert [u["channel"] for u in mech["units"]] == [u["channel"] for u in ident["minimal_set"]]
     marker = json.loads((run_dir / "census_run.json").read_text())
     assert marker["config"]["explain"] is explain  # a resume with the other setting is refused
+
+
+def test_output_into_a_closed_pipe_is_no_traceback() -> None:
+    """``achilles plan --json | head -1``: the reader leaves first; exit 141, stderr empty."""
+    import os
+    import subprocess
+    import sys
+
+    sink = Path(__file__).resolve().parents[1] / "models" / "sink"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.Popen([sys.executable, "-m", "achilles", "plan", "--model", str(sink), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # before the command writes anything
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert err == ""
