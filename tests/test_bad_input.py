@@ -262,6 +262,8 @@ CASES: dict[str, tuple[Case, str]] = {
                                                 "--no-model"], "lacks the field 'baseline'"),
     "report-mechanism-truncated": (lambda z, w: ["report", _in_run(z, w, "mechanism.json", b'{"kind": "mech'),
                                                  "--no-model"], "run `achilles explain"),
+    "explain-text-past-context": (lambda z, w: ["explain", _run_copy(z, w), "--text-file",
+                                                _plant(w, "long.txt", TEXT.encode() * 12)], "longer than the model's context"),
     "explain-other-weights": (lambda z, w: ["explain", _run_copy(z, w), "--model", z.tiny_other], "different model"),
     "compress-calib-not-utf8": (lambda z, w: _compress(z, w, "--calib-file", _plant(w, "c.txt", b"\xff\xfe caf\xe9")),
                                 "not UTF-8 text (check --calib-file)"),

@@ -127,3 +127,21 @@ def test_output_into_a_closed_pipe_is_no_traceback() -> None:
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141, err
     assert err == ""
+
+
+def test_explain_refuses_a_model_broken_before_any_masking(tokenizer) -> None:  # noqa: ANN001
+    """A NaN weight makes the clean NLL NaN: no Δ (it read "inf") and no mechanism are made up."""
+    import math
+
+    import torch
+
+    from achilles.errors import AchillesError
+    from achilles.explain import explain
+    from achilles.loading import LoadedModel
+    from achilles.units import build_pool
+
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = math.nan
+    with pytest.raises(AchillesError, match="not finite from layer 1"):
+        explain(LoadedModel(model, tokenizer, ModelSpec(model="tiny")), TEXT, UNITS, build_pool(model))

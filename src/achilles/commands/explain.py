@@ -14,7 +14,7 @@ from achilles.explain import MECHANISM_FILE, ExplainConfig, explain_run
 from achilles.explain.run import check_sink_position, run_set
 from achilles.identify import Identification
 from achilles.io import read_json
-from achilles.loading import LoadedModel, inspect_model, load_model, tokenize
+from achilles.loading import LoadedModel, context_length, inspect_model, load_model, tokenize
 from achilles.pipeline import check_same_model
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,12 @@ def preflight_explain(
     skeleton = inspect_model(spec)
     _units, _pool, run_text = run_set(run_dir, skeleton, config)
     text = run_text if text is None else text
-    check_sink_position(config.sink_position, int(tokenize(skeleton.tokenizer, text).shape[1]))
+    n = int(tokenize(skeleton.tokenizer, text).shape[1])
+    check_sink_position(config.sink_position, n)
+    limit = context_length(skeleton.model)
+    if limit is not None and n > limit:
+        raise AchillesError(f"the text is {n} tokens, longer than the model's context of {limit}: "
+                            "give a shorter --text-file")
     if not os.access(run_dir, os.W_OK) or (
         (run_dir / "figures").exists() and not os.access(run_dir / "figures", os.W_OK)
     ):

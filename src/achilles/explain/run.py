@@ -84,6 +84,9 @@ def explain(
     ids = tokenize(lm.tokenizer, text)
     T = int(ids.shape[1])
     check_sink_position(config.sink_position, T)
+    from achilles.pipeline import check_clean_forward
+
+    check_clean_forward(lm, ids, pool)  # a broken model (NaN weights) or a text past the context
     p = config.sink_position
     modules = list(dict.fromkeys(u.module for u in units))
     comps = all_components(layout)
