@@ -271,6 +271,9 @@ CASES: dict[str, tuple[Case, str]] = {
                              "give a longer --calib-file"),
     "compress-calib-past-context": (lambda z, w: _compress(z, w, "--calib-file", _plant(w, "c.txt", TEXT.encode() * 12)),
                                     "longer than the model's context"),
+    "export-out-empty-force": (lambda z, w: _export(z, w, "", "--force"), "--out is empty"),  # was: rm -rf .
+    "export-out-cwd-force": (lambda z, w: _export(z, w, ".", "--force"), "holds the current folder"),
+    "export-out-parent-force": (lambda z, w: _export(z, w, "..", "--force"), "holds the current folder"),
     "keep-list-out-folder": (lambda z, w: _keep_list(z, w, out=_plant(w, "d", folder=True)), "is a folder: name a file"),
     "keep-list-out-exists": (lambda z, w: _keep_list(z, w, out=_plant(w, "k.json")), "exists: remove it or pass --force"),
     "keep-list-out-empty": (lambda z, w: _keep_list(z, w, out=""), "--out is empty"),
@@ -291,6 +294,11 @@ def _in_run(zoo: Zoo, ws: Path, name: str, data: bytes) -> Path:
 def _compress(zoo: Zoo, ws: Path, *extra: object) -> list[object]:
     return ["compress", "--model", zoo.tiny, "--mask", zoo.identification, "--data",
             _plant(ws, "data.txt", TEXT.encode()), "--methods", "wanda-50", "--out-dir", ws / "out", *extra]
+
+
+def _export(zoo: Zoo, ws: Path, out: object, *extra: object) -> list[object]:
+    _plant(ws, "precious.txt")  # what an export into the current folder would delete
+    return ["export", "--model", zoo.tiny, "--mask", zoo.identification, "--out", out, *extra]
 
 
 def _keep_list(zoo: Zoo, ws: Path, *extra: object, mask: Path | None = None, out: object = None) -> list[object]:
