@@ -274,6 +274,8 @@ CASES: dict[str, tuple[Case, str]] = {
     "export-out-empty-force": (lambda z, w: _export(z, w, "", "--force"), "--out is empty"),  # was: rm -rf .
     "export-out-cwd-force": (lambda z, w: _export(z, w, ".", "--force"), "holds the current folder"),
     "export-out-parent-force": (lambda z, w: _export(z, w, "..", "--force"), "holds the current folder"),
+    "compress-out-dir-empty": (lambda z, w: [*_compress(z, w), "--out-dir", ""], "--out-dir is empty"),  # wrote into .
+    "plan-out-empty": (lambda z, w: ["plan", "--model", z.tiny, "--out", ""], "--out is empty"),  # was ignored
     "keep-list-out-folder": (lambda z, w: _keep_list(z, w, out=_plant(w, "d", folder=True)), "is a folder: name a file"),
     "keep-list-out-exists": (lambda z, w: _keep_list(z, w, out=_plant(w, "k.json")), "exists: remove it or pass --force"),
     "keep-list-out-empty": (lambda z, w: _keep_list(z, w, out=""), "--out is empty"),

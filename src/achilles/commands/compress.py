@@ -35,7 +35,7 @@ def _require_mask(args: argparse.Namespace) -> None:
     check_mask_args(args)
 
 
-def _check_folder(folder: Path) -> Path:
+def _check_folder(folder: str | Path) -> Path:
     """Refuse a folder that is a file or cannot be written (a real probe), creating nothing."""
     return check_destination(folder, "dir", flag="--out-dir")
 
@@ -68,7 +68,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     cfg: PerplexityConfig = from_args(PerplexityConfig, args)
     spec = model_spec(args)
     _require_mask(args)
-    out_dir = _check_folder(Path(args.out_dir))
+    out_dir = _check_folder(args.out_dir)  # as given: an empty --out-dir is not "."
     outputs = [out_dir / COMPRESSION_FILE, out_dir / COMPRESSION_FIGURE, out_dir / KEEP_LIST_FILE]
     _check_outputs(outputs, args.force)
     calib = _calibration_text(args) if any(m.needs_activations for m in methods) else None
