@@ -276,6 +276,8 @@ CASES: dict[str, tuple[Case, str]] = {
     "export-out-parent-force": (lambda z, w: _export(z, w, "..", "--force"), "holds the current folder"),
     "compress-out-dir-empty": (lambda z, w: [*_compress(z, w), "--out-dir", ""], "--out-dir is empty"),  # wrote into .
     "plan-out-empty": (lambda z, w: ["plan", "--model", z.tiny, "--out", ""], "--out is empty"),  # was ignored
+    "census-gpus-per-job-0": (lambda z, w: ["census", "--models", _plant(w, "m.txt", str(z.tiny).encode()), "--text", TEXT,
+                                            "--out-dir", w / "out", "--gpus-per-job", 0], "--gpus-per-job must be >= 1"),
     "keep-list-out-folder": (lambda z, w: _keep_list(z, w, out=_plant(w, "d", folder=True)), "is a folder: name a file"),
     "keep-list-out-exists": (lambda z, w: _keep_list(z, w, out=_plant(w, "k.json")), "exists: remove it or pass --force"),
     "keep-list-out-empty": (lambda z, w: _keep_list(z, w, out=""), "--out is empty"),
