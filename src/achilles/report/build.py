@@ -511,7 +511,7 @@ def write_report(
     :func:`~achilles.analysis.run.analyze_run`.
     """
     run_dir = Path(run_dir)
-    _check_inputs(run_dir)
+    check_run_inputs(run_dir)
     previous = _read_optional(run_dir / ANALYSIS_FILE)
     if analysis is None:
         analysis = analyze_run(run_dir, lm, write=False, **analysis_options)
@@ -546,7 +546,7 @@ def _atomic_text(path: Path, text: str) -> None:
     atomic_write(path, text)
 
 
-def _check_inputs(run_dir: Path) -> None:
+def check_run_inputs(run_dir: Path) -> None:
     """Refuse a damaged mechanism.json / compression.json before anything is written."""
     from achilles.report.compression import read_compression
     from achilles.report.mechanism import read_mechanism
