@@ -252,7 +252,62 @@ CASES: dict[str, tuple[Case, str]] = {
     "ident-wrong-type": (lambda z, w: _probe(z, w, _variant(z, w, z.identification, lambda d: d.update(curve={}))),
                          "'curve' must be list"),
     "report-other-model": (lambda z, w: ["report", _run_copy(z, w), "--model", z.tiny_other], "different model"),
+    # the commands added later: explain, compress, keep-list, plan, census
+    "report-compression-truncated": (lambda z, w: ["report", _in_run(z, w, "compression.json", b'{"kind": "comp'),
+                                                   "--no-model"], "run `achilles compress"),
+    "report-compression-not-utf8": (lambda z, w: ["report", _in_run(z, w, "compression.json", b"\xff\xfe{}"),
+                                                  "--no-model"], "not UTF-8"),
+    "report-compression-fields": (lambda z, w: ["report", _in_run(z, w, "compression.json",
+                                                                  b'{"kind": "compression", "methods": {}}'),
+                                                "--no-model"], "lacks the field 'baseline'"),
+    "report-mechanism-truncated": (lambda z, w: ["report", _in_run(z, w, "mechanism.json", b'{"kind": "mech'),
+                                                 "--no-model"], "run `achilles explain"),
+    "explain-text-past-context": (lambda z, w: ["explain", _run_copy(z, w), "--text-file",
+                                                _plant(w, "long.txt", TEXT.encode() * 12)], "longer than the model's context"),
+    "explain-other-weights": (lambda z, w: ["explain", _run_copy(z, w), "--model", z.tiny_other], "different model"),
+    "compress-calib-not-utf8": (lambda z, w: _compress(z, w, "--calib-file", _plant(w, "c.txt", b"\xff\xfe caf\xe9")),
+                                "not UTF-8 text (check --calib-file)"),
+    "compress-calib-short": (lambda z, w: _compress(z, w, "--calib-file", _plant(w, "c.txt", b"short")),
+                             "give a longer --calib-file"),
+    "compress-calib-past-context": (lambda z, w: _compress(z, w, "--calib-file", _plant(w, "c.txt", TEXT.encode() * 12)),
+                                    "longer than the model's context"),
+    "export-out-empty-force": (lambda z, w: _export(z, w, "", "--force"), "--out is empty"),  # was: rm -rf .
+    "export-out-cwd-force": (lambda z, w: _export(z, w, ".", "--force"), "holds the current folder"),
+    "export-out-parent-force": (lambda z, w: _export(z, w, "..", "--force"), "holds the current folder"),
+    "compress-out-dir-empty": (lambda z, w: [*_compress(z, w), "--out-dir", ""], "--out-dir is empty"),  # wrote into .
+    "plan-out-empty": (lambda z, w: ["plan", "--model", z.tiny, "--out", ""], "--out is empty"),  # was ignored
+    "census-gpus-per-job-0": (lambda z, w: ["census", "--models", _plant(w, "m.txt", str(z.tiny).encode()), "--text", TEXT,
+                                            "--out-dir", w / "out", "--gpus-per-job", 0], "--gpus-per-job must be >= 1"),
+    "keep-list-out-folder": (lambda z, w: _keep_list(z, w, out=_plant(w, "d", folder=True)), "is a folder: name a file"),
+    "keep-list-out-exists": (lambda z, w: _keep_list(z, w, out=_plant(w, "k.json")), "exists: remove it or pass --force"),
+    "keep-list-out-empty": (lambda z, w: _keep_list(z, w, out=""), "--out is empty"),
+    "keep-list-empty-mask": (lambda z, w: _keep_list(z, w, "--top", 0, mask=z.ranking), "no unit to keep"),
+    "plan-models-not-utf8": (lambda z, w: ["plan", "--models", _plant(w, "m.txt", b"\xff\xfe")], "not UTF-8"),
+    "census-models-not-utf8": (lambda z, w: ["census", "--models", _plant(w, "m.txt", b"\xff\xfe"), "--text", TEXT,
+                                             "--out-dir", w / "out"], "not UTF-8"),
 }
+
+
+def _in_run(zoo: Zoo, ws: Path, name: str, data: bytes) -> Path:
+    """A copy of the run folder holding ``name`` with the bytes ``data``."""
+    run = _run_copy(zoo, ws)
+    (run / name).write_bytes(data)
+    return run
+
+
+def _compress(zoo: Zoo, ws: Path, *extra: object) -> list[object]:
+    return ["compress", "--model", zoo.tiny, "--mask", zoo.identification, "--data",
+            _plant(ws, "data.txt", TEXT.encode()), "--methods", "wanda-50", "--out-dir", ws / "out", *extra]
+
+
+def _export(zoo: Zoo, ws: Path, out: object, *extra: object) -> list[object]:
+    _plant(ws, "precious.txt")  # what an export into the current folder would delete
+    return ["export", "--model", zoo.tiny, "--mask", zoo.identification, "--out", out, *extra]
+
+
+def _keep_list(zoo: Zoo, ws: Path, *extra: object, mask: Path | None = None, out: object = None) -> list[object]:
+    return ["keep-list", "--model", zoo.tiny, "--mask", mask or zoo.identification,
+            "--out", ws / "out" / "k.json" if out is None else out, *extra]
 
 
 def _run_copy(zoo: Zoo, ws: Path) -> Path:

@@ -215,7 +215,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, tiny_run, tiny_dir,
     assert "outside the text" in err
     other = make_run(tmp_path / "other", str(SINK), [_writer()], TEXT)
     err = _fails(["explain", str(other), "--model", str(tiny_dir)], other, capsys)
-    assert "another model" in err
+    assert "different model" in err
     assert "not found" in _fails(["explain", str(tmp_path / "nope")], tmp_path, capsys)
     assert "--sink-drop" in _fails(["explain", str(tiny_run), "--sink-drop", "2"], tiny_run, capsys)
 

@@ -148,4 +148,10 @@ def _sigterm_as_exit():  # noqa: ANN202
 
 def entry() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `achilles plan --json | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the exit's flush
+        code = 141  # 128 + SIGPIPE, as a shell reports it
+    sys.exit(code)

@@ -141,11 +141,18 @@ def plan_export(
     return by_key, shards, weight_map
 
 
-def check_destination(out: Path, *, force: bool) -> None:
-    """Refuse an existing non-empty ``out`` (unless ``force``), or one that cannot be written."""
-    io.check_destination(out, "dir", flag="--out")
+def check_destination(out: str | os.PathLike[str], *, force: bool) -> None:
+    """Refuse an existing non-empty ``out`` (unless ``force``), or one that cannot be written.
+
+    ``--force`` replaces the folder, so a folder that holds the current directory is never
+    replaced (an empty ``--out`` is refused, not read as ``.``).
+    """
+    out = io.check_destination(out, "dir", flag="--out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise AchillesError(f"--out {out} exists and is not empty: pass --force to replace it")
+    if out.is_dir() and out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise AchillesError(f"--out {out} holds the current folder, which --force would delete: "
+                            "name a new folder for the checkpoint")
 
 
 def model_card(result: ExportResult, source_name: str) -> str:

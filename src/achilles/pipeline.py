@@ -409,6 +409,6 @@ def refuse_mixed(what: str, diff: list[str], *, force: bool, hint: str) -> None:
         return
     msg = f"{what} was made with a different {', '.join(diff)}"
     if force:
-        logger.warning("%s; using it anyway (--force)", msg)
+        logger.warning("%s; using it anyway%s", msg, " (--force)" if hint else "")
         return
     raise AchillesError(f"{msg}: {hint}, or pass --force")

@@ -123,6 +123,10 @@ def run_census(
         raise AchillesError(f"unknown launcher {launcher!r}: choose {' or '.join(launch.LAUNCHERS)}")
     if jobs < 1:
         raise AchillesError("--jobs must be >= 1")
+    if gpus_per_job is not None and gpus_per_job < 1:
+        raise AchillesError("--gpus-per-job must be >= 1 (or left out: sized by `achilles plan`)")
+    if (slurm or {}).get("timeout_min", 1) < 1:
+        raise AchillesError("--slurm-timeout must be >= 1 minute")
     if launcher == "slurm":
         launch._import_submitit()
     check_destination(out_dir, "dir", flag="--out-dir")  # before any other work; creates nothing

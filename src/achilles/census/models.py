@@ -103,7 +103,11 @@ def read_model_list(source: str, base: ModelSpec | None = None) -> list[ModelEnt
         )
     parser = _line_parser()
     entries: list[tuple[str | None, ModelSpec]] = []
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise AchillesError(f"model list {path} is not UTF-8 text: save it as UTF-8") from None
+    for lineno, raw in enumerate(lines, 1):
         try:
             words = shlex.split(raw, comments=True)
         except ValueError as e:

@@ -39,6 +39,7 @@ class CensusSettings:
     rank: RankConfig
     identify: IdentifyConfig
     report: bool = True
+    explain: bool = True  # as `achilles find`: mechanism.json for a found set
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def run_config(entry: ModelEntry, settings: CensusSettings) -> dict[str, Any]:
     """What a finished run was made with (stored in its marker, compared on resume)."""
     return {"model": asdict(entry.spec), "rank": asdict(settings.rank),
             "identify": asdict(settings.identify), "report": settings.report,
-            "text": settings.text}
+            "explain": settings.explain, "text": settings.text}
 
 
 def check_resumable(run_dir: str | Path, entry: ModelEntry, settings: CensusSettings) -> None:
@@ -152,6 +153,10 @@ def run_task(task: Task, settings: CensusSettings, progress: bool = False) -> di
         ranking, ident = find(lm, settings.text, settings.rank, settings.identify, progress=progress)
         ranking.save(run_dir / "ranking.json")
         ident.save(str(run_dir / "identification.json"))
+        if settings.explain and ident.found:
+            from achilles.explain import ExplainConfig, explain_run
+
+            explain_run(run_dir, lm, ExplainConfig(), progress=progress)
         if settings.report:
             from achilles.report import write_report
 

@@ -17,12 +17,14 @@ def _run(args: argparse.Namespace) -> int:
     text = text_of(args)
     base = from_args(ModelSpec, args, model="-")
     entries = read_model_list(args.models, base)
-    settings = CensusSettings(text=text, rank=rcfg, identify=icfg, report=args.report)
+    settings = CensusSettings(text=text, rank=rcfg, identify=icfg, report=args.report,
+                              explain=args.explain)
     slurm = {"partition": args.slurm_partition, "timeout_min": args.slurm_timeout,
              "wait": args.wait}
     config = {
         "models_list": args.models, "text": text, "rank": dataclasses.asdict(rcfg),
-        "identify": dataclasses.asdict(icfg), "report": args.report, "launcher": args.launcher,
+        "identify": dataclasses.asdict(icfg), "report": args.report, "explain": args.explain,
+        "launcher": args.launcher,
         "jobs": args.jobs, "gpus_per_job": args.gpus_per_job,
     }
     result = run_census(
@@ -77,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="slurm: wait for the jobs and write the summary (default: on)")
     g.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write each model's analyses, figures and report (default: on)")
+    g.add_argument("--explain", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run `achilles explain` on each found minimal set: mechanism.json "
+                   "and the report's Mechanism section (default: on)")
     add_arguments(p, ModelSpec, exclude=("model",))
     add_arguments(p, TextSpec)
     add_rank_options(p)

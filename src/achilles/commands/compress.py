@@ -22,7 +22,7 @@ from achilles.evaluation.data import load_corpus
 from achilles.evaluation.masks import load_mask
 from achilles.evaluation.perplexity import PerplexityConfig, evaluator_from_config
 from achilles.io import environment, read_json, write_json
-from achilles.loading import inspect_model, load_model, tokenize
+from achilles.loading import MIN_TOKENS, context_length, inspect_model, load_model, tokenize
 from achilles.names import model_name
 from achilles.plots.compression import plot_compression
 from achilles.report.compression import COMPRESSION_FIGURE, COMPRESSION_FILE, compression_rows
@@ -36,7 +36,7 @@ def _require_mask(args: argparse.Namespace) -> None:
     check_mask_args(args)
 
 
-def _check_folder(folder: Path) -> Path:
+def _check_folder(folder: str | Path) -> Path:
     """Refuse a folder that is a file or cannot be written (a real probe), creating nothing."""
     return check_destination(folder, "dir", flag="--out-dir")
 
@@ -52,7 +52,10 @@ def _calibration_text(args: argparse.Namespace) -> str:
         p = Path(args.calib_file)
         if not p.is_file():
             raise AchillesError(f"calibration file not found: {p} (check --calib-file)")
-        return p.read_text(encoding="utf-8")
+        try:
+            return p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise AchillesError(f"{p} is not UTF-8 text (check --calib-file)") from None
     text = (read_json(args.mask).get("config") or {}).get("text")
     if not text:
         raise AchillesError(f"{args.mask} records no text to calibrate Wanda on: pass --calib-file")
@@ -66,7 +69,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     cfg: PerplexityConfig = from_args(PerplexityConfig, args)
     spec = model_spec(args)
     _require_mask(args)
-    out_dir = _check_folder(Path(args.out_dir))
+    out_dir = _check_folder(args.out_dir)  # as given: an empty --out-dir is not "."
     outputs = [out_dir / COMPRESSION_FILE, out_dir / COMPRESSION_FIGURE, out_dir / KEEP_LIST_FILE]
     _check_outputs(outputs, args.force)
     calib = _calibration_text(args) if any(m.needs_activations for m in methods) else None
@@ -78,7 +81,14 @@ def _run_compress(args: argparse.Namespace) -> int:
                             "empty): pass another --set, or a ranking with --top N")
     random_units(planned.pool, planned.units, 0)  # a random control can be drawn
     if calib is not None:
-        tokenize(skeleton.tokenizer, calib)
+        n = int(tokenize(skeleton.tokenizer, calib, min_tokens=1).shape[1])
+        if n < MIN_TOKENS:
+            raise AchillesError(f"the calibration text is {n} token(s) long; Wanda needs at least "
+                                f"{MIN_TOKENS}: give a longer --calib-file")
+        limit = context_length(skeleton.model)
+        if limit is not None and n > limit:
+            raise AchillesError(f"the calibration text is {n} tokens, longer than the model's "
+                                f"context of {limit}: give a shorter --calib-file")
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     mask = load_mask(lm, args.mask, top=args.top, set_name=args.set_name)
     ev = evaluator_from_config(lm.model, lm.tokenizer, corpus.documents, cfg, progress=progress(args))
@@ -99,10 +109,10 @@ def _run_compress(args: argparse.Namespace) -> int:
     result.env = environment(lm.model)
     kl = keep_list(lm.model, mask.units)
     kl.update(config={"model": dataclasses.asdict(spec), "mask": mask.source}, env=result.env)
-    write_json(outputs[2], kl)
-    result.save(str(outputs[0]))
     plot_compression(result.to_dict(), outputs[1], title=f"{model_name(spec.model)}: compression with "
                      f"{len(mask.units)} critical unit(s) protected")
+    write_json(outputs[2], kl)
+    result.save(str(outputs[0]))  # last: the report's Compression section appears only when all is there
     base = result.baseline["log10_ppl"]
     lines = [f"original: log10 ppl {base:.4f}; Δ log10 ppl after compression:",
              "method | whole | critical protected | random protected (mean ± sd)"]
@@ -114,11 +124,12 @@ def _run_compress(args: argparse.Namespace) -> int:
 def _run_keep_list(args: argparse.Namespace) -> int:
     spec = model_spec(args)
     _require_mask(args)
-    out = Path(args.out)
-    _check_folder(out.parent)
-    _check_outputs([out], args.force)
+    out = check_destination(args.out, "file", force=args.force, flag="--out")
     skeleton = inspect_model(spec)  # names and shapes are enough
     mask = load_mask(skeleton, args.mask, top=args.top, set_name=args.set_name)
+    if not mask.units:
+        raise AchillesError(f"{args.mask} gives no unit to keep (an empty {args.set_name} set, "
+                            "or --top 0): pass another --set, or a ranking with --top N >= 1")
     kl = keep_list(skeleton.model, mask.units)
     kl.update(config={"model": dataclasses.asdict(spec), "mask": mask.source}, env=environment())
     write_json(out, kl)

@@ -13,7 +13,9 @@ from achilles.errors import AchillesError
 from achilles.explain import MECHANISM_FILE, ExplainConfig, explain_run
 from achilles.explain.run import check_sink_position, run_set
 from achilles.identify import Identification
-from achilles.loading import LoadedModel, inspect_model, load_model, tokenize
+from achilles.io import read_json
+from achilles.loading import LoadedModel, context_length, inspect_model, load_model, tokenize
+from achilles.pipeline import check_same_model
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,12 @@ def preflight_explain(
     skeleton = inspect_model(spec)
     _units, _pool, run_text = run_set(run_dir, skeleton, config)
     text = run_text if text is None else text
-    check_sink_position(config.sink_position, int(tokenize(skeleton.tokenizer, text).shape[1]))
+    n = int(tokenize(skeleton.tokenizer, text).shape[1])
+    check_sink_position(config.sink_position, n)
+    limit = context_length(skeleton.model)
+    if limit is not None and n > limit:
+        raise AchillesError(f"the text is {n} tokens, longer than the model's context of {limit}: "
+                            "give a shorter --text-file")
     if not os.access(run_dir, os.W_OK) or (
         (run_dir / "figures").exists() and not os.access(run_dir / "figures", os.W_OK)
     ):
@@ -72,6 +79,9 @@ def _run(args: argparse.Namespace) -> int:
     if not model:
         raise AchillesError(f"{ident_path} does not record its model: pass --model")
     spec = from_args(ModelSpec, args, model=model)
+    ident = read_json(ident_path, kind="identification")
+    check_same_model(ident.get("config") or {}, ident.get("env") or {}, spec, what="the run",
+                     force=args.force, hint="give the run's own --model")
     skeleton, text = preflight_explain(run_dir, spec, config, text)
     if recorded and model != recorded:  # after the checks: a bad input gets one line only
         logger.warning("the run was made on %s; explaining it on %s", recorded, model)
@@ -99,6 +109,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="explain on this text instead of the run's (recorded in mechanism.json)")
     add_arguments(p, ModelSpec, exclude=("model",))
     add_arguments(p, ExplainConfig)
+    p.add_argument("--force", action="store_true",
+                   help="explain on a --model other than the run's own (default: refused)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="rewrite the run's report with the Mechanism section (default: on)")
     g = p.add_argument_group("output")

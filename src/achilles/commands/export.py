@@ -19,7 +19,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.mask is None:
         raise AchillesError("--mask is needed: an identification.json or a ranking.json (with --top N)")
     check_mask_args(args)
-    check_destination(out, force=args.force)
+    check_destination(args.out, force=args.force)  # as given: an empty --out is not "."
     skeleton = inspect_model(spec)  # names and shapes only: the weights are streamed later
     mask = load_mask(skeleton, args.mask, top=args.top, set_name=args.set_name)
     result = export_masked(skeleton.model, mask.units, spec, out, mask_source=mask.source,

@@ -60,11 +60,11 @@ def _run(args: argparse.Namespace) -> int:
             entries = [e for e in entries if e.name in wanted]
     else:
         entries = [ModelEntry(args.model, ModelSpec(model=args.model, revision=args.revision))]
-    out = Path(args.out) if args.out else None
+    out = Path(args.out) if args.out is not None else None
     if out is not None:
         from achilles.commands.common import check_writable
 
-        check_writable(out)
+        check_writable(args.out)  # as given: an empty --out is refused, not ignored
     quiet = args.quiet or args.json or len(entries) == 1
     spec = from_args(TextSpec, args)
     text = spec.resolve() if (spec.text, spec.text_file) != (None, None) else None

@@ -35,6 +35,9 @@ def _run_report(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     _check_run_model(args, run_dir)  # before RUN_DIR is claimed: a refusal leaves it untouched
+    from achilles.report.build import check_run_inputs
+
+    check_run_inputs(run_dir)  # a damaged mechanism/compression file: refused, no model loaded
     claim_out_dir(args, run_dir, flag="RUN_DIR")  # no second report or find writing into it
 
     for name in ("ranking.json", "identification.json"):

@@ -54,6 +54,8 @@ def load_mask(
                 "(another architecture or size): identify this model first"
             )
         units = pool.validate(units, source=path)
+        check_same_model(ident.config, ident.env, lm.spec, what=f"the identification {path}",
+                         force=True, hint="")  # a mask from other weights: said, not refused
         source = {"file": str(path), "kind": kind, "set": set_name, "n_star": ident.n_star,
                   "epsilon": ident.epsilon}
     elif kind == "ranking":

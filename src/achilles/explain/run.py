@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -83,6 +84,9 @@ def explain(
     ids = tokenize(lm.tokenizer, text)
     T = int(ids.shape[1])
     check_sink_position(config.sink_position, T)
+    from achilles.pipeline import check_clean_forward
+
+    check_clean_forward(lm, ids, pool)  # a broken model (NaN weights) or a text past the context
     p = config.sink_position
     modules = list(dict.fromkeys(u.module for u in units))
     comps = all_components(layout)
@@ -400,11 +404,25 @@ def explain_run(
     mech = explain(lm, text if text is not None else run_text, units, pool, config,
                    set_name=config.set, progress=progress)
     mech.config["run_dir"] = str(run_dir)
-    if figures:
-        from achilles.plots.mechanism import plot_mechanism
+    if not figures:
+        mech.save(run_dir / MECHANISM_FILE)
+        return mech
+    import shutil
+    import tempfile
 
-        plot_mechanism(mech.to_dict(), run_dir / "figures")
-    mech.save(run_dir / MECHANISM_FILE)
+    from achilles.plots.mechanism import plot_mechanism
+
+    # figures drawn aside and moved in just before mechanism.json: an interrupt while
+    # plotting leaves neither new figures beside an old (or no) mechanism.json nor stray files
+    staging = Path(tempfile.mkdtemp(prefix=".mechanism.", dir=run_dir))
+    try:
+        drafts = plot_mechanism(mech.to_dict(), staging)
+        (run_dir / "figures").mkdir(exist_ok=True)
+        for f in drafts:
+            os.replace(f, run_dir / "figures" / f.name)
+        mech.save(run_dir / MECHANISM_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return mech
 
 

@@ -372,7 +372,9 @@ def summary_section(ctx: ReportContext) -> list[Block]:
     else:
         text += (" Held-out perplexity with the set masked is not part of this run; "
                  "`achilles ppl --data FILE --mask RUN_DIR/identification.json` measures it.")
-    mech = ctx.read("mechanism.json")
+    from achilles.report.mechanism import read_mechanism
+
+    mech = read_mechanism(ctx.run_dir)
     if mech and isinstance(mech.get("summary"), str) and mech["summary"].strip():
         text += f" Mechanism: {mech['summary'].strip()}"
     dense = (ctx.analysis.get("controls") or {}).get("dense_modules") or []
@@ -509,6 +511,7 @@ def write_report(
     :func:`~achilles.analysis.run.analyze_run`.
     """
     run_dir = Path(run_dir)
+    check_run_inputs(run_dir)
     previous = _read_optional(run_dir / ANALYSIS_FILE)
     if analysis is None:
         analysis = analyze_run(run_dir, lm, write=False, **analysis_options)
@@ -541,3 +544,12 @@ def _atomic_text(path: Path, text: str) -> None:
     from achilles.io import atomic_write
 
     atomic_write(path, text)
+
+
+def check_run_inputs(run_dir: Path) -> None:
+    """Refuse a damaged mechanism.json / compression.json before anything is written."""
+    from achilles.report.compression import read_compression
+    from achilles.report.mechanism import read_mechanism
+
+    read_mechanism(run_dir)
+    read_compression(run_dir)

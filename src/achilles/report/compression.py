@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from achilles.errors import AchillesError
+from achilles.io import read_json, require_fields
 from achilles.report.document import Block, Figure, Heading, Para, Table, fmt
 
 COMPRESSION_FILE = "compression.json"
@@ -32,14 +33,8 @@ COLUMNS = ["method", "Δ whole model", "Δ critical protected", "Δ random prote
 def compression_section(run_dir: str | Path) -> list[Block]:
     """Heading, table and figure for ``RUN_DIR/compression.json``; nothing if it is absent."""
     run_dir = Path(run_dir)
-    path = run_dir / COMPRESSION_FILE
-    if not path.is_file():
-        return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return [Heading("Compression"), Para(f"{COMPRESSION_FILE} could not be read.")]
-    if data.get("kind") != "compression":
+    data = read_compression(run_dir)
+    if data is None:
         return []
     prot = data.get("protected", {})
     base = data.get("baseline", {})
@@ -59,3 +54,25 @@ def compression_section(run_dir: str | Path) -> list[Block]:
         out.append(Figure(run_dir / COMPRESSION_FIGURE,
                           "Δ log10 perplexity per method: whole, critical protected, random protected (compression.png)"))
     return out
+
+
+def read_compression(run_dir: str | Path) -> dict[str, Any] | None:
+    """``RUN_DIR/compression.json`` checked (one error line naming the fix), or ``None`` without it."""
+    path = Path(run_dir) / COMPRESSION_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path, kind="compression")
+        require_fields(data, path, {"baseline": dict, "protected": dict, "methods": dict})
+        require_fields(data["baseline"], path, {"log10_ppl": float})
+        for m in data["methods"].values():
+            if not isinstance(m, dict):
+                raise AchillesError(f"{path}: every entry of 'methods' must be an object")
+            require_fields(m, path, {"method": str, "whole": dict, "critical": dict,
+                                     "random_log10_ppl_mean": float})
+            for part in ("whole", "critical"):
+                require_fields(m[part], path, {"log10_ppl": float})
+            require_fields(m["whole"], path, {"fraction_changed": float})
+    except AchillesError as e:
+        raise AchillesError(f"{e}: run `achilles compress --out-dir {run_dir}` again, or remove it") from None
+    return data

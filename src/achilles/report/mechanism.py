@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from achilles.errors import AchillesError
 from achilles.explain.result import MECHANISM_FILE
 from achilles.io import read_json, require_fields
 from achilles.plots.mechanism import FIGURES
@@ -65,18 +66,29 @@ def _highlight(tokens: list[str], rise: list[Any]) -> Raw:
     return Raw(markdown="", html=body)
 
 
+def read_mechanism(run_dir: str | Path) -> dict[str, Any] | None:
+    """``RUN_DIR/mechanism.json`` checked (one error line naming the fix), or ``None`` without it."""
+    path = Path(run_dir) / MECHANISM_FILE
+    if not path.is_file():
+        return None
+    try:
+        m = read_json(path, kind="mechanism")
+        require_fields(m, path, {
+            "summary": str, "units": list, "set_name": str, "tokens": int, "delta": float,
+            "massive_groups": list, "writers": list, "sink_heads": list, "sink_position": int,
+            "patching_checks": dict, "patching_reverse": list,
+        })
+    except AchillesError as e:
+        raise AchillesError(f"{e}: run `achilles explain {run_dir}` again, or remove it") from None
+    return m
+
+
 def mechanism_blocks(run_dir: str | Path) -> list[Block] | None:
     """The Mechanism section of ``run_dir``'s report, or ``None`` without ``mechanism.json``."""
     run_dir = Path(run_dir)
-    path = run_dir / MECHANISM_FILE
-    if not path.is_file():
+    m = read_mechanism(run_dir)
+    if m is None:
         return None
-    m = read_json(path, kind="mechanism")
-    require_fields(m, path, {
-        "summary": str, "units": list, "set_name": str, "tokens": int, "delta": float,
-        "massive_groups": list, "writers": list, "sink_heads": list, "sink_position": int,
-        "patching_checks": dict, "patching_reverse": list,
-    })
     figs = run_dir / "figures"
     cfg = m.get("config", {}).get("explain", {})
     out: list[Block] = [Heading("Mechanism"), Para(m["summary"])]
