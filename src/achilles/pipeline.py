@@ -146,6 +146,24 @@ def _check_scores(health: dict[str, int], method: str) -> None:
     logger.warning("%s; NaN scores are ranked last, counts are saved in the ranking", msg)
 
 
+def _ranking(
+    lm: LoadedModel, pool: UnitPool, scores: Any, config: RankConfig, tokens: int,
+    text_config: dict[str, Any],
+) -> Ranking:
+    """Sort ``scores`` into a :class:`Ranking`, refusing (or counting) non-finite scores."""
+    health = score_health(scores.flat(pool))
+    _check_scores(health, config.method)
+    return Ranking(
+        method=config.method,
+        neurons=rank_units(scores, pool, config.keep),
+        pool={**pool.summary(), "components": list(pool.components)},
+        tokens=tokens,
+        config={"model": _model_record(lm), **text_config, "rank": dataclasses.asdict(config)},
+        env=environment(lm.model),
+        nonfinite=health,
+    )
+
+
 def rank(
     lm: LoadedModel, text: str, config: RankConfig, *, progress: bool = False
 ) -> tuple[Ranking, UnitPool]:
@@ -157,19 +175,7 @@ def rank(
     method = get_method(config.method)
     torch.manual_seed(config.seed)
     scores = method(lm.model, input_ids, pool, config, progress=progress)
-    health = score_health(scores.flat(pool))
-    _check_scores(health, config.method)
-    neurons = rank_units(scores, pool, config.keep)
-    ranking = Ranking(
-        method=config.method,
-        neurons=neurons,
-        pool={**pool.summary(), "components": list(pool.components)},
-        tokens=int(input_ids.shape[1]),
-        config={"model": _model_record(lm), "text": text, "rank": dataclasses.asdict(config)},
-        env=environment(lm.model),
-        nonfinite=health,
-    )
-    return ranking, pool
+    return _ranking(lm, pool, scores, config, int(input_ids.shape[1]), {"text": text}), pool
 
 
 def rank_texts(
@@ -201,21 +207,8 @@ def rank_texts(
         for module, v in scores.values.items():
             v = v.float().cpu()
             total[module] = total[module] + v if module in total else v.clone()
-    pooled = Scores(total)
-    health = score_health(pooled.flat(pool))
-    _check_scores(health, config.method)
-    neurons = rank_units(pooled, pool, config.keep)
-    ranking = Ranking(
-        method=config.method,
-        neurons=neurons,
-        pool={**pool.summary(), "components": list(pool.components)},
-        tokens=tokens,
-        config={"model": _model_record(lm), "text": texts[0], "texts": texts,
-                "pooled": "sum of per-text scores", "rank": dataclasses.asdict(config)},
-        env=environment(lm.model),
-        nonfinite=health,
-    )
-    return ranking, pool
+    text_config = {"text": texts[0], "texts": texts, "pooled": "sum of per-text scores"}
+    return _ranking(lm, pool, Scores(total), config, tokens, text_config), pool
 
 
 def pool_for_ranking(lm: LoadedModel, ranking: Ranking) -> UnitPool:
