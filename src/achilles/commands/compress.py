@@ -75,11 +75,13 @@ def _run_compress(args: argparse.Namespace) -> int:
     calib = _calibration_text(args) if any(m.needs_activations for m in methods) else None
     corpus = load_corpus(cfg.data, max_documents=cfg.max_samples)
     skeleton = inspect_model(spec)
-    planned = load_mask(skeleton, args.mask, top=args.top, set_name=args.set_name)  # fits?
-    if not planned.units:
+    # checked against the weightless skeleton; the pool is names and widths, so it serves the
+    # loaded model as it is (loading the mask again would repeat its checks and warnings)
+    mask = load_mask(skeleton, args.mask, top=args.top, set_name=args.set_name)
+    if not mask.units:
         raise AchillesError(f"{args.mask} holds no unit to protect (its {args.set_name} set is "
                             "empty): pass another --set, or a ranking with --top N")
-    random_units(planned.pool, planned.units, 0)  # a random control can be drawn
+    random_units(mask.pool, mask.units, 0)  # a random control can be drawn
     if calib is not None:
         n = int(tokenize(skeleton.tokenizer, calib, min_tokens=1).shape[1])
         if n < MIN_TOKENS:
@@ -90,7 +92,6 @@ def _run_compress(args: argparse.Namespace) -> int:
             raise AchillesError(f"the calibration text is {n} tokens, longer than the model's "
                                 f"context of {limit}: give a shorter --calib-file")
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
-    mask = load_mask(lm, args.mask, top=args.top, set_name=args.set_name)
     ev = evaluator_from_config(lm.model, lm.tokenizer, corpus.documents, cfg, progress=progress(args))
     result = compress_experiment(
         lm.model, mask.pool, mask.units, ev, methods, seeds=args.seeds,
