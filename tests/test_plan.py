@@ -187,3 +187,28 @@ def test_cli_plan_bad_input(argv, message, capsys) -> None:  # noqa: ANN001
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp32_check_bytes_are_the_largest_group_the_recheck_upcasts(arch: str, monkeypatch) -> None:  # noqa: ANN001
+    """Oracle: run the in-place float32 forward on a built bf16 model and record the bytes each
+    upcast adds; the plan's figure is the largest of them (one group is float32 at a time)."""
+    from achilles import recheck
+
+    model = make_model(arch).to(torch.bfloat16).eval()
+    added: list[int] = []
+    real = recheck._upcast
+
+    def counting(module, recurse):  # noqa: ANN001, ANN202
+        done = real(module, recurse)
+        added.append(sum(store[name].numel() * (4 - 2) for store, name, _ in done))
+        return done
+
+    monkeypatch.setattr(recheck, "_upcast", counting)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad(), recheck.float32_forward(model):
+        model(ids)
+    assert added, "the float32 forward upcast nothing"
+    plan = plan_model(configs()[arch], PlanConfig(dtype="bfloat16"))
+    assert plan.fp32_check_bytes == max(added)
+    assert plan_model(configs()[arch], PlanConfig(dtype="float32")).fp32_check_bytes == 0

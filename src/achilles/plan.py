@@ -31,8 +31,8 @@ from achilles.batching import batch_size_for_memory
 from achilles.config import opt
 from achilles.errors import AchillesError, require
 from achilles.io import SCHEMA_VERSION
+from achilles.recheck import upcast_groups
 from achilles.units import build_pool
-from achilles.adapters import get_adapter, layer_list
 
 logger = logging.getLogger(__name__)
 
@@ -356,14 +356,18 @@ def _duration(s: float) -> str:
 
 def _upcast_bytes(model: torch.nn.Module, dtype: str) -> int:
     """Extra memory of the float32 re-check: it upcasts one decoder layer (or one weight-
-    holding module outside the layers) at a time in place, so the largest such group is
-    held in float32 at once (none for a float32 run; offloaded runs reload instead)."""
+    holding module outside the layers) at a time in place (:func:`achilles.recheck.
+    upcast_groups`), so the largest such group is held in float32 at once (none for a
+    float32 run; offloaded runs reload instead)."""
     extra = 4 - DTYPE_BYTES[dtype]
     if extra <= 0:
         return 0
-    layers = list(layer_list(model, get_adapter(model)))
-    inside = {id(m) for layer in layers for m in layer.modules()}
-    sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    sizes += [sum(p.numel() for p in m.parameters(recurse=False))
-              for m in model.modules() if id(m) not in inside]
+    def size(m: torch.nn.Module, recurse: bool) -> int:
+        # parameters, and floating buffers kept in the weights' dtype (Gemma's embed scale);
+        # float32 buffers (rotary frequencies) are not upcast
+        bufs = (b for b in m.buffers(recurse=recurse) if b.is_floating_point() and b.dtype != torch.float32)
+        return sum(t.numel() for t in (*m.parameters(recurse=recurse), *bufs))
+
+    layers, others = upcast_groups(model, low_precision_only=False)
+    sizes = [size(layer, True) for layer in layers] + [size(m, False) for m in others]
     return extra * max(sizes, default=0)

@@ -58,19 +58,23 @@ def _low_precision(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.dtype != torch.float32
 
 
-def _upcast_groups(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers, and every module outside them that holds weights of its own."""
+def upcast_groups(
+    model: torch.nn.Module, *, low_precision_only: bool = True
+) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """What :func:`float32_forward` upcasts one at a time: the decoder layers (with their
+    submodules), and every module outside them holding weights of its own (low-precision
+    ones only, unless ``low_precision_only=False``, as a planner sizing a run wants)."""
     layers = list(layer_list(model, get_adapter(model)))
     inside = {id(m) for layer in layers for m in layer.modules()}
     others = [
         m for m in model.modules()
         if id(m) not in inside
         and any(
-            t is not None and _low_precision(t)
+            t is not None and (_low_precision(t) or not low_precision_only)
             for t in (*m._parameters.values(), *m._buffers.values())
         )
     ]
-    return layers + others
+    return layers, others
 
 
 Cast = list[tuple[dict[str, Any], str, torch.dtype]]
@@ -117,8 +121,9 @@ def float32_forward(model: torch.nn.Module) -> Iterator[None]:
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("offloaded weights cannot be upcast in place")
     saved: dict[int, Cast] = {}
-    groups = _upcast_groups(model)
-    layers = {id(m) for m in layer_list(model, get_adapter(model))}
+    layer_groups, others = upcast_groups(model)
+    groups = layer_groups + others
+    layers = {id(m) for m in layer_groups}
 
     def up(m: torch.nn.Module) -> None:
         # a layer with everything in it; a module outside the layers with its own tensors only
