@@ -25,10 +25,10 @@ import torch
 from achilles.config import ModelSpec
 from achilles.explain import ExplainConfig, explain
 from achilles.explain.trace import Layout, trace
-from achilles.loading import LoadedModel
-from achilles.masking import ChannelMasker
-from achilles.metrics import sequence_nll
-from achilles.units import Unit, build_pool
+from achilles.model.loading import LoadedModel
+from achilles.model.masking import ChannelMasker
+from achilles.method.metrics import sequence_nll
+from achilles.model.units import Unit, build_pool
 from common import LLAMA3_8B, build_model, machine, random_ids, small_shape, table, timed2
 
 

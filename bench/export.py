@@ -19,9 +19,9 @@ from pathlib import Path
 EXPORT = """
 import resource, sys, time, torch
 from achilles.config import ModelSpec
-from achilles.export import export_masked
-from achilles.loading import inspect_model
-from achilles.units import Unit
+from achilles.weights.export import export_masked
+from achilles.model.loading import inspect_model
+from achilles.model.units import Unit
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 spec = ModelSpec(model=sys.argv[1])
 sk = inspect_model(spec)

@@ -34,14 +34,14 @@ import sys
 
 import torch
 
-from achilles.batching import choose_batch_size, is_oom
+from achilles.model.batching import choose_batch_size, is_oom
 from achilles.config import IdentifyConfig, RankConfig
-from achilles.identify import MaskEvaluator, identify
-from achilles.masking import PrefixIndex
-from achilles.ranking import rank_units
-from achilles.ranking.perturbation import perturbation_scores
-from achilles.recheck import float32_forward
-from achilles.units import build_pool
+from achilles.method.identify import MaskEvaluator, identify
+from achilles.model.masking import PrefixIndex
+from achilles.method.ranking import rank_units
+from achilles.method.ranking.perturbation import perturbation_scores
+from achilles.method.recheck import float32_forward
+from achilles.model.units import build_pool
 from common import (
     LLAMA3_8B, QWEN25_7B, build_model, machine, mib, peak_since, random_ids, small_shape,
     table, timed,

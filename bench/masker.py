@@ -1,7 +1,7 @@
 """Stage-2 mask cost at the Llama-3-8B paper-pool shape: bytes and time of one mask install.
 
 Builds the unit pool of a weightless (``meta``) Llama-3-8B-shaped model, then installs the
-masks one stage-2 call uses with :class:`~achilles.masking.ChannelMasker` (on the CPU here;
+masks one stage-2 call uses with :class:`~achilles.model.masking.ChannelMasker` (on the CPU here;
 on a GPU the same tensors are built on each site's device) for the calls a run makes: a
 batch of linear-scan prefixes, a minimisation batch of removals, and a single bisection
 prefix. The masks are sized to the rows of the call, not to the largest batch the masker
@@ -19,8 +19,8 @@ import time
 import torch
 import transformers as T
 
-from achilles.masking import ChannelMasker, PrefixIndex
-from achilles.units import build_pool
+from achilles.model.masking import ChannelMasker, PrefixIndex
+from achilles.model.units import build_pool
 from common import LLAMA3_8B, machine, table
 
 

@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 import torch
 
-from achilles.batching import choose_batch_size
+from achilles.model.batching import choose_batch_size
 from achilles.config import RankConfig
-from achilles.ranking.perturbation import NoiseStream, decoder, perturbation_scores
-from achilles.units import build_pool
+from achilles.method.ranking.perturbation import NoiseStream, decoder, perturbation_scores
+from achilles.model.units import build_pool
 from common import (
     Shape, build_model, machine, mib, malloc_mode, peak_since, random_ids, reset_peak,
     small_shape, table, timed, timed2,

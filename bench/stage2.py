@@ -1,6 +1,6 @@
 """Stage-2 cost: linear prefix scan against bisection, in forward passes and wall time.
 
-Part 1 runs the pure search functions (``achilles.search``) on synthetic Δ(n) curves (steps
+Part 1 runs the pure search functions (``achilles.method.search``) on synthetic Δ(n) curves (steps
 at several n*, ramps, a noisy non-monotone ramp) and counts what a model would pay: masked
 rows evaluated and forward passes (the linear scan evaluates ``--batch`` prefixes per pass;
 bisection one per pass). Part 2 runs ``identify`` both ways on a real model: the bundled
@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
-from achilles.identify import identify
-from achilles.loading import load_model, tokenize
-from achilles.ranking import rank_units
-from achilles.ranking.perturbation import perturbation_scores
-from achilles.search import bisect_search, linear_search
-from achilles.units import build_pool
+from achilles.method.identify import identify
+from achilles.model.loading import load_model, tokenize
+from achilles.method.ranking import rank_units
+from achilles.method.ranking.perturbation import perturbation_scores
+from achilles.method.search import bisect_search, linear_search
+from achilles.model.units import build_pool
 from common import build_model, machine, small_shape, table
 
 TEXT = (

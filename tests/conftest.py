@@ -14,7 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from tiny import TEXT, make_model, make_tokenizer  # noqa: E402
 
 from achilles.config import ModelSpec  # noqa: E402
-from achilles.loading import LoadedModel  # noqa: E402
+from achilles.model.loading import LoadedModel  # noqa: E402
 
 
 # Tiny models: thread start-up costs more than the arithmetic it would split.

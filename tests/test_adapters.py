@@ -7,8 +7,8 @@ import torch
 from tiny import ARCHS, D, FF, HEADS, KV, LAYERS, llama_param_count, make_model
 
 from achilles import AchillesError, ArchAdapter, build_pool, get_adapter, register_adapter
-from achilles.adapters import COMPONENT_KINDS
-from achilles.hooks import hooked, split_site
+from achilles.model.adapters import COMPONENT_KINDS
+from achilles.model.hooks import hooked, split_site
 
 
 def test_tiny_llama_parameter_count() -> None:

@@ -21,11 +21,11 @@ from achilles.analysis import (
     unit_weights,
 )
 from achilles.analysis.weights import weight_row
-from achilles.identify import MaskEvaluator
-from achilles.io import read_json
-from achilles.masking import set_channels
-from achilles.metrics import sequence_nll
-from achilles.units import Unit
+from achilles.method.identify import MaskEvaluator
+from achilles.results.schema import read_json
+from achilles.model.masking import set_channels
+from achilles.method.metrics import sequence_nll
+from achilles.model.units import Unit
 from tiny import TEXT, make_model, make_tokenizer
 
 KINDS = ("mlp.down", "attn.o")

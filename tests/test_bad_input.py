@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import TEXT, configs, make_model
 
-from achilles import io
+from achilles.results.files import atomic_path, atomic_write, check_destination, write_json
+from achilles.results.lock import LOCK_NAME, claim_dir
 from achilles.cli import main
 from achilles.errors import AchillesError
 
@@ -396,8 +397,8 @@ def test_nonfinite_scores_are_counted_and_mostly_nan_refused(
     zoo: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Inject NaN scores into a third / all of the pool: counted and warned / refused."""
-    from achilles import ranking as ranking_pkg
-    from achilles.ranking.base import Scores
+    from achilles.method import ranking as ranking_pkg
+    from achilles.method.ranking.base import Scores
 
     real = ranking_pkg.get_method("perturbation")
 
@@ -410,7 +411,7 @@ def test_nonfinite_scores_are_counted_and_mostly_nan_refused(
             return s
         return method
 
-    monkeypatch.setattr("achilles.pipeline.get_method", lambda name: poisoned(0.3))
+    monkeypatch.setattr("achilles.method.pipeline.get_method", lambda name: poisoned(0.3))
     out = tmp_path / "r.json"
     assert main(["rank", "--model", str(zoo.tiny), "--text", TEXT, "--samples", "2", "--keep", "5",
                  "--out", str(out)]) == 0
@@ -422,7 +423,7 @@ def test_nonfinite_scores_are_counted_and_mostly_nan_refused(
     assert all(n["score"] != "nan" for n in d["neurons"])  # NaN sorts last, past --keep ...
     assert d["neurons"][0]["score"] == "inf"  # ... and +inf first, reported as such
 
-    monkeypatch.setattr("achilles.pipeline.get_method", lambda name: poisoned(0.9))
+    monkeypatch.setattr("achilles.method.pipeline.get_method", lambda name: poisoned(0.9))
     out2 = tmp_path / "r2.json"
     assert main(["rank", "--model", str(zoo.tiny), "--text", TEXT, "--samples", "2",
                  "--out", str(out2), "--quiet"]) == 2
@@ -447,13 +448,13 @@ def _umask(mask: int) -> int:
 def test_atomic_write_honours_umask_and_keeps_overwritten_files_readable(tmp_path: Path) -> None:
     old = _umask(0o022)
     try:
-        p = io.write_json(tmp_path / "a" / "r.json", {"x": 1})
+        p = write_json(tmp_path / "a" / "r.json", {"x": 1})
         assert p.stat().st_mode & 0o777 == 0o644
         p.chmod(0o600)  # a file tightened earlier is not kept tight: the umask decides
-        io.write_json(p, {"x": 2})
+        write_json(p, {"x": 2})
         assert p.stat().st_mode & 0o777 == 0o644
         _umask(0o077)
-        io.atomic_write(tmp_path / "b.html", "<p>")
+        atomic_write(tmp_path / "b.html", "<p>")
         assert (tmp_path / "b.html").stat().st_mode & 0o777 == 0o600
     finally:
         _umask(old)
@@ -469,7 +470,7 @@ def test_atomic_write_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(AchillesError, match="No space left on device.*free some space"):
-        io.write_json(tmp_path / "new" / "deeper" / "r.json", {"x": 1})
+        write_json(tmp_path / "new" / "deeper" / "r.json", {"x": 1})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -483,10 +484,10 @@ def test_check_destination_probe_full_disk(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(os, "write", full)
     with pytest.raises(AchillesError, match="No space left"):
-        io.check_destination(tmp_path / "x" / "r.json")
+        check_destination(tmp_path / "x" / "r.json")
     monkeypatch.setattr(os, "write", real_write)
     assert list(tmp_path.iterdir()) == []
-    assert io.check_destination(tmp_path / "x" / "r.json") == tmp_path / "x" / "r.json"
+    assert check_destination(tmp_path / "x" / "r.json") == tmp_path / "x" / "r.json"
     assert list(tmp_path.iterdir()) == []  # checked, nothing created
 
 
@@ -521,14 +522,13 @@ def test_figures_are_written_atomically(tmp_path: Path) -> None:
 SIGTERM_WRITER = """
 import sys, time
 from pathlib import Path
-from achilles import io
 real = Path.write_bytes
 def slow(self, data):
     real(self, data)
     print("written", flush=True)
     time.sleep(30)
 Path.write_bytes = slow
-io.write_json(sys.argv[1], {"x": "y" * 100000})
+write_json(sys.argv[1], {"x": "y" * 100000})
 """
 
 
@@ -537,7 +537,7 @@ def test_sigterm_during_write_leaves_no_temp_file(tmp_path: Path, handler: str) 
     script = SIGTERM_WRITER
     if handler == "cli":  # under the CLI's own SIGTERM handler (raises, unwinds, exit 143)
         script = "from achilles.cli import _sigterm_as_exit\n" + script.replace(
-            "io.write_json(", "with _sigterm_as_exit():\n    io.write_json(")
+            "write_json(", "with _sigterm_as_exit():\n    write_json(")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     target = tmp_path / "out" / "r.json"
     proc = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE,
@@ -560,7 +560,7 @@ def test_concurrent_writers_never_expose_a_partial_file(tmp_path: Path) -> None:
 
     def writer(t: str) -> None:
         while not stop.is_set():
-            io.atomic_write(target, t)
+            atomic_write(target, t)
 
     def reader() -> None:
         while not stop.is_set():
@@ -586,11 +586,11 @@ def test_concurrent_writers_never_expose_a_partial_file(tmp_path: Path) -> None:
 def test_second_run_into_a_claimed_out_dir_is_refused(zoo: Zoo, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    with io.claim_dir(out):  # another run holds it
+    with claim_dir(out):  # another run holds it
         code = main(_argv(_find(zoo, tmp_path, "--quiet")))
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and "another achilles run is writing into" in err[0]
-        assert sorted(p.name for p in out.iterdir()) == [io.LOCK_NAME]
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
     assert not out.exists(), "the claim removes the folder it created when nothing was written"
     assert main(_argv(_find(zoo, tmp_path, "--quiet"))) == 0
     assert sorted(p.name for p in out.iterdir()) == ["identification.json", "ranking.json"]
@@ -600,7 +600,7 @@ def test_claim_released_after_a_failed_run_keeps_existing_files(tmp_path: Path) 
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.json").write_text("{}")
-    with pytest.raises(ValueError), io.claim_dir(out):
+    with pytest.raises(ValueError), claim_dir(out):
         raise ValueError
     assert [p.name for p in out.iterdir()] == ["keep.json"]
 
@@ -644,7 +644,7 @@ def test_robustness_labels_stay_inside_the_out_dir(tmp_path: Path) -> None:
 def test_truncate_cuts_the_text_to_the_context_with_a_warning(
     zoo: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from achilles.loading import fit_text
+    from achilles.model.loading import fit_text
     from tiny import make_tokenizer
 
     tok = make_tokenizer()
@@ -724,7 +724,7 @@ CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 938
 def test_cpu_allocation_failure_backs_off_then_is_one_line(
     zoo: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from achilles.batching import is_oom, run_batched
+    from achilles.model.batching import is_oom, run_batched
 
     assert is_oom(RuntimeError(CPU_OOM)) and is_oom(MemoryError()) and not is_oom(RuntimeError("x"))
     seen: list[int] = []
@@ -739,7 +739,7 @@ def test_cpu_allocation_failure_backs_off_then_is_one_line(
     def always(*a, **kw):  # noqa: ANN002, ANN003, ANN202
         raise RuntimeError(CPU_OOM)
 
-    monkeypatch.setattr("achilles.pipeline.get_method", lambda name: always)
+    monkeypatch.setattr("achilles.method.pipeline.get_method", lambda name: always)
     capsys.readouterr()
     out = tmp_path / "r.json"
     assert main(["rank", "--model", str(zoo.tiny), "--text", TEXT, "--samples", "2",
@@ -758,7 +758,7 @@ def test_sigterm_mid_run_leaves_no_folder_and_exits_143(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     deadline = time.monotonic() + 90
-    while not (out / io.LOCK_NAME).exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (out / LOCK_NAME).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1.0)  # into the model load / stage 1
     proc.send_signal(signal.SIGTERM)
@@ -777,7 +777,7 @@ ATOMIC_WRITERS = {"io.py": "the atomic writer itself", "plots/__init__.py": "sav
 
 def test_every_file_the_package_writes_goes_through_the_atomic_writer() -> None:
     """No module writes a result file directly: JSON, text, figures and weights all go
-    through ``io.atomic_write`` / ``io.atomic_path`` (so a new command cannot forget it)."""
+    through ``atomic_write`` / ``atomic_path`` (so a new command cannot forget it)."""
     src = REPO / "src" / "achilles"
     direct = []
     for path in sorted(src.rglob("*.py")):
@@ -785,4 +785,4 @@ def test_every_file_the_package_writes_goes_through_the_atomic_writer() -> None:
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if WRITES.search(line) and rel not in ATOMIC_WRITERS and "# atomic:" not in line:
                 direct.append(f"{rel}:{i}: {line.strip()}")
-    assert not direct, "write through achilles.io.atomic_path instead:\n" + "\n".join(direct)
+    assert not direct, "write through achilles.results.files.atomic_path instead:\n" + "\n".join(direct)

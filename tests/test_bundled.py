@@ -16,9 +16,9 @@ import torch
 from achilles import IdentifyConfig, ModelSpec, RankConfig, Unit, find, load_model
 from achilles.evaluation.data import load_corpus
 from achilles.evaluation.perplexity import evaluate_perplexity
-from achilles.identify import MaskEvaluator
-from achilles.loading import tokenize
-from achilles.units import build_pool
+from achilles.method.identify import MaskEvaluator
+from achilles.model.loading import tokenize
+from achilles.model.units import build_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

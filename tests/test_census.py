@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from tiny import ARCHS, TEXT, make_model
 
-from achilles.census import CensusSettings, read_model_list, run_census
-from achilles.census.launch import _init_worker, gpu_groups, run_slurm
-from achilles.census.run import DONE_FILE, Task, check_resumable, collect, run_dir_of, run_task
+from achilles.scale.census import CensusSettings, read_model_list, run_census
+from achilles.scale.census.launch import _init_worker, gpu_groups, run_slurm
+from achilles.scale.census.run import DONE_FILE, Task, check_resumable, collect, run_dir_of, run_task
 from achilles.cli import main
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError

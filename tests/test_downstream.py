@@ -56,7 +56,7 @@ def test_downstream_masked_vs_unmasked(tmp_path, monkeypatch, capsys):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from achilles.loading import load_model
+    from achilles.model.loading import load_model
     from achilles.config import ModelSpec
 
     lm = load_model(ModelSpec(model=str(mdir)))

@@ -15,12 +15,12 @@ from achilles.cli import main
 from achilles.explain import ExplainConfig, Mechanism, explain, explain_run
 from achilles.explain.patching import ComponentPatcher, all_components, head_contributions, patched_nll
 from achilles.explain.trace import Layout, trace
-from achilles.hooks import recorded
-from achilles.identify import Identification
-from achilles.masking import ChannelMasker, masked
-from achilles.metrics import LN10, sequence_nll
+from achilles.model.hooks import recorded
+from achilles.method.identify import Identification
+from achilles.model.masking import ChannelMasker, masked
+from achilles.method.metrics import LN10, sequence_nll
 from achilles.report.mechanism import mechanism_section
-from achilles.units import Unit, build_pool
+from achilles.model.units import Unit, build_pool
 from tiny import ARCHS, TEXT, make_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ from achilles import Unit, build_pool, get_adapter, masked
 from achilles.cli import main
 from achilles.config import ModelSpec
 from achilles.errors import AchillesError
-from achilles.export import MASK_FILE, export_masked
-from achilles.masking import weight_edits
-from achilles.units import Site
+from achilles.weights.export import MASK_FILE, export_masked
+from achilles.model.masking import weight_edits
+from achilles.model.units import Site
 
 IDS = torch.tensor([[0, 5, 17, 42, 99, 3, 250, 7, 64, 11, 12, 200]])
 
@@ -131,7 +131,7 @@ def test_sharded_checkpoint_is_streamed_shard_by_shard(tmp_path, tokenizer, monk
     def no_full_load(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("export must not load the whole model")
 
-    monkeypatch.setattr("achilles.export.save_file", spy)
+    monkeypatch.setattr("achilles.weights.export.save_file", spy)
     monkeypatch.setattr(T.AutoModelForCausalLM, "from_pretrained", no_full_load)
     export_masked(model.to("meta"), units, ModelSpec(model=str(src)), tmp_path / "out")
     monkeypatch.undo()
@@ -252,7 +252,7 @@ def test_cli_identification_mask_and_another_size_is_refused(ranked, tmp_path, c
 
 
 def test_planning_works_on_meta_but_editing_refuses_it() -> None:
-    from achilles.masking import zero_weights_
+    from achilles.model.masking import zero_weights_
 
     model = make_model("llama").to("meta")
     assert weight_edits(model, [Unit("model.layers.0.mlp.down_proj", 1)])  # plans need no weights

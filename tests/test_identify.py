@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from tiny import TEXT, make_model
 
 from achilles import IdentifyConfig, Unit, build_pool, identify, zero_weights_
-from achilles.identify import Identification, MaskEvaluator
-from achilles.loading import tokenize
-from achilles.masking import restore_weights_
+from achilles.method.identify import Identification, MaskEvaluator
+from achilles.model.loading import tokenize
+from achilles.model.masking import restore_weights_
 
 PLANT = Unit("transformer.h.0.mlp.c_proj", 5, 0, "mlp.down")
 
@@ -102,7 +102,7 @@ def test_batched_evaluator_matches_one_mask_at_a_time(tokenizer) -> None:  # noq
 
 def test_non_finite_nll_is_recorded_and_counts_as_collapse(tokenizer, monkeypatch, tmp_path) -> None:  # noqa: ANN001
     """Simulate an fp16 overflow: collapsed rows come back as NaN NLL."""
-    ident_mod = importlib.import_module("achilles.identify")
+    ident_mod = importlib.import_module("achilles.method.identify")
 
     real = ident_mod.sequence_nll
 

@@ -7,7 +7,7 @@ import torch
 from tiny import ARCHS, make_model
 
 from achilles import ChannelMasker, Unit, build_pool, masked, zero_weights_
-from achilles.masking import restore_weights_
+from achilles.model.masking import restore_weights_
 
 IDS = torch.tensor([[0, 5, 17, 42, 99, 3, 250, 7, 64, 11, 12, 200]])
 
@@ -116,7 +116,7 @@ def test_masking_every_site_kind_runs(arch: str) -> None:
 
 
 def test_vectorised_prefix_masks_equal_explicit_unit_lists() -> None:
-    from achilles.masking import PrefixIndex
+    from achilles.model.masking import PrefixIndex
 
     model = make_model("llama")
     pool = build_pool(model, "paper")

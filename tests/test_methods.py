@@ -1,7 +1,7 @@
 """Ranking methods of issue 4, each checked against an independent oracle.
 
 Oracles are written here with plain PyTorch hooks and autograd (not through
-``achilles.hooks``): activations from a forward hook, ``∂L/∂a`` from a leaf put in place of
+``achilles.model.hooks``): activations from a forward hook, ``∂L/∂a`` from a leaf put in place of
 one site's output with the model's own ``labels=`` loss, Wanda by hand from weights and
 captured inputs.
 """
@@ -17,8 +17,8 @@ from tiny import ARCHS, TEXT, make_model
 from achilles import build_pool
 from achilles.cli import main
 from achilles.config import RankConfig
-from achilles.ranking import METHODS, Ranking, get_method, rank_units
-from achilles.ranking.gradient import activations_and_grads
+from achilles.method.ranking import METHODS, Ranking, get_method, rank_units
+from achilles.method.ranking.gradient import activations_and_grads
 
 IDS = torch.tensor([[0, 5, 17, 42, 99, 3, 250, 7, 64, 11, 12, 200, 31, 8]])
 MINE = ("activation", "gradient", "taylor", "wanda", "massive", "random")
@@ -273,7 +273,7 @@ def test_massive_ranks_a_planted_massive_channel_first() -> None:
 
 
 def test_massive_median_falls_back_to_nonzero_entries() -> None:
-    from achilles.ranking.massive import median_magnitude
+    from achilles.method.ranking.massive import median_magnitude
 
     m = torch.tensor([[0.0, 0.0, 0.0], [0.0, 2.0, 4.0]])
     assert float(median_magnitude(m)) == 2.0

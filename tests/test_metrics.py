@@ -7,7 +7,7 @@ import math
 import torch
 from tiny import make_model
 
-from achilles.metrics import LN10, delta, sequence_nll
+from achilles.method.metrics import LN10, delta, sequence_nll
 
 
 def _hand_nll(logits: torch.Tensor, ids: torch.Tensor) -> list[float]:

@@ -13,8 +13,8 @@ from achilles.cli import main
 from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
 from achilles.evaluation.perplexity import PerplexityEvaluator, evaluate_perplexity, sliding_windows
-from achilles.identify import Identification
-from achilles.units import Unit, build_pool
+from achilles.method.identify import Identification
+from achilles.model.units import Unit, build_pool
 from tiny import CORPUS, TEXT, make_model, make_tokenizer
 
 PLANT_CHANNEL = 5

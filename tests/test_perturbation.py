@@ -10,9 +10,9 @@ from tiny import TEXT, make_model
 
 from achilles import RankConfig, build_pool, rank
 from achilles.config import ModelSpec
-from achilles.loading import LoadedModel, tokenize
-from achilles.ranking import rank_units
-from achilles.ranking.perturbation import perturbation_scores
+from achilles.model.loading import LoadedModel, tokenize
+from achilles.method.ranking import rank_units
+from achilles.method.ranking.perturbation import perturbation_scores
 
 REFERENCE_SUBSTRINGS = ("mlp", "ffn", "feed_forward", "attention", "self_attn")
 

@@ -13,12 +13,12 @@ from tiny import ARCHS, configs, make_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer
 
-from achilles import batching
-from achilles.batching import batch_size_for_memory, row_bytes_estimate
-from achilles.census.models import builtin_list, read_model_list
+from achilles.model import batching
+from achilles.model.batching import batch_size_for_memory, row_bytes_estimate
+from achilles.scale.census.models import builtin_list, read_model_list
 from achilles.cli import main
 from achilles.errors import AchillesError
-from achilles.plan import PlanConfig, meta_model, parse_size, plan_model
+from achilles.scale.plan import PlanConfig, meta_model, parse_size, plan_model
 
 PAPER21 = builtin_list("paper21")["models"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,7 +193,7 @@ def test_cli_plan_bad_input(argv, message, capsys) -> None:  # noqa: ANN001
 def test_fp32_check_bytes_are_the_largest_group_the_recheck_upcasts(arch: str, monkeypatch) -> None:  # noqa: ANN001
     """Oracle: run the in-place float32 forward on a built bf16 model and record the bytes each
     upcast adds; the plan's figure is the largest of them (one group is float32 at a time)."""
-    from achilles import recheck
+    from achilles.method import recheck
 
     model = make_model(arch).to(torch.bfloat16).eval()
     added: list[int] = []

@@ -9,7 +9,8 @@ import pytest
 
 from achilles import IdentifyConfig, LoadedModel, ModelSpec, RankConfig, find
 from achilles.cli import main
-from achilles.io import read_json, write_json
+from achilles.results.files import write_json
+from achilles.results.schema import read_json
 from achilles.plots.phase import plot_phase
 from achilles.report import write_report
 from achilles.report.document import fmt

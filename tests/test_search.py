@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from achilles.search import bisect_search, first_crossing, linear_search, minimize_set
+from achilles.method.search import bisect_search, first_crossing, linear_search, minimize_set
 
 
 def _prefix(curve):  # noqa: ANN001, ANN202

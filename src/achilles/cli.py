@@ -19,7 +19,7 @@ import threading
 import typing
 from collections.abc import Sequence
 
-from achilles import __version__
+from achilles.version import __version__
 from achilles.checks import argv_model, model_path_problem
 from achilles.errors import AchillesError
 
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("achilles: terminated", file=sys.stderr)
         return 143
     except (RuntimeError, MemoryError) as e:
-        from achilles.batching import is_oom
+        from achilles.model.batching import is_oom
 
         if not is_oom(e):
             raise

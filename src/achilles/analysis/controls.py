@@ -7,12 +7,12 @@
 * **Random sets** (:func:`random_sets`): sets of the same size drawn from the **same modules**
   (same layer and component kind, stratified: as many units per module as the set has
   there), excluding the set's own units, over several seeds: Δ mean / sd / max |Δ|.
-* **fp32 recheck** (:func:`~achilles.recheck.recheck_fp32`, from the core, and
+* **fp32 recheck** (:func:`~achilles.method.recheck.recheck_fp32`, from the core, and
   :func:`fp32_delta`): Δ of the same set recomputed with float32 weights when the run used
   bfloat16/float16, to separate a real collapse from low-precision overflow.
 
-Every Δ here goes through :class:`~achilles.identify.MaskEvaluator` (zero-ablation) or
-:func:`~achilles.metrics.sequence_nll` + :func:`~achilles.metrics.delta` (mean-ablation).
+Every Δ here goes through :class:`~achilles.method.identify.MaskEvaluator` (zero-ablation) or
+:func:`~achilles.method.metrics.sequence_nll` + :func:`~achilles.method.metrics.delta` (mean-ablation).
 
 A random set draws at most half of a module's other channels, so that seeds differ; a set
 that covers most of its module is completed from other modules of the same kind
@@ -30,15 +30,15 @@ from typing import Any
 
 import torch
 
-from achilles.batching import input_device
+from achilles.model.batching import input_device
 from achilles.config import ModelSpec
-from achilles.hooks import recorded
-from achilles.identify import MaskEvaluator
-from achilles.loading import LoadedModel
-from achilles.masking import set_channels
-from achilles.metrics import delta, sequence_nll
-from achilles.recheck import Fp32Check, recheck_fp32  # re-exported: the core owns the re-check
-from achilles.units import Unit, UnitPool
+from achilles.model.hooks import recorded
+from achilles.method.identify import MaskEvaluator
+from achilles.model.loading import LoadedModel
+from achilles.model.masking import set_channels
+from achilles.method.metrics import delta, sequence_nll
+from achilles.method.recheck import Fp32Check, recheck_fp32  # re-exported: the core owns the re-check
+from achilles.model.units import Unit, UnitPool
 
 logger = logging.getLogger(__name__)
 

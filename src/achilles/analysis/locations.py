@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from achilles.units import Unit
+from achilles.model.units import Unit
 
 DOWN_KIND = "mlp.down"
 

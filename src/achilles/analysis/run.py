@@ -2,7 +2,7 @@
 
 Model-free parts (locations, phase transition, numerical health) are always computed from
 ``ranking.json`` + ``identification.json``; the parts that need the model (weights behind
-the units, controls, fp32 recheck) run only when a :class:`~achilles.loading.LoadedModel`
+the units, controls, fp32 recheck) run only when a :class:`~achilles.model.loading.LoadedModel`
 is given.
 """
 
@@ -17,12 +17,14 @@ from achilles.analysis.controls import channel_traces, mean_ablation, random_set
 from achilles.analysis.locations import locations, n_layers_of
 from achilles.analysis.phase import DEFAULT_TOLERANCE, phase_transition
 from achilles.analysis.weights import MASSIVE_RATIO, WEIGHT_KINDS, unit_weights
-from achilles.identify import Identification
-from achilles.io import SCHEMA_VERSION, environment, write_json
-from achilles.loading import LoadedModel, tokenize
-from achilles.names import token_text
-from achilles.ranking import Ranking
-from achilles.units import Unit, UnitPool
+from achilles.method.identify import Identification
+from achilles.results.files import write_json
+from achilles.results.provenance import environment
+from achilles.results.schema import SCHEMA_VERSION
+from achilles.model.loading import LoadedModel, tokenize
+from achilles.model.names import token_text
+from achilles.method.ranking import Ranking
+from achilles.model.units import Unit, UnitPool
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ def analyze_run(
     }
     if lm is not None:
         t0 = time.perf_counter()
-        from achilles.pipeline import pool_for_ranking
+        from achilles.method.pipeline import pool_for_ranking
 
         text = ident.config.get("text")
         if not isinstance(text, str):

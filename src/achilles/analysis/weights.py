@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from achilles.batching import input_device, weights_on_device
-from achilles.hooks import recorded
-from achilles.units import Unit
+from achilles.model.batching import input_device, weights_on_device
+from achilles.model.hooks import recorded
+from achilles.model.units import Unit
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +160,8 @@ def _with_ablations(model: torch.nn.Module, input_ids: torch.Tensor, w: UnitWeig
     """``w`` with :attr:`UnitWeights.delta_row` and :attr:`UnitWeights.delta_top_weight`."""
     import dataclasses
 
-    from achilles.masking import restore_weights_, zero_weights_
-    from achilles.metrics import delta, sequence_nll
+    from achilles.model.masking import restore_weights_, zero_weights_
+    from achilles.method.metrics import delta, sequence_nll
 
     ids = input_ids.to(input_device(model))
     tokens = int(ids.shape[1]) - 1

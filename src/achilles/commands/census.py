@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from achilles.census import CensusSettings, read_model_list, run_census
-from achilles.census.launch import LAUNCHERS
+from achilles.scale.census import CensusSettings, read_model_list, run_census
+from achilles.scale.census.launch import LAUNCHERS
 from achilles.commands.common import add_identify_options, add_rank_options, identify_config, progress, rank_config, text_of
 from achilles.config import ModelSpec, TextSpec, add_arguments, from_args
 

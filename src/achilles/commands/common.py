@@ -8,8 +8,9 @@ from pathlib import Path
 
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig, TextSpec, add_arguments, from_args
 from achilles.errors import AchillesError
-from achilles.io import check_destination, claim_dir
-from achilles.ranking import METHODS
+from achilles.results.files import check_destination
+from achilles.results.lock import claim_dir
+from achilles.method.ranking import METHODS
 
 
 def add_common(p: argparse.ArgumentParser, *, text: bool = True, texts: bool = False) -> None:
@@ -96,14 +97,14 @@ def check_writable(path: str | Path, *, flag: str = "--out") -> Path:
     """Fail early (before loading a model) if ``path`` cannot be written; create nothing.
 
     A name with a suffix is a file destination, one without a folder destination (see
-    :func:`achilles.io.check_destination`).
+    :func:`achilles.results.files.check_destination`).
     """
     kind = "file" if Path(path).suffix else "dir"
     return check_destination(path, kind, flag=flag)
 
 
 def claim_out_dir(args: argparse.Namespace, path: str | Path, *, flag: str = "--out-dir") -> Path:
-    """Check output folder ``path`` and hold it for this run (see :func:`achilles.io.claim_dir`).
+    """Check output folder ``path`` and hold it for this run (see :func:`achilles.results.lock.claim_dir`).
 
     The claim is released when the command returns (``cli.main`` keeps it in
     ``args.exit_stack``); a second run into the same folder meanwhile is refused.
@@ -121,7 +122,7 @@ def progress(args: argparse.Namespace) -> bool:
 
 def fitted_text(args: argparse.Namespace, skeleton: object, text: str) -> str:
     """``text`` checked against the model's context: refused, or cut with ``--truncate``."""
-    from achilles.loading import fit_text
+    from achilles.model.loading import fit_text
 
     return fit_text(skeleton.tokenizer, skeleton.model, text,  # type: ignore[attr-defined]
                     truncate=getattr(args, "truncate", False))

@@ -22,9 +22,9 @@ from achilles.config import _parse_list, add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
 from achilles.evaluation.perplexity import PerplexityConfig, evaluator_from_config
-from achilles.loading import load_model, tokenize
+from achilles.model.loading import load_model, tokenize
 from achilles.plots.comparison import plot_comparison
-from achilles.ranking import METHODS
+from achilles.method.ranking import METHODS
 
 logger = logging.getLogger(__name__)
 

@@ -14,16 +14,18 @@ from achilles.commands.common import (
     progress,
 )
 from achilles.commands.ppl import add_mask_options, check_mask_args
-from achilles.compress import DEFAULT_METHODS, compress_experiment, keep_list, parse_methods
-from achilles.compress.run import random_units
+from achilles.weights.compress import DEFAULT_METHODS, compress_experiment, keep_list, parse_methods
+from achilles.weights.compress.run import random_units
 from achilles.config import add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
 from achilles.evaluation.masks import load_mask
 from achilles.evaluation.perplexity import PerplexityConfig, evaluator_from_config
-from achilles.io import environment, read_json, write_json
-from achilles.loading import MIN_TOKENS, context_length, inspect_model, load_model, tokenize
-from achilles.names import model_name
+from achilles.results.files import write_json
+from achilles.results.provenance import environment
+from achilles.results.schema import read_json
+from achilles.model.loading import MIN_TOKENS, context_length, inspect_model, load_model, tokenize
+from achilles.model.names import model_name
 from achilles.plots.compression import plot_compression
 from achilles.report.compression import COMPRESSION_FIGURE, COMPRESSION_FILE, compression_rows
 

@@ -20,10 +20,10 @@ from achilles.commands.common import (
     text_of,
     texts_of,
 )
-from achilles.identify import Identification
-from achilles.loading import load_model
-from achilles.pipeline import identify_with, preflight, rank
-from achilles.ranking import Ranking
+from achilles.method.identify import Identification
+from achilles.model.loading import load_model
+from achilles.method.pipeline import identify_with, preflight, rank
+from achilles.method.ranking import Ranking
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def summarize(ident: Identification, out: str | Path) -> str:
 
 
 def _run_rank(args: argparse.Namespace) -> int:
-    from achilles.loading import tokenize
-    from achilles.pipeline import rank_texts
+    from achilles.model.loading import tokenize
+    from achilles.method.pipeline import rank_texts
 
     cfg = rank_config(args)
     spec = model_spec(args)

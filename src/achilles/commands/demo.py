@@ -20,8 +20,8 @@ from achilles.commands.common import claim_out_dir, progress
 from achilles.commands.core import summarize
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
-from achilles.loading import load_model
-from achilles.pipeline import find
+from achilles.model.loading import load_model
+from achilles.method.pipeline import find
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,10 @@ def _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident) -> 
 
 def write_heldout(path, lm, ev, ranking, ident, data, *, clean=None) -> None:  # noqa: ANN001
     """``heldout.json``: perplexity of the evaluation data clean and with the final set masked."""
-    from achilles.io import SCHEMA_VERSION, environment, write_json
-    from achilles.pipeline import pool_for_ranking
+    from achilles.results.files import write_json
+    from achilles.results.provenance import environment
+    from achilles.results.schema import SCHEMA_VERSION
+    from achilles.method.pipeline import pool_for_ranking
 
     which = "minimal" if ident.minimal_set else "critical"
     units = list(ident.minimal_set or ident.critical_set)

@@ -13,8 +13,8 @@ from achilles.config import _parse_list
 from achilles.errors import AchillesError
 from achilles.evaluation.downstream import parse_levels, run_downstream, task_manager_for
 from achilles.evaluation.masks import load_mask
-from achilles.io import environment
-from achilles.loading import load_model
+from achilles.results.provenance import environment
+from achilles.model.loading import load_model
 
 logger = logging.getLogger(__name__)
 

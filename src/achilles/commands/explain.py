@@ -12,10 +12,10 @@ from achilles.config import ModelSpec, add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.explain import MECHANISM_FILE, ExplainConfig, explain_run
 from achilles.explain.run import check_sink_position, run_set
-from achilles.identify import Identification
-from achilles.io import read_json
-from achilles.loading import LoadedModel, context_length, inspect_model, load_model, tokenize
-from achilles.pipeline import check_same_model
+from achilles.method.identify import Identification
+from achilles.results.schema import read_json
+from achilles.model.loading import LoadedModel, context_length, inspect_model, load_model, tokenize
+from achilles.method.pipeline import check_same_model
 
 logger = logging.getLogger(__name__)
 

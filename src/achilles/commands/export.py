@@ -9,8 +9,8 @@ from achilles.commands.common import add_weightless_common, model_spec, progress
 from achilles.commands.ppl import add_mask_options, check_mask_args
 from achilles.errors import AchillesError
 from achilles.evaluation.masks import load_mask
-from achilles.export import MASK_FILE, check_destination, export_masked
-from achilles.loading import inspect_model
+from achilles.weights.export import MASK_FILE, check_destination, export_masked
+from achilles.model.loading import inspect_model
 
 
 def _run_export(args: argparse.Namespace) -> int:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from achilles.census.models import ModelEntry, read_model_list
+from achilles.scale.census.models import ModelEntry, read_model_list
 from achilles.config import ModelSpec, TextSpec, add_arguments, from_args
 from achilles.errors import AchillesError
-from achilles.io import _jsonable, write_json
-from achilles.plan import Plan, PlanConfig, format_bytes, plan_entry, table
+from achilles.results.files import _jsonable, write_json
+from achilles.scale.plan import Plan, PlanConfig, format_bytes, plan_entry, table
 
 
 def describe(p: Plan) -> str:

@@ -12,8 +12,9 @@ from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
 from achilles.evaluation.masks import load_mask
 from achilles.evaluation.perplexity import PerplexityConfig, evaluator_from_config
-from achilles.io import environment, read_json
-from achilles.loading import load_model
+from achilles.results.provenance import environment
+from achilles.results.schema import read_json
+from achilles.model.loading import load_model
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import logging
 from pathlib import Path
 
 from achilles.commands.common import add_common, check_destination, model_spec
-from achilles.identify import Identification
-from achilles.loading import context_length, load_model
-from achilles.pipeline import preflight
+from achilles.method.identify import Identification
+from achilles.model.loading import context_length, load_model
+from achilles.method.pipeline import preflight
 from achilles.experiments.probe import ProbeConfig, check_mask, mask_units, probe
 from achilles.config import parse_numbers
 from achilles.errors import AchillesError

@@ -9,14 +9,14 @@ from pathlib import Path
 from achilles.commands.common import claim_out_dir
 from achilles.config import ModelSpec, add_arguments, from_args
 from achilles.errors import AchillesError
-from achilles.loading import load_model
+from achilles.model.loading import load_model
 
 logger = logging.getLogger(__name__)
 
 
 def _recorded_model(run_dir: Path) -> str | None:
     """The model path or hub id the run recorded, when it can still be loaded from there."""
-    from achilles.io import read_json
+    from achilles.results.schema import read_json
 
     model = read_json(run_dir / "identification.json").get("config", {}).get("model", {}).get("model")
     if not isinstance(model, str):
@@ -91,8 +91,8 @@ def _check_run_model(args: argparse.Namespace, run_dir: Path) -> None:
     """Refuse ``--model`` naming other weights than the run's, unless ``--force``."""
     if not getattr(args, "model", None) or not (run_dir / "identification.json").is_file():
         return
-    from achilles.io import read_json
-    from achilles.pipeline import check_same_model
+    from achilles.results.schema import read_json
+    from achilles.method.pipeline import check_same_model
 
     ident = read_json(run_dir / "identification.json", kind="identification")
     check_same_model(

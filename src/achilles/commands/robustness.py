@@ -17,8 +17,8 @@ from achilles.commands.common import (
     rank_config,
 )
 from achilles.errors import require
-from achilles.loading import load_model, tokenize
-from achilles.pipeline import preflight
+from achilles.model.loading import load_model, tokenize
+from achilles.method.pipeline import preflight
 from achilles.experiments.robustness import LabelledText, run_robustness, texts_from_files
 
 

@@ -16,9 +16,9 @@ from achilles.commands.common import (
     text_of,
 )
 from achilles.config import RankConfig, add_arguments, from_args
-from achilles.loading import load_model
-from achilles.pipeline import preflight
-from achilles.ranking import METHODS
+from achilles.model.loading import load_model
+from achilles.method.pipeline import preflight
+from achilles.method.ranking import METHODS
 from achilles.config import parse_numbers
 from achilles.experiments.sweep import SweepConfig, run_sweep
 

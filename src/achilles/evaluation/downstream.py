@@ -2,7 +2,7 @@
 
 The in-memory model is wrapped in lm-eval's ``HFLM`` and evaluated with
 ``lm_eval.simple_evaluate`` once per level, with the first ``level`` units of the mask
-installed by :func:`achilles.masking.masked` around the whole evaluation (level 0 = the
+installed by :func:`achilles.model.masking.masked` around the whole evaluation (level 0 = the
 unmasked model). Request caching is off, so no level can reuse another level's answers.
 lm-eval is imported lazily: it is the optional extra ``achilles[eval]``.
 """
@@ -19,9 +19,10 @@ import torch
 
 from achilles.errors import AchillesError
 from achilles.evaluation.perplexity import leading_bos
-from achilles.io import SCHEMA_VERSION, write_json
-from achilles.masking import masked
-from achilles.units import Unit, UnitPool
+from achilles.results.files import write_json
+from achilles.results.schema import SCHEMA_VERSION
+from achilles.model.masking import masked
+from achilles.model.units import Unit, UnitPool
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from achilles.errors import AchillesError
-from achilles.identify import Identification
-from achilles.io import read_json
-from achilles.loading import LoadedModel
-from achilles.pipeline import check_same_model, pool_for_ranking
-from achilles.ranking import Ranking
-from achilles.units import Unit, UnitPool, build_pool
+from achilles.method.identify import Identification
+from achilles.results.schema import read_json
+from achilles.model.loading import LoadedModel
+from achilles.method.pipeline import check_same_model, pool_for_ranking
+from achilles.method.ranking import Ranking
+from achilles.model.units import Unit, UnitPool, build_pool
 
 SetName = Literal["critical", "minimal"]
 

@@ -1,7 +1,7 @@
 """Compare ranking methods by the perplexity their top-n masks cause (the paper's Figure 3).
 
 Every method ranks the **same** unit pool (the rank configuration with only ``method``
-replaced), every mask is applied with the same operator (:func:`achilles.masking.masked`),
+replaced), every mask is applied with the same operator (:func:`achilles.model.masking.masked`),
 and every perplexity comes from **one** shared :class:`PerplexityEvaluator`, so the curves
 differ only by which units each method puts first. ``random`` is run ``random_runs`` times
 with seeds ``seed .. seed + runs - 1`` and reported as mean ± sample sd of perplexity.
@@ -23,11 +23,13 @@ from tqdm.auto import tqdm
 from achilles.config import RankConfig, parse_numbers
 from achilles.errors import AchillesError
 from achilles.evaluation.perplexity import PerplexityEvaluator, PerplexityResult
-from achilles.io import SCHEMA_VERSION, environment, write_json
-from achilles.loading import LoadedModel
-from achilles.pipeline import rank
-from achilles.ranking import Ranking
-from achilles.units import UnitPool
+from achilles.results.files import write_json
+from achilles.results.provenance import environment
+from achilles.results.schema import SCHEMA_VERSION
+from achilles.model.loading import LoadedModel
+from achilles.method.pipeline import rank
+from achilles.method.ranking import Ranking
+from achilles.model.units import UnitPool
 
 logger = logging.getLogger(__name__)
 

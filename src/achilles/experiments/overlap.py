@@ -3,7 +3,7 @@
 Two identities of a unit are used:
 
 * **within one model** (robustness across texts, sweeps): ``(module, channel)``, i.e.
-  :attr:`achilles.units.Unit.key`;
+  :attr:`achilles.model.units.Unit.key`;
 * **across models** (base vs fine-tuned checkpoints of one architecture):
   ``(layer, component, channel)``, which does not depend on module paths, so two checkpoints
   whose modules are named differently still compare.
@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from achilles.errors import AchillesError
-from achilles.identify import Identification
-from achilles.io import SCHEMA_VERSION, environment, write_json
-from achilles.ranking import Ranking
-from achilles.units import Unit
+from achilles.method.identify import Identification
+from achilles.results.files import write_json
+from achilles.results.provenance import environment
+from achilles.results.schema import SCHEMA_VERSION
+from achilles.method.ranking import Ranking
+from achilles.model.units import Unit
 
 logger = logging.getLogger(__name__)
 

@@ -21,14 +21,16 @@ from typing import Any, Literal
 
 import torch
 
-from achilles.batching import input_device
+from achilles.model.batching import input_device
 from achilles.errors import AchillesError, require
-from achilles.identify import Identification
-from achilles.io import SCHEMA_VERSION, environment, write_json
-from achilles.names import decode_text, decode_token
-from achilles.loading import LoadedModel, tokenize
-from achilles.masking import masked
-from achilles.units import Unit, UnitPool, build_pool
+from achilles.method.identify import Identification
+from achilles.results.files import write_json
+from achilles.results.provenance import environment
+from achilles.results.schema import SCHEMA_VERSION
+from achilles.model.names import decode_text, decode_token
+from achilles.model.loading import LoadedModel, tokenize
+from achilles.model.masking import masked
+from achilles.model.units import Unit, UnitPool, build_pool
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,10 @@ from typing import Any
 
 from achilles.config import IdentifyConfig, RankConfig
 from achilles.errors import AchillesError, require
-from achilles.io import SCHEMA_VERSION, environment, write_json
-from achilles.loading import LoadedModel
+from achilles.results.files import write_json
+from achilles.results.provenance import environment
+from achilles.results.schema import SCHEMA_VERSION
+from achilles.model.loading import LoadedModel
 from achilles.experiments.overlap import jaccard
 from achilles.experiments.sweep import find_cached
 

@@ -1,6 +1,6 @@
 """Sensitivity of the critical set to the stage-1 hyper-parameters α and K (paper Figure 4).
 
-:func:`run_sweep` reruns both stages (:func:`achilles.pipeline.find`) over a grid of
+:func:`run_sweep` reruns both stages (:func:`achilles.method.pipeline.find`) over a grid of
 (α, K) points on one loaded model:
 
 * ``grid="axes"`` (default, the paper's protocol): the α grid at the anchor K, and the K
@@ -26,13 +26,15 @@ from typing import Any, Literal
 
 from achilles.config import IdentifyConfig, RankConfig
 from achilles.errors import AchillesError, require
-from achilles.identify import Identification
-from achilles.io import SCHEMA_VERSION, _jsonable, environment, write_json
-from achilles.loading import LoadedModel
+from achilles.method.identify import Identification
+from achilles.results.files import _jsonable, write_json
+from achilles.results.provenance import environment
+from achilles.results.schema import SCHEMA_VERSION
+from achilles.model.loading import LoadedModel
 from achilles.experiments.overlap import jaccard
-from achilles.pipeline import current_settings, find, refuse_mixed, run_settings, settings_mismatch
-from achilles.ranking import Ranking
-from achilles.units import build_pool
+from achilles.method.pipeline import current_settings, find, refuse_mixed, run_settings, settings_mismatch
+from achilles.method.ranking import Ranking
+from achilles.model.units import build_pool
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ def find_cached(
     progress: bool = False,
     force: bool = False,
 ) -> tuple[Ranking, Identification, bool]:
-    """:func:`~achilles.pipeline.find` into ``folder``, or read it back if already done.
+    """:func:`~achilles.method.pipeline.find` into ``folder``, or read it back if already done.
 
     Returns ``(ranking, identification, reused)``. A finished folder made with another
     model (weights), dtype, device, revision, unit pool, text or configuration is refused

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from achilles.io import SCHEMA_VERSION, read_json, write_json
+from achilles.results.files import write_json
+from achilles.results.schema import SCHEMA_VERSION, read_json
 
 MECHANISM_FILE = "mechanism.json"
 

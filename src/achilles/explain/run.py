@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from achilles.batching import choose_batch_size, run_batched
+from achilles.model.batching import choose_batch_size, run_batched
 from achilles.errors import AchillesError
 from achilles.explain.config import ExplainConfig
 from achilles.explain.patching import (
@@ -40,12 +40,12 @@ from achilles.explain.trace import (
     residual_profile,
     trace,
 )
-from achilles.hooks import hooked
-from achilles.io import environment
-from achilles.loading import LoadedModel, tokenize
-from achilles.masking import ChannelMasker
-from achilles.metrics import LN10, sequence_nll
-from achilles.units import Unit, UnitPool
+from achilles.model.hooks import hooked
+from achilles.results.provenance import environment
+from achilles.model.loading import LoadedModel, tokenize
+from achilles.model.masking import ChannelMasker
+from achilles.method.metrics import LN10, sequence_nll
+from achilles.model.units import Unit, UnitPool
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def explain(
     ids = tokenize(lm.tokenizer, text)
     T = int(ids.shape[1])
     check_sink_position(config.sink_position, T)
-    from achilles.pipeline import check_clean_forward
+    from achilles.method.pipeline import check_clean_forward
 
     check_clean_forward(lm, ids, pool)  # a broken model (NaN weights) or a text past the context
     p = config.sink_position
@@ -429,7 +429,7 @@ def explain_run(
 def run_set(run_dir: str | Path, lm: LoadedModel, config: ExplainConfig) -> tuple[list[Unit], UnitPool, str]:
     """The set (``config.set``) of a run folder, checked against ``lm``, and the run's text."""
     from achilles.evaluation.masks import load_mask
-    from achilles.identify import Identification
+    from achilles.method.identify import Identification
 
     path = Path(run_dir) / "identification.json"
     if not path.is_file():

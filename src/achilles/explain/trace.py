@@ -1,7 +1,7 @@
 """One traced forward pass of the clean and the masked model, and the residual-stream analysis.
 
 The trace runs two batch rows, row 0 clean and row 1 with the set masked (one
-:class:`~achilles.masking.ChannelMasker` row each), and records in the same pass:
+:class:`~achilles.model.masking.ChannelMasker` row each), and records in the same pass:
 
 * the residual stream: the input of the first block (the embeddings, ``layer = -1``) and
   every block's output, float32 on the CPU, ``[2, L+1, T, D]``;
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from achilles.adapters import get_adapter, layer_list
-from achilles.batching import input_device
+from achilles.model.adapters import get_adapter, layer_list
+from achilles.model.batching import input_device
 from achilles.errors import AchillesError
-from achilles.hooks import hooked, observed_outputs
-from achilles.masking import ChannelMasker
-from achilles.units import _input_width
+from achilles.model.hooks import hooked, observed_outputs
+from achilles.model.masking import ChannelMasker
+from achilles.model.units import _input_width
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ def save_figure(fig: Any, path: str | Path, *, dpi: int | str = 110, **kwargs: A
     """Write ``fig`` to ``path`` atomically (creating its folder), close it, return the path."""
     import matplotlib.pyplot as plt
 
-    from achilles.io import atomic_path
+    from achilles.results.files import atomic_path
 
     path = Path(path)
     kwargs.setdefault("format", path.suffix.lstrip(".") or "png")

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from achilles.experiments.probe import ProbeResult  # noqa: E402
-from achilles.names import token_label  # noqa: E402
+from achilles.model.names import token_label  # noqa: E402
 from achilles.plots import save_figure
 
 

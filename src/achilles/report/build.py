@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from achilles.analysis.run import ANALYSIS_FILE, analyze_run
-from achilles.io import read_json
-from achilles.loading import LoadedModel
+from achilles.results.schema import read_json
+from achilles.model.loading import LoadedModel
 from achilles.plots.activations import plot_activations
 from achilles.plots.controls import plot_controls
 from achilles.plots.layers import plot_layers
 from achilles.plots.phase import plot_phase
-from achilles.names import model_name as display_name
+from achilles.model.names import model_name as display_name
 from achilles.report.compression import compression_section
 from achilles.report.document import (
     Block,
@@ -519,7 +519,7 @@ def write_report(
             analysis = {**analysis, "weights": previous.get("weights"),
                         "controls": previous.get("controls"), "tokens": previous.get("tokens"),
                         "activations": previous.get("activations")}
-        from achilles.io import write_json
+        from achilles.results.files import write_json
 
         write_json(run_dir / ANALYSIS_FILE, analysis)
     ranking_d = read_json(run_dir / "ranking.json", kind="ranking")
@@ -541,7 +541,7 @@ def write_report(
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from achilles.io import atomic_write
+    from achilles.results.files import atomic_write
 
     atomic_write(path, text)
 

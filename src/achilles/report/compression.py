@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from achilles.errors import AchillesError
-from achilles.io import read_json, require_fields
+from achilles.results.schema import read_json, require_fields
 from achilles.report.document import Block, Figure, Heading, Para, Table, fmt
 
 COMPRESSION_FILE = "compression.json"

@@ -15,7 +15,7 @@ from typing import Any
 
 from achilles.errors import AchillesError
 from achilles.explain.result import MECHANISM_FILE
-from achilles.io import read_json, require_fields
+from achilles.results.schema import read_json, require_fields
 from achilles.plots.mechanism import FIGURES
 from achilles.report.document import Block, Figure, Heading, Para, Raw, Table, fmt, to_html, to_markdown
 

@@ -1,0 +1,342 @@
+"""Loading models and tokenising text, with clear errors for what users get wrong.
+
+The loading path is the ordinary Hugging Face one (``AutoModelForCausalLM.from_pretrained``
+with a local folder or a hub id), so a user with hub access runs exactly this code.
+``trust_remote_code`` stays off unless asked for; safetensors weights are preferred.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from achilles.model.batching import is_oom
+from achilles.checks import model_path_problem
+from achilles.config import ModelSpec
+from achilles.errors import AchillesError
+
+logger = logging.getLogger(__name__)
+
+MIN_TOKENS = 10
+"""The paper's minimum input length: shorter texts give unstable critical sets."""
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer and the spec that loaded it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AchillesError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise AchillesError(
+            f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+        )
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU with native bf16 (compute capability ≥ 8.0), float16 with
+    a warning on an older GPU, float32 on CPU."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type != "cuda":
+        return torch.float32
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= (8, 0):
+        return torch.bfloat16
+    logger.warning(
+        "this GPU (compute capability %d.%d) has no native bfloat16: loading in float16, which "
+        "overflows on some models; pass --dtype float32 if results look non-finite",
+        major, minor,
+    )
+    return torch.float16
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+"""The named device maps accelerate accepts."""
+
+HUB_TIMEOUT_S = 3.0
+"""How long the hub may take to answer a connection before a hub id is refused as unreachable."""
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub endpoint accepts a TCP connection within :data:`HUB_TIMEOUT_S`."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=HUB_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_options(spec: ModelSpec) -> dict[str, object]:
+    """``local_files_only`` for a hub id: offline or unreachable, the local cache or one line."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(
+        try_to_load_from_cache(spec.model, "config.json", revision=spec.revision), str
+    )
+    if constants.HF_HUB_OFFLINE or not _hub_reachable():
+        if not cached:
+            raise AchillesError(
+                f"could not load hub id {spec.model!r}: not in the local cache and the hub is "
+                "not reachable (offline): pass a local model folder to --model, or connect"
+            )
+        return {"local_files_only": True}
+    return {}
+
+
+def _load_error(name: str, local: Path, e: BaseException) -> AchillesError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "weights only load failed" in first.lower() or "unpickl" in first.lower():
+        return AchillesError(
+            f"refused to load {name!r}: its .bin weights hold pickled objects that torch's safe "
+            "loader (weights_only) will not run; use a safetensors checkpoint"
+        )
+    where = "local folder" if local.exists() else "hub id"
+    hint = (
+        "check the folder holds a causal LM and its tokenizer"
+        if local.exists()
+        else "is the id right and the hub reachable? Offline, pass a local folder to --model"
+    )
+    if "trust_remote_code" in first:
+        hint = "this model needs its own code: pass --trust-remote-code if you trust it"
+    return AchillesError(f"could not load {where} {name!r}: {first} ({hint})")
+
+
+def _source(spec: ModelSpec) -> tuple[str, Path]:
+    name = spec.model
+    local = Path(name).expanduser()
+    problem = model_path_problem(name)
+    if problem is not None:
+        raise AchillesError(problem)
+    if spec.device_map is not None and spec.device_map not in DEVICE_MAPS:
+        raise AchillesError(
+            f"--device-map must be one of {', '.join(DEVICE_MAPS)}, not {spec.device_map!r}"
+        )
+    return (str(local) if local.exists() else name), local
+
+
+def inspect_model(spec: ModelSpec) -> LoadedModel:
+    """Config, tokenizer and an empty (meta-device) model: everything but the weights.
+
+    Cheap even for a 70B checkpoint, so commands validate their inputs (text length, unit
+    pool, ranking fit) against it before a long weight load.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, local = _source(spec)
+    remote = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    if not local.exists():
+        remote.update(_hub_options(spec))
+    try:
+        config = AutoConfig.from_pretrained(source, **remote)
+        tokenizer = AutoTokenizer.from_pretrained(source, **remote)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=spec.trust_remote_code
+            )
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(spec.model, local, e) from None
+    return LoadedModel(model.eval(), tokenizer, spec)
+
+
+def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedModel:
+    """Load ``spec.model`` (a local folder or a hub id) in eval mode, with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, local = _source(spec)
+    if spec.device_map and not torch.cuda.is_available():
+        raise AchillesError(
+            f"--device-map {spec.device_map} spreads a model over CUDA GPUs, and none is visible: "
+            "drop --device-map"
+        )
+    device = resolve_device("cuda" if spec.device_map else spec.device)
+    # --dtype auto is the checkpoint's own dtype, as in transformers; no --dtype (None) is the
+    # device default that resolve_dtype calls "auto"
+    dtype = "auto" if spec.dtype == "auto" else resolve_dtype(spec.dtype or "auto", device)
+    kwargs: dict[str, object] = {
+        "dtype": dtype,
+        "trust_remote_code": spec.trust_remote_code,
+        "revision": spec.revision,
+        # mismatches are reported below, one line each, rather than as the loader's table
+        "ignore_mismatched_sizes": True,
+        "output_loading_info": True,
+    }
+    hub = {} if local.exists() else _hub_options(spec)
+    kwargs.update(hub)
+    if spec.device_map:
+        kwargs["device_map"] = spec.device_map
+    try:
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **hub
+            )
+        with _quiet_transformers():  # its load-report table is replaced by one line below
+            model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except _LOAD_ERRORS as e:
+        if is_oom(e):
+            raise AchillesError(
+                f"out of memory loading {spec.model!r} in {dtype}: use a smaller --dtype, "
+                "--device-map auto, or a machine with more memory"
+            ) from None
+        raise _load_error(spec.model, local, e) from None
+    _check_loading_info(spec.model, info)
+    if not spec.device_map:
+        model.to(device)
+    model.eval()
+    logger.info("loaded %s (%s, %s)", spec.model, model.config.model_type, next(model.parameters()).dtype)
+    return LoadedModel(model, tokenizer, spec)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    import transformers
+
+    before = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(before)
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, RuntimeError, TypeError, EOFError,
+            pickle.UnpicklingError, SafetensorError, MemoryError)
+
+
+_LOAD_ERRORS = _load_errors()
+
+
+def _check_loading_info(name: str, info: dict[str, object]) -> None:
+    """Refuse a checkpoint whose weights do not match its config (one line, first offender)."""
+    def first(key: str) -> object | None:
+        items = sorted(info.get(key) or (), key=str)  # type: ignore[arg-type]
+        return items[0] if items else None
+
+    n = {k: len(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}  # type: ignore[arg-type]
+    if n["mismatched_keys"]:
+        raise AchillesError(
+            f"{name}: {n['mismatched_keys']} weight(s) do not match the config's shapes "
+            f"(first: {_mismatch(first('mismatched_keys'))}): config.json and the weights disagree"
+        )
+    if n["missing_keys"]:
+        raise AchillesError(
+            f"{name}: {n['missing_keys']} weight(s) the config needs are missing from the "
+            f"checkpoint (first: {first('missing_keys')}): config.json and the weights disagree"
+        )
+    if n["unexpected_keys"]:
+        raise AchillesError(
+            f"{name}: {n['unexpected_keys']} weight(s) in the checkpoint are not in the config's "
+            f"model (first: {first('unexpected_keys')}): config.json and the weights disagree"
+        )
+
+
+def _mismatch(entry: object) -> str:
+    if isinstance(entry, tuple) and len(entry) == 3:
+        key, ckpt, want = entry
+        return f"{key} is {tuple(ckpt)} in the checkpoint, {tuple(want)} by the config"
+    return str(entry)
+
+
+def check_token_ids(input_ids: torch.Tensor, model: torch.nn.Module) -> None:
+    """Refuse token ids the model's embedding table does not have (a tokenizer/model mismatch)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    top = int(input_ids.max()) if input_ids.numel() else -1
+    if top >= vocab or (input_ids.numel() and int(input_ids.min()) < 0):
+        raise AchillesError(
+            f"the tokenizer produced token id {top}, but the model's vocabulary has {vocab} "
+            "entries: the tokenizer does not belong to this model (check the model folder)"
+        )
+
+
+def context_length(model_or_config: object) -> int | None:
+    """The model's context in tokens (``max_position_embeddings`` / ``n_positions``), if known."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        n = getattr(cfg, name, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def fit_text(tokenizer: object, model: object, text: str, *, truncate: bool = False) -> str:
+    """``text`` if it fits the model's context, else refused, or with ``truncate`` cut to fit.
+
+    A text past the context runs on positions the model never saw (and costs time and
+    memory quadratic in its length), so it is never used silently. The cut keeps the longest
+    prefix of the text whose tokens fit, and says so in a warning.
+    """
+    limit = context_length(model)
+    with _quiet_transformers():
+        n = len(tokenizer(text).input_ids)  # type: ignore[operator]
+    if limit is None or n <= limit:
+        return text
+    if not truncate:
+        raise AchillesError(
+            f"the text is {n} tokens, longer than the model's context of {limit} tokens "
+            f"(max_position_embeddings): shorten it, or pass --truncate to keep the first {limit}"
+        )
+    with _quiet_transformers():
+        lo, hi = 0, len(text)  # bisect for the longest prefix text[:lo] that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(tokenizer(text[:mid]).input_ids) <= limit:  # type: ignore[operator]
+                lo = mid
+            else:
+                hi = mid - 1
+        kept = len(tokenizer(text[:lo]).input_ids)  # type: ignore[operator]
+    logger.warning(
+        "--truncate: the text is %d tokens, the model's context %d; using its first %d "
+        "characters (%d tokens) of %d", n, limit, lo, kept, len(text),
+    )
+    return text[:lo]
+
+
+def tokenize(tokenizer: object, text: str, *, min_tokens: int = MIN_TOKENS) -> torch.Tensor:
+    """Token ids ``[1, T]`` of ``text`` with the tokenizer's special tokens (BOS for Llama).
+
+    This is what the reference code feeds the model (``tokenizer.encode``); Qwen tokenizers
+    add no BOS. Texts shorter than ``min_tokens`` are refused.
+    """
+    with _quiet_transformers():  # its "longer than the maximum" warning: see fit_text
+        ids = tokenizer(text, return_tensors="pt").input_ids  # type: ignore[operator]
+    n = int(ids.shape[1])
+    if n < min_tokens:
+        raise AchillesError(
+            f"text is {n} tokens long; at least {min_tokens} are needed for a stable ranking "
+            "(give a longer --text or --text-file)"
+        )
+    return ids

@@ -1,0 +1,373 @@
+"""Size a run from a model's config alone: units, memory, GPUs, passes, FLOPs and time.
+
+Nothing here loads weights. The model is built on the meta device
+(``accelerate.init_empty_weights`` + ``AutoModelForCausalLM.from_config``), so a 72B config
+is sized in seconds; the unit pool comes from the same adapter table and
+:func:`~achilles.model.units.build_pool` a real run uses, the GPU count from accelerate's own
+``infer_auto_device_map``, and the batch size from the rule ``choose_batch_size`` applies to
+free memory. FLOPs are ``2 · (matmul parameters) · tokens`` per row: the input embedding is a
+lookup, stage 1 skips the LM head, and attention's T² term is left out (under 1 % at T ≈ 115).
+
+Stage 2 is bounded, not predicted: the linear search evaluates at most
+``max_neurons / step`` prefixes (and extends the curve past n*), bisection at most
+``2 · ceil(log2(max_neurons / step)) + 1``; minimisation of a set of n* units evaluates at
+most ``n*(n*+1)/2 + n*`` sets, reported for an assumed n*.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from achilles.model.batching import batch_size_for_memory
+from achilles.config import opt
+from achilles.errors import AchillesError, require
+from achilles.results.schema import SCHEMA_VERSION
+from achilles.method.recheck import upcast_groups
+from achilles.model.units import build_pool
+
+logger = logging.getLogger(__name__)
+
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+WEIGHT_SHARE = 0.9
+"""Share of a GPU's memory the weights may fill; the rest is for activations and the CUDA
+context (accelerate's own ``device_map="auto"`` also leaves room)."""
+
+MAX_GPUS = 64
+
+def parse_size(text: str) -> int:
+    """``"141GiB"`` -> bytes (accelerate's parser: ``GB`` is 10⁹, ``GiB`` 2³⁰)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        return int(convert_file_size_to_int(text.strip()))
+    except ValueError:
+        raise AchillesError(f"not a memory size: {text!r} (write e.g. 80GiB or 141GB)") from None
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in the largest binary unit that keeps it at or above 1."""
+    for unit, power in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 2**power:
+            return f"{n / 2**power:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_count(n: float) -> str:
+    """``n`` with a B/M/K suffix (parameters)."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(int(n))
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """What to size: the hardware, the throughput and the run's settings."""
+
+    gpu_memory: str = opt("80GiB", "memory of one GPU (e.g. 80GiB, 141GB)")
+    gpus: int | None = opt(None, "GPUs available per run; a plan needing more is marked as not fitting")
+    tflops: float = opt(
+        400.0, "sustained throughput of one GPU in TFLOP/s for the estimate (not the peak)"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("bfloat16", "weights dtype of the run")
+    tokens: int = opt(115, "tokens of the input text T (the study's text has 111-129)")
+    samples: int = opt(100, "number K of noisy copies in stage 1")
+    max_neurons: int = opt(1000, "largest prefix stage 2 tries")
+    step: int = opt(1, "prefix step Δn of stage 2")
+    pool: Literal["paper", "mlp", "down", "all"] = opt("paper", "unit pool preset")
+    assume_n_star: int = opt(10, "n* assumed for the bound on minimisation passes")
+
+    def __post_init__(self) -> None:
+        require(self.tokens >= 2, "--tokens must be >= 2")
+        require(self.samples >= 1, "--samples must be >= 1")
+        require(self.max_neurons >= 1 and self.step >= 1, "--max-neurons and --step must be >= 1")
+        require(self.tflops > 0 and math.isfinite(self.tflops), "--tflops must be > 0")
+        require(self.gpus is None or self.gpus >= 1, "--gpus must be >= 1")
+        require(self.assume_n_star >= 1, "--assume-n-star must be >= 1")
+        parse_size(self.gpu_memory)
+
+    @property
+    def gpu_bytes(self) -> int:
+        return parse_size(self.gpu_memory)
+
+
+@dataclass
+class Plan:
+    """The sizing of one run (``achilles plan --json``)."""
+
+    model: str
+    model_type: str
+    layers: int
+    params: int
+    matmul_params: int
+    head_params: int
+    units: int
+    units_per_component: dict[str, int]
+    weight_bytes: dict[str, int]
+    gpus: int | None
+    fits: bool
+    stage1_accumulator_bytes: int
+    gpu_load_bytes: int
+    fp32_check_bytes: int
+    stage1: dict[str, Any]
+    stage2: dict[str, Any]
+    seconds: float
+    config: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "kind": "plan", **asdict(self)}
+
+
+def meta_model(config: Any, dtype: str = "bfloat16") -> torch.nn.Module:
+    """``config`` (a ``PretrainedConfig`` or a dict with ``model_type``) built without weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(config, Mapping):
+        d = dict(config)
+        try:
+            config = AutoConfig.for_model(d.pop("model_type"), **d)
+        except (KeyError, ValueError) as e:
+            raise AchillesError(f"cannot build a config from {d}: {e}") from None
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
+    model.tie_weights()  # init_empty_weights re-registers parameters, which unties them
+    return model.eval()
+
+
+def _gpus_needed(model: torch.nn.Module, per_gpu: int, total: int) -> tuple[int | None, dict[int, int]]:
+    """Fewest GPUs of ``per_gpu`` bytes that accelerate's device map fills without offloading.
+
+    Returns the count and the bytes placed on each GPU (``None`` if even ``MAX_GPUS`` do not do).
+    """
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes
+
+    sizes = compute_module_sizes(model)
+    no_split = getattr(model, "_no_split_modules", None) or []
+    start = max(1, math.ceil(total / max(per_gpu, 1)))
+    for n in range(start, MAX_GPUS + 1):
+        memory: dict[int | str, int] = {i: per_gpu for i in range(n)}
+        memory["cpu"] = 2**62
+        # accelerate warns that no such CUDA devices exist here: expected, it is a plan
+        with contextlib.redirect_stdout(io.StringIO()), _quiet("accelerate"):
+            device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+        if all(isinstance(v, int) for v in device_map.values()):
+            load = {i: 0 for i in range(n)}
+            for name, dev in device_map.items():
+                load[dev] += sizes[name]
+            return n, load
+    return None, {}
+
+
+@contextlib.contextmanager
+def _quiet(name: str):  # noqa: ANN202
+    lg = logging.getLogger(name)
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
+def plan_model(config: Any, settings: PlanConfig, *, name: str = "") -> Plan:
+    """Size a run of ``config`` (a ``PretrainedConfig`` or a shape dict) under ``settings``."""
+    model = meta_model(config, settings.dtype)
+    cfg = model.config
+    pool = build_pool(model, settings.pool)
+    summary = pool.summary()
+    params = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head_params = head.weight.numel() if head is not None else 0
+    tied = head is not None and head.weight is embed
+    # weights of matrix products: 2-D parameters outside embedding tables (lookups: tokens,
+    # GPT-2's positions), plus the head when it is tied to the token table; norm weights and
+    # biases are element-wise
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    matmul = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in lookups)
+    matmul += head_params if tied else 0
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    weight_bytes = {k: params * v + buffers for k, v in DTYPE_BYTES.items()}
+    total = weight_bytes[settings.dtype]
+    T, K = settings.tokens, settings.samples
+
+    # stage 1 keeps a float32 [T, C] clean activation, running sum and batch sum per site
+    accum = 3 * 4 * T * pool.n_units
+    per_gpu = int(WEIGHT_SHARE * settings.gpu_bytes)
+    gpus, load = _gpus_needed(model, per_gpu, total)
+    notes: list[str] = []
+    fits = gpus is not None and (settings.gpus is None or gpus <= settings.gpus)
+    if gpus is None:
+        notes.append(f"does not fit on {MAX_GPUS} GPUs of {settings.gpu_memory} without offloading")
+    elif not fits:
+        notes.append(f"needs {gpus} GPUs of {settings.gpu_memory}; only {settings.gpus} given")
+    widest = max(s.width for s in pool.sites)
+    n_gpu = gpus or 1
+    worst = max(load.values()) if load else total
+    per_gpu_load = worst + accum // n_gpu  # the fullest GPU's weights and its stage-1 sums
+    free = max(0, settings.gpu_bytes - per_gpu_load)
+    k_max = max(1, settings.max_neurons // settings.step)
+
+    b1 = batch_size_for_memory(model, free, T, K, widest, logits=False)
+    b2 = batch_size_for_memory(model, free, T, k_max, widest, logits=True)
+    n = settings.assume_n_star
+    rows2 = {
+        "linear": 1 + k_max,
+        "bisect": 1 + 2 * math.ceil(math.log2(k_max)) + 1 if k_max > 1 else 2,
+        "minimize": n * (n + 1) // 2 + n,
+    }
+    flops1 = 2 * (matmul - head_params) * T * (K + 1)
+    flops_row2 = 2 * matmul * T
+    flops2 = {k: flops_row2 * v for k, v in rows2.items()}
+    # a device map runs the layers one GPU after another: one GPU's throughput, not n of them
+    rate = settings.tflops * 1e12
+    seconds = (flops1 + flops2["linear"] + flops2["minimize"]) / rate
+    if cfg.model_type == "phi3" and settings.pool == "paper":
+        notes.append(
+            "the reference also hooks resid_mlp_dropout, a copy of mlp.down_proj: its count "
+            f"per token is {pool.n_units + cfg.num_hidden_layers * cfg.hidden_size:,}"
+        )
+    return Plan(
+        model=name or str(getattr(cfg, "_name_or_path", "") or cfg.model_type),
+        model_type=cfg.model_type,
+        layers=int(summary["n_layers"]),
+        params=params,
+        matmul_params=matmul,
+        head_params=head_params,
+        units=pool.n_units,
+        units_per_component=summary["units_per_component"],
+        weight_bytes=weight_bytes,
+        gpus=gpus,
+        fits=fits,
+        stage1_accumulator_bytes=accum,
+        gpu_load_bytes=per_gpu_load,
+        fp32_check_bytes=_upcast_bytes(model, settings.dtype),
+        stage1={
+            "passes_rows": K + 1,
+            "batch_size": b1,
+            "forward_passes": 1 + math.ceil(K / b1),
+            "flops": flops1,
+            "seconds": flops1 / rate,
+        },
+        stage2={
+            "rows": rows2,
+            "batch_size": b2,
+            "forward_passes": {k: math.ceil(v / b2) for k, v in rows2.items()},
+            "flops": flops2,
+            "seconds": {k: v / rate for k, v in flops2.items()},
+            "assumed_n_star": n,
+        },
+        seconds=seconds,
+        config={**asdict(settings), "gpu_bytes": settings.gpu_bytes},
+        notes=notes,
+    )
+
+
+def plan_source(
+    model: str, settings: PlanConfig, *, revision: str | None = None, name: str = ""
+) -> Plan:
+    """Size the model at ``model`` (a local folder with ``config.json``, or a hub id)."""
+    from transformers import AutoConfig
+
+    from achilles.config import ModelSpec
+    from achilles.model.loading import _load_error, _source
+
+    source, local = _source(ModelSpec(model=model, revision=revision))
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(model, local, e) from None
+    return plan_model(config, settings, name=name or model)
+
+
+def count_tokens(model: str, text: str, *, revision: str | None = None) -> int:
+    """Tokens of ``text`` under the tokenizer of ``model`` (a folder or hub id), BOS included."""
+    from transformers import AutoTokenizer
+
+    from achilles.config import ModelSpec
+    from achilles.model.loading import _load_error, _source, tokenize
+
+    source, local = _source(ModelSpec(model=model, revision=revision))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(model, local, e) from None
+    return int(tokenize(tokenizer, text).shape[1])
+
+
+def plan_entry(entry: Any, settings: PlanConfig, text: str | None = None) -> Plan:
+    """Plan one :class:`~achilles.scale.census.models.ModelEntry`: from its shipped shape, else its config."""
+    if entry.spec.dtype in DTYPE_BYTES:
+        settings = dataclasses.replace(settings, dtype=entry.spec.dtype)
+    if text is not None:
+        if entry.shape is not None:
+            raise AchillesError(
+                f"{entry.name} is a shipped shape without a tokenizer: give --tokens, not a text"
+            )
+        tokens = count_tokens(entry.spec.model, text, revision=entry.spec.revision)
+        settings = dataclasses.replace(settings, tokens=tokens)
+    if entry.shape is not None:
+        return plan_model(entry.shape, settings, name=entry.name)
+    return plan_source(entry.spec.model, settings, revision=entry.spec.revision, name=entry.name)
+
+
+def table(plans: list[Plan]) -> str:
+    """A markdown table of plans, one row per model."""
+    head = (
+        "| model | params | layers | units/token | weights | GPUs | per GPU "
+        "| stage 1 (rows, batch) | stage 2 linear (rows, batch) | est. time |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [head]
+    for p in plans:
+        dtype = p.config["dtype"]
+        gpus = "-" if p.gpus is None else str(p.gpus)
+        rows.append(
+            f"| {p.model} | {format_count(p.params)} | {p.layers} | {p.units:,} | "
+            f"{format_bytes(p.weight_bytes[dtype])} ({dtype}) | {gpus} | "
+            f"{format_bytes(p.gpu_load_bytes)} | "
+            f"{p.stage1['passes_rows']}, {p.stage1['batch_size']} | "
+            f"{p.stage2['rows']['linear']}, {p.stage2['batch_size']} | {_duration(p.seconds)} |"
+        )
+    return "\n".join(rows)
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _upcast_bytes(model: torch.nn.Module, dtype: str) -> int:
+    """Extra memory of the float32 re-check: it upcasts one decoder layer (or one weight-
+    holding module outside the layers) at a time in place (:func:`achilles.method.recheck.
+    upcast_groups`), so the largest such group is held in float32 at once (none for a
+    float32 run; offloaded runs reload instead)."""
+    extra = 4 - DTYPE_BYTES[dtype]
+    if extra <= 0:
+        return 0
+    def size(m: torch.nn.Module, recurse: bool) -> int:
+        # parameters, and floating buffers kept in the weights' dtype (Gemma's embed scale);
+        # float32 buffers (rotary frequencies) are not upcast
+        bufs = (b for b in m.buffers(recurse=recurse) if b.is_floating_point() and b.dtype != torch.float32)
+        return sum(t.numel() for t in (*m.parameters(recurse=recurse), *bufs))
+
+    layers, others = upcast_groups(model, low_precision_only=False)
+    sizes = [size(layer, True) for layer in layers] + [size(m, False) for m in others]
+    return extra * max(sizes, default=0)
