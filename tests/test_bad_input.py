@@ -348,24 +348,18 @@ def test_bad_input_matrix(name: str, zoo: Zoo, tmp_path: Path, capsys: pytest.Ca
 
 
 def test_local_path_typo_fails_fast(tmp_path: Path) -> None:
-    """A missing local folder is refused right after start-up: no parser of every command,
-    no hub retries. Timed against a bare ``import achilles`` (the package imports torch),
-    since the box running the tests may be busy: < 1 s on top of it (2 s in all, idle)."""
+    """A missing local folder is refused right after start-up, before the parser of every
+    command is built (which imports the command modules, transformers and the hub client):
+    checked by what the process imported, not by a timing, so a busy box cannot fail it."""
     (tmp_path / "models").mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-
-    def timed(*argv: str) -> tuple[float, subprocess.CompletedProcess[str]]:
-        start = time.perf_counter()
-        out = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True,
-                             text=True, env=env, timeout=120)
-        return time.perf_counter() - start, out
-
-    bare, _ = timed("-c", "import achilles")
-    elapsed, out = timed("-m", "achilles", "rank", "--model", "models/foo", "--text", TEXT,
-                         "--out", "r.json")
-    assert out.returncode == 2
+    probe = ("import sys; from achilles.cli import main; "
+             "code = main(['rank', '--model', 'models/foo', '--text', 'x', '--out', 'r.json']); "
+             "print(code, sorted(m for m in sys.modules if m.startswith('achilles.commands.')))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.stdout.split() == ["2", "[]"], (out.stdout, out.stderr)
     assert out.stderr.strip() == "achilles: error: model path not found: models/foo (check --model)"
-    assert elapsed < bare + 1.0, f"{elapsed:.1f} s vs {bare:.1f} s for the import alone"
     assert list(tmp_path.iterdir()) == [tmp_path / "models"]
 
 
@@ -374,12 +368,10 @@ def test_hub_id_fails_fast_when_offline(tiny_dir: Path, tmp_path: Path, capsys: 
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    start = time.perf_counter()
     code = main(["rank", "--model", "nobody-xyz/not-a-model", "--text", TEXT,
                  "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "could not load hub id" in err[0] and "offline" in err[0]
-    assert time.perf_counter() - start < 3.0
 
 
 # --------------------------------------------------------------- nothing unmeasured reported

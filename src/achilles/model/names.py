@@ -62,3 +62,11 @@ def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
         else:
             raw += tokenizer.decode([i], skip_special_tokens=False).encode("utf-8")
     return raw.decode("utf-8", errors="backslashreplace")
+
+
+def format_count(n: float) -> str:
+    """``n`` with a B/M/K suffix (parameters)."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(int(n))

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from achilles.scale.plan import format_count  # noqa: E402
+from achilles.model.names import format_count  # noqa: E402
 from achilles.plots import save_figure  # noqa: E402
 from achilles.plots.layers import KIND_COLORS  # noqa: E402
 

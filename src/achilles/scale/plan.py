@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from achilles.model.batching import batch_size_for_memory
+from achilles.model.names import format_count
 from achilles.config import opt
 from achilles.errors import AchillesError, require
 from achilles.results.schema import SCHEMA_VERSION
@@ -61,14 +62,6 @@ def format_bytes(n: float) -> str:
         if n >= 2**power:
             return f"{n / 2**power:.1f} {unit}"
     return f"{int(n)} B"
-
-
-def format_count(n: float) -> str:
-    """``n`` with a B/M/K suffix (parameters)."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(int(n))
 
 
 @dataclass(frozen=True)
