@@ -125,11 +125,16 @@ def read_gguf(path: str | os.PathLike[str]) -> Any:
     p = Path(path)
     if not p.is_file():
         raise AchillesError(f"GGUF file not found: {p} (check --model)")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise AchillesError(f"{p} is not a GGUF file (it does not start with 'GGUF'): check --model")
     try:
         reader = GGUFReader(p, "r")
     except Exception as e:  # noqa: BLE001 - every parse failure of a damaged file is one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AchillesError(f"{p} is not a readable GGUF file ({first}): check --model") from None
+        raise AchillesError(f"{p} is a damaged or truncated GGUF file ({first}): re-download or "
+                            "re-convert it") from None
     size = p.stat().st_size
     for t in reader.tensors:
         if t.data_offset + int(t.n_bytes) > size or t.data.nbytes != int(t.n_bytes):
@@ -388,7 +393,7 @@ def write_patched(
     endian = ">" if reader.endianess == GGUFEndian.BIG else "<"
     kept = [f for f in fields if f.name != MASK_KEY]  # a re-export replaces the old mask
     size = path.stat().st_size
-    with atomic_path(out) as tmp, open(path, "rb") as src, open(tmp, "wb") as dst:
+    with atomic_path(out) as tmp, open(path, "rb") as src, open(tmp, "wb") as dst:  # atomic: tmp
         head = src.read(24)
         n_tensors = struct.unpack(f"{endian}Q", head[8:16])[0]
         dst.write(head[:8] + struct.pack(f"{endian}QQ", n_tensors, len(kept) + 1))
