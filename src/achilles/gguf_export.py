@@ -393,7 +393,8 @@ def write_patched(
     endian = ">" if reader.endianess == GGUFEndian.BIG else "<"
     kept = [f for f in fields if f.name != MASK_KEY]  # a re-export replaces the old mask
     size = path.stat().st_size
-    with atomic_path(out) as tmp, open(path, "rb") as src, open(tmp, "wb") as dst:  # atomic: tmp
+    with (atomic_path(out) as tmp, open(path, "rb") as src,
+          open(tmp, "wb") as dst):  # atomic: atomic_path's temp file
         head = src.read(24)
         n_tensors = struct.unpack(f"{endian}Q", head[8:16])[0]
         dst.write(head[:8] + struct.pack(f"{endian}QQ", n_tensors, len(kept) + 1))

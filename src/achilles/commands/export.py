@@ -29,7 +29,7 @@ def _run_export_gguf(args: argparse.Namespace) -> int:
                          mask_source=mask.source, force=args.force, progress=progress(args))
     n_bytes = sum(e - s for rs in result.changed.values() for s, e in rs)
     print(f"exported {len(result.units)} unit(s) as {len(result.edits)} tensor edit(s), "
-          f"{n_bytes} byte(s) changed in {len(result.changed)} tensor(s), same quantization\n"
+          f"{n_bytes} byte(s) rewritten in {len(result.changed)} tensor(s), same quantization\n"
           f"written: {out} (mask in its metadata key achilles.mask)")
     return 0
 
