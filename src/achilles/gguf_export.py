@@ -178,11 +178,16 @@ def _header_layout(reader: Any, path: Path) -> tuple[list[Any], int, int]:
 
 
 def _metadata(reader: Any, key: str, default: Any = None) -> Any:
+    """A scalar or string metadata value of the file (``default`` when absent)."""
+    from gguf.constants import GGUFValueType
+
     f = reader.fields.get(key)
-    if f is None:
+    if f is None or not f.data:
         return default
-    value = f.contents()
-    return value
+    part = f.parts[f.data[0]]
+    if f.types and f.types[0] == GGUFValueType.STRING:
+        return bytes(part).decode("utf-8")
+    return part[0].item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +279,7 @@ def zero_block(qtype: Any) -> bytes:
 
 
 def _value_bytes(t: Any, value: float) -> bytes:
-    """``value`` as one element of a float tensor ``t`` (``None`` for a quantized tensor)."""
+    """``value`` as one element of the float (F32/F16/BF16/F64) tensor ``t``."""
     name = _type_name(t)
     if name == "BF16":
         f32 = np.array([value], np.float32).view(np.uint32)
