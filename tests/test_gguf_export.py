@@ -281,6 +281,31 @@ def test_columns_of_block_quantized_tensors_are_refused(tiny_gguf: Path, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_full_disk_is_refused_before_writing_and_a_failed_write_leaves_nothing(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    import achilles.gguf_export as ge
+
+    units = [Unit("model.layers.0.mlp.down_proj", 3, 0, "mlp.down")]
+    usage, real = namedtuple("usage", "total used free"), shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 100, 100))
+    with pytest.raises(AchillesError, match="free some space"):
+        export_gguf(tiny_gguf, units, tmp_path / "out" / "x.gguf", model=_skeleton())
+    monkeypatch.setattr(shutil, "disk_usage", real)
+
+    def full(*a: object) -> bytes:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ge, "_kv_string", full)  # fails mid-write, after the temp file exists
+    with pytest.raises(AchillesError, match="No space left on device"):
+        export_gguf(tiny_gguf, units, tmp_path / "out" / "x.gguf", model=_skeleton())
+    assert list(tmp_path.iterdir()) == [], "no temp file, no folder left behind"
+
+
 def test_reexport_replaces_the_mask_key(tiny_gguf: Path, tmp_path: Path) -> None:
     first, second = tmp_path / "a.gguf", tmp_path / "b.gguf"
     u1 = [Unit("model.layers.0.mlp.down_proj", 3, 0, "mlp.down")]

@@ -506,8 +506,8 @@ def export_gguf(
     reader, edits, patches = plan_gguf_export(path, model, units, reader=reader)
     free = shutil.disk_usage(_existing(out)).free
     if free < path.stat().st_size + (1 << 20):
-        raise AchillesError(f"cannot write {out}: {free / 2**30:.1f} GiB free, the export needs "
-                            f"{path.stat().st_size / 2**30:.1f} GiB (free some space or choose another --out)")
+        raise AchillesError(f"cannot write {out}: {free / 2**20:,.0f} MiB free, the export needs "
+                            f"{path.stat().st_size / 2**20:,.0f} MiB (free some space or choose another --out)")
     changed = _changed_ranges(reader, patches)
     config = {"source": str(path), "mask": mask_source or {}, "achilles": __version__}
     payload = {"schema_version": SCHEMA_VERSION, "kind": "gguf_mask", **config,
