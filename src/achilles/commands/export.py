@@ -72,5 +72,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "bytes changed (default: %(default)s)")
     p.add_argument("--out", required=True, help="folder to write the checkpoint to (a .gguf file "
                    "with --format gguf)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder (a file "
+                   "with --format gguf)")
     p.set_defaults(run=_run_export)
