@@ -30,6 +30,8 @@ def model_path_problem(name: str) -> str | None:
     local = Path(name).expanduser()
     if not local.exists():
         return f"model path not found: {name} (check --model)" if looks_local(name) else None
+    if local.is_file() and local.suffix == ".gguf":
+        return None  # a GGUF file (achilles export --format gguf)
     if not local.is_dir():
         return f"--model must be a folder or a hub id, not a file: {name}"
     if not (local / "config.json").is_file():

@@ -14,20 +14,21 @@ from achilles.commands.common import (
     progress,
 )
 from achilles.commands.ppl import add_mask_options, check_mask_args
-from achilles.weights.compress import DEFAULT_METHODS, compress_experiment, keep_list, parse_methods
-from achilles.weights.compress.run import random_units
 from achilles.config import add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
 from achilles.evaluation.masks import load_mask
 from achilles.evaluation.perplexity import PerplexityConfig, evaluator_from_config
-from achilles.results.files import write_json
-from achilles.results.provenance import environment
-from achilles.results.schema import read_json
+from achilles.model.gguf_names import LLAMA_QUANTIZE_TYPES
 from achilles.model.loading import MIN_TOKENS, context_length, inspect_model, load_model, tokenize
 from achilles.model.names import model_name
 from achilles.plots.compression import plot_compression
 from achilles.report.compression import COMPRESSION_FIGURE, COMPRESSION_FILE, compression_rows
+from achilles.results.files import atomic_write, write_json
+from achilles.results.provenance import environment
+from achilles.results.schema import read_json
+from achilles.weights.compress import DEFAULT_METHODS, compress_experiment, keep_list, parse_methods
+from achilles.weights.compress.run import random_units
 
 KEEP_LIST_FILE = "keep_list.json"
 
@@ -124,20 +125,32 @@ def _run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def tensor_types_file(out: Path) -> Path:
+    """The llama-quantize overrides written next to the keep-list ``out``."""
+    return out.with_name(f"{out.stem}.tensor-types.txt")
+
+
 def _run_keep_list(args: argparse.Namespace) -> int:
     spec = model_spec(args)
     _require_mask(args)
     out = check_destination(args.out, "file", force=args.force, flag="--out")
+    overrides = check_destination(tensor_types_file(out), "file", force=args.force, flag="--out")
     skeleton = inspect_model(spec)  # names and shapes are enough
     mask = load_mask(skeleton, args.mask, top=args.top, set_name=args.set_name)
     if not mask.units:
         raise AchillesError(f"{args.mask} gives no unit to keep (an empty {args.set_name} set, "
                             "or --top 0): pass another --set, or a ranking with --top N >= 1")
-    kl = keep_list(skeleton.model, mask.units)
+    kl = keep_list(skeleton.model, mask.units, gguf_type=args.gguf_type)
     kl.update(config={"model": dataclasses.asdict(spec), "mask": mask.source}, env=environment())
+    written = [out]
+    if kl["llama_quantize"] is not None:  # one `--tensor-type PATTERN=TYPE` per line: $(cat FILE)
+        lq = kl["llama_quantize"]["llama_quantize_args"]
+        atomic_write(overrides, "".join(f"{a} {b}\n" for a, b in zip(lq[::2], lq[1::2], strict=True)))
+        written.append(overrides)
     write_json(out, kl)
     print(f"{len(mask.units)} unit(s) in {len(kl['modules'])} module(s): "
-          f"{', '.join(kl['modules'][:6])}{' ...' if len(kl['modules']) > 6 else ''}\nwritten: {out}")
+          f"{', '.join(kl['modules'][:6])}{' ...' if len(kl['modules']) > 6 else ''}\n"
+          f"written: {', '.join(map(str, written))}")
     return 0
 
 
@@ -169,10 +182,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the weights quantizers must keep in high precision (no weights loaded)",
         description="Write a JSON keep-list: per critical unit, the weight rows/columns that "
         "belong to it, and the module names for transformers' quantization configs "
-        "(llm_int8_skip_modules, modules_to_not_convert).",
+        "(llm_int8_skip_modules, modules_to_not_convert). For Llama/Mistral/Qwen2/Qwen3 it also "
+        "writes OUT-STEM.tensor-types.txt next to it: llama-quantize overrides, one "
+        "`--tensor-type ^blk\\.N\\.NAME\\.weight$=TYPE` per line (use: llama-quantize "
+        "$(cat FILE) in.gguf out.gguf Q4_K_M).",
     )
     add_weightless_common(k)
     add_mask_options(k)
     k.add_argument("--out", required=True, help="keep-list JSON to write")
-    k.add_argument("--force", action="store_true", help="replace an existing file")
+    k.add_argument("--gguf-type", choices=LLAMA_QUANTIZE_TYPES, default="q8_0",
+                   help="the type llama-quantize keeps the critical tensors at (default: %(default)s)")
+    k.add_argument("--force", action="store_true", help="replace existing files")
     k.set_defaults(run=_run_keep_list)

@@ -4,7 +4,9 @@ Per unit: the weight rows/columns that belong to it (:mod:`achilles.weights.comp
 Per model: the modules holding them, in the forms transformers' quantization configs take
 (``llm_int8_skip_modules`` for bitsandbytes, ``modules_to_not_convert`` for AWQ/GPTQ/others:
 full dotted names, which match exactly), plus the output embedding, which those configs skip
-by default and a user-supplied list would otherwise drop.
+by default and a user-supplied list would otherwise drop; and, for families with a GGUF name
+table, llama.cpp's ``llama-quantize --tensor-type`` overrides for the same tensors
+(:func:`achilles.model.gguf_names.tensor_type_overrides`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Any
 
 import torch
 
-from achilles.weights.compress.ownership import unit_slices
-from achilles.results.schema import SCHEMA_VERSION
+from achilles.model.gguf_names import tensor_type_overrides
 from achilles.model.units import Unit
+from achilles.results.schema import SCHEMA_VERSION
+from achilles.weights.compress.ownership import unit_slices
 
 
 def _output_embedding_name(model: torch.nn.Module) -> str | None:
@@ -24,8 +27,12 @@ def _output_embedding_name(model: torch.nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
-def keep_list(model: torch.nn.Module, units: Sequence[Unit]) -> dict[str, Any]:
-    """The keep-list of ``units`` (works on a meta-device model: only names and shapes)."""
+def keep_list(model: torch.nn.Module, units: Sequence[Unit], *, gguf_type: str = "q8_0") -> dict[str, Any]:
+    """The keep-list of ``units`` (works on a meta-device model: only names and shapes).
+
+    ``gguf_type``: the type the ``llama_quantize`` overrides keep the modules at (``None``
+    there when the family has no GGUF name table).
+    """
     entries = []
     modules: dict[str, None] = {}
     for u in units:
@@ -52,4 +59,5 @@ def keep_list(model: torch.nn.Module, units: Sequence[Unit]) -> dict[str, Any]:
         "modules": sorted(modules),
         "llm_int8_skip_modules": skip,
         "modules_to_not_convert": skip,
+        "llama_quantize": tensor_type_overrides(sorted(modules), model.config.model_type, gguf_type),
     }
