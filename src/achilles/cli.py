@@ -103,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_as_exit(), contextlib.ExitStack() as stack:
             args.exit_stack = stack  # output folders claimed by the command, released at exit
+            from achilles.paths import check_args_apart
+
+            check_args_apart(args)  # no output is, holds, or lies inside an input
             return int(args.run(args) or 0)
     except AchillesError as e:
         print(f"achilles: error: {e}", file=sys.stderr)

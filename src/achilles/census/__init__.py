@@ -22,11 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from achilles.census.models import ModelEntry, read_model_list
-from achilles.census.run import CensusSettings, Task, check_resumable, collect, is_done, run_dir_of
+from achilles.census.models import ModelEntry, check_name, read_model_list
+from achilles.census.run import (
+    RUNS_DIR,
+    CensusSettings,
+    Task,
+    check_resumable,
+    collect,
+    is_done,
+    run_dir_of,
+    run_dir_problem,
+)
 from achilles.census.summary import SummaryFiles, write_summary
 from achilles.errors import AchillesError
-from achilles.io import check_destination
+from achilles.io import check_destination, claim_dir
+from achilles.paths import check_apart
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +56,6 @@ class CensusResult:
     @property
     def complete(self) -> bool:
         return all(r["status"] == "ok" for r in self.rows)
-
-
-def check_out_dir(out_dir: str | Path) -> Path:
-    """Check ``out_dir`` with a real write probe (creating nothing), then create it."""
-    out = check_destination(out_dir, "dir", flag="--out-dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AchillesError(f"cannot write to {out}: {e.strerror or e} (choose another --out-dir)") from None
-    return out
 
 
 def preflight_entries(entries: list[ModelEntry], settings: CensusSettings) -> None:
@@ -130,12 +130,52 @@ def run_census(
     if launcher == "slurm":
         launch._import_submitit()
     check_destination(out_dir, "dir", flag="--out-dir")  # before any other work; creates nothing
-    todo = [e for e in entries if not is_done(run_dir_of(out_dir, e))]
+    check_apart([(f"model {e.name!r} of the list", e.spec.model) for e in entries],
+                [("--out-dir", out_dir)])
+    for e in entries:
+        check_name(e.name, f"model {e.spec.model}")
+    if (Path(out_dir).expanduser() / RUNS_DIR).is_symlink():
+        raise AchillesError(f"{Path(out_dir) / RUNS_DIR} is a symbolic link: the census writes only "
+                            "into folders it made; remove the link")
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise AchillesError("two models of the list share a run name: give each its own --name")
+    for e in entries:
+        problem = run_dir_problem(run_dir_of(out_dir, e), e)
+        if problem is not None:
+            raise AchillesError(problem)
+    todo = [e for e in entries if not is_done(run_dir_of(out_dir, e), e)]
     for e in entries:
         if e not in todo:
             check_resumable(run_dir_of(out_dir, e), e, settings)
     preflight_entries(todo, settings)  # before the out folder exists: bad input leaves nothing
-    out = check_out_dir(out_dir)
+    with claim_dir(out_dir, flag="--out-dir") as out:  # one census at a time in a folder
+        return _run_claimed(entries, todo, settings, out, launcher=launcher, jobs=jobs,
+                            gpus_per_job=gpus_per_job, gpu_memory=gpu_memory, slurm=slurm,
+                            config=config, progress=progress)
+
+
+def _run_claimed(
+    entries: list[ModelEntry],
+    todo: list[ModelEntry],
+    settings: CensusSettings,
+    out: Path,
+    *,
+    launcher: str,
+    jobs: int,
+    gpus_per_job: int | None,
+    gpu_memory: str | None,
+    slurm: dict[str, Any] | None,
+    config: dict[str, Any] | None,
+    progress: bool,
+) -> CensusResult:
+    """The part of :func:`run_census` that runs with the census folder claimed."""
+    from achilles.census import launch
+
+    for e in todo:  # a census that held the folder before us may have finished some
+        problem = run_dir_problem(run_dir_of(out, e), e)
+        if problem is not None:
+            raise AchillesError(problem)
     tasks = [Task(e, str(run_dir_of(out, e))) for e in todo]
     logger.info("census: %d model(s) to run, %d already done", len(todo), len(entries) - len(todo))
     job_ids: list[str] = []

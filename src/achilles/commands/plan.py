@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.models is None):
         raise AchillesError("give exactly one of --model or --models")
     if args.models is not None:
-        entries = read_model_list(args.models)
+        entries = read_model_list(args.models, sizing_only=True)  # plan runs no model code
         if args.select:
             wanted = [n.strip() for n in args.select.split(",") if n.strip()]
             unknown = [n for n in wanted if n not in {e.name for e in entries}]

@@ -407,22 +407,20 @@ def explain_run(
     if not figures:
         mech.save(run_dir / MECHANISM_FILE)
         return mech
-    import shutil
-    import tempfile
-
+    from achilles.guard import clean_stale, remove_made, temp_dir
     from achilles.plots.mechanism import plot_mechanism
 
     # figures drawn aside and moved in just before mechanism.json: an interrupt while
-    # plotting leaves neither new figures beside an old (or no) mechanism.json nor stray files
-    staging = Path(tempfile.mkdtemp(prefix=".mechanism.", dir=run_dir))
-    try:
+    # plotting leaves neither new figures beside an old (or no) mechanism.json nor stray files;
+    # the staging folder is marked (deletion guard) so a killed run's is removed next time
+    clean_stale(run_dir, ".mechanism.", "explain")
+    with temp_dir(run_dir, ".mechanism.", "explain") as staging:
         drafts = plot_mechanism(mech.to_dict(), staging)
         (run_dir / "figures").mkdir(exist_ok=True)
         for f in drafts:
             os.replace(f, run_dir / "figures" / f.name)
         mech.save(run_dir / MECHANISM_FILE)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    remove_made(staging, "explain")
     return mech
 
 
