@@ -60,15 +60,23 @@ def mark(folder: str | os.PathLike[str], command: str, **facts: Any) -> dict[str
 
 
 def make_dir(path: str | os.PathLike[str], command: str, **facts: Any) -> Path:
-    """Create the folder ``path`` (its parents as needed; ``path`` itself must be new) and mark it."""
+    """Create the folder ``path`` already marked (its parents as needed; ``path`` must be new).
+
+    The folder is made and marked under a hidden name beside ``path``, then renamed into
+    place, so ``path`` never exists without its marker (a kill in between leaves only a
+    hidden folder, which the next call removes).
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.mkdir()
-    try:
-        mark(p, command, **facts)
-    except BaseException:
-        p.rmdir()
-        raise
+    prefix = f".{p.name}.achilles-new-"
+    clean_stale(p.parent, prefix, command)
+    with temp_dir(p.parent, prefix, command, **facts) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a made folder is like any other
+        if p.is_symlink() or p.exists():
+            raise AchillesError(f"{p} exists: achilles makes only new folders here")
+        os.rename(tmp, p)
     return p
 
 
@@ -245,6 +253,11 @@ def clean_stale(parent: str | os.PathLike[str], prefix: str, command: str) -> li
         return removed
     for p in sorted(folder.iterdir()):
         if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
+            continue
+        if not any(p.iterdir()):  # killed before its marker was written: nothing to lose
+            with contextlib.suppress(OSError):
+                p.rmdir()
+                removed.append(p)
             continue
         if not made_by(p, command) or _locked_by_someone(p / MARKER):
             continue

@@ -63,7 +63,8 @@ def slug(model: str) -> str:
     """A folder name for ``model``: a local folder's name, or the hub id with ``/`` as ``__``."""
     local = Path(model).expanduser()
     base = local.resolve().name if local.exists() else model.strip("/").replace("/", "__")
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", base) or "model"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip("._-")[:200]  # one visible path component
+    return name or "model"
 
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
