@@ -157,15 +157,18 @@ def check_destination(out: str | os.PathLike[str], *, force: bool) -> None:
     if os.fspath(out).strip() and Path(out).expanduser().is_symlink():
         target = os.path.realpath(Path(out).expanduser())
         raise AchillesError(f"--out {out} is a symbolic link (to {target}): name the real folder")
-    out = io.check_destination(out, "dir", flag="--out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise AchillesError(f"--out {out} exists and is not empty: pass --force to replace it")
-    if out.is_dir() and any(out.iterdir()) and not made_by(out, "export"):
-        raise AchillesError(f"--out {out} was not written by `achilles export` (no {MARKER} marker): "
-                            "--force replaces only an earlier export; remove it yourself or choose another --out")
-    if out.is_dir() and out.resolve() in (Path.cwd(), *Path.cwd().parents):
-        raise AchillesError(f"--out {out} holds the current folder, which --force would delete: "
-                            "name a new folder for the checkpoint")
+    raw = out
+    out = Path(out).expanduser()
+    if os.fspath(raw).strip() and out.is_dir() and any(out.iterdir()):  # refusals first: the probe writes
+        if not force:
+            raise AchillesError(f"--out {out} exists and is not empty: pass --force to replace it")
+        if out.resolve() in (Path.cwd(), *Path.cwd().parents):
+            raise AchillesError(f"--out {out} holds the current folder, which --force would delete: "
+                                "name a new folder for the checkpoint")
+        if not made_by(out, "export"):
+            raise AchillesError(f"--out {out} was not written by `achilles export` (no {MARKER} marker): "
+                                "--force replaces only an earlier export; remove it yourself or choose another --out")
+    io.check_destination(raw, "dir", flag="--out")
 
 
 def model_card(result: ExportResult, source_name: str) -> str:

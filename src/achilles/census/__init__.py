@@ -129,7 +129,6 @@ def run_census(
         raise AchillesError("--slurm-timeout must be >= 1 minute")
     if launcher == "slurm":
         launch._import_submitit()
-    check_destination(out_dir, "dir", flag="--out-dir")  # before any other work; creates nothing
     check_apart([(f"model {e.name!r} of the list", e.spec.model) for e in entries],
                 [("--out-dir", out_dir)])
     for e in entries:
@@ -144,6 +143,7 @@ def run_census(
         problem = run_dir_problem(run_dir_of(out_dir, e), e)
         if problem is not None:
             raise AchillesError(problem)
+    check_destination(out_dir, "dir", flag="--out-dir")  # before any long work; creates nothing
     todo = [e for e in entries if not is_done(run_dir_of(out_dir, e), e)]
     for e in entries:
         if e not in todo:
