@@ -308,3 +308,20 @@ def test_workers_die_with_a_killed_census(tmp_path: Path) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_only_the_deletion_guard_removes_folder_trees() -> None:
+    """No module deletes a folder tree itself: ``rmtree`` lives in ``guard.py`` alone (so a
+    new command cannot delete a folder because a path pointed there)."""
+    import re
+
+    pattern = re.compile(r"\brmtree\b|\bremovedirs\b|os\.rmdir\(|\.rmdir\(")
+    allowed = {"guard.py", "io.py"}  # io.py: rmdir of the empty folders a failed write created
+    found = []
+    for path in sorted((REPO / "src" / "achilles").rglob("*.py")):
+        if path.name in allowed:
+            continue
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if pattern.search(line):
+                found.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
+    assert not found, "delete through achilles.guard.remove_made:\n" + "\n".join(found)
