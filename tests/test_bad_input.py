@@ -300,9 +300,6 @@ CASES: dict[str, tuple[Case, str]] = {
                                                "--out", _link(w / "r.json", "t.txt")], "is the input --text-file"),
     "rank-out-hardlink-to-text": (lambda z, w: ["rank", "--model", z.tiny, "--text-file", _plant(w, "t.txt", TEXT.encode()),
                                                 "--out", _hardlink(w / "t.txt", w / "r.json")], "is the input --text-file"),
-    "find-out-dir-holds-text": (lambda z, w: ["find", "--model", z.tiny, "--text-file",
-                                              _plant(_plant(w, "sub", folder=True), "t.txt", TEXT.encode()),
-                                              "--out-dir", w / "sub"], "holds the input --text-file"),
     "overlap-out-in-run": (lambda z, w: ["overlap", _run_copy(z, w), z.ranking.parent,
                                          "--out", w / "run" / "identification.json"], "lies inside the input RUN_A"),
     "export-out-holds-mask": (lambda z, w: _export(z, w, w / "run", "--force")[:3] + [

@@ -242,11 +242,11 @@ def export_masked(
         raise AchillesError("the mask is empty: there is nothing to export")
     out = Path(out)
     check_destination(out, force=force)
-    check_apart([("--model", spec.model)], [("--out", out)])
+    check_apart([("--model", spec.model)], [("--out", out)], replaced=True)
     source = resolve_source(spec)
     check_apart([("the model's files", source), *(
         [("--mask", mask_source["file"])] if mask_source and mask_source.get("file") else [])],
-        [("--out", out)])
+        [("--out", out)], replaced=True)
     by_key, shards, weight_map = plan_export(model, units, source)
     result = ExportResult(
         out=out, shards=shards, edits=[e for es in by_key.values() for e in es], units=list(units),

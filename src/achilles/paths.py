@@ -1,9 +1,11 @@
-"""The path-overlap check: no output is, contains, or lies inside an input.
+"""The path-overlap check: no output is, or lies inside, an input; none that is replaced holds one.
 
 :func:`check_apart` compares every output path of a command with every input path by
 resolved path (symbolic links and ``..`` resolved; the same file under two names, a hard
 link, counts as the same), before any work. A hub id (an input name that is not an
-existing path) is not a path and is never compared.
+existing path) is not a path and is never compared. An output folder that achilles
+replaces as a whole (``export --out``) must not hold an input either; a folder that is only written into may (``compress --mask RUN/identification.json
+--out-dir RUN`` adds its result beside the mask it read).
 
 :func:`check_args_apart` applies it to a parsed command line: :data:`INPUT_OPTIONS` and
 :data:`OUTPUT_OPTIONS` name which options of any command are read and which are written.
@@ -54,14 +56,21 @@ def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return False
 
 
-def check_apart(inputs: Iterable[tuple[str, object]], outputs: Iterable[tuple[str, object]]) -> None:
-    """Refuse an output that is, contains, or lies inside an input.
+REPLACING_COMMANDS: frozenset[str] = frozenset({"export"})
+"""Commands whose output folder may be replaced or emptied as a whole (see :func:`check_apart`)."""
+
+
+def check_apart(inputs: Iterable[tuple[str, object]], outputs: Iterable[tuple[str, object]],
+                *, replaced: bool = False) -> None:
+    """Refuse an output that is or lies inside an input (or, ``replaced``, holds one).
 
     Args:
         inputs: ``(label, path)`` pairs read by the command (``label`` as the user typed
             it, e.g. ``"--model"``); ``None``, empty and non-existing paths (hub ids,
             dataset names) are skipped.
         outputs: ``(label, path)`` pairs the command writes (existing or not).
+        replaced: the output folders are replaced or emptied as a whole, so one that
+            holds an input is refused too.
 
     Raises:
         AchillesError: one line naming both options and the fix.
@@ -82,7 +91,7 @@ def check_apart(inputs: Iterable[tuple[str, object]], outputs: Iterable[tuple[st
                 why = f"is the input {ilabel} {iraw}"
             elif _within(out, inp):
                 why = f"lies inside the input {ilabel} {iraw}"
-            elif _within(inp, out):
+            elif replaced and _within(inp, out):
                 why = f"holds the input {ilabel} {iraw}"
             else:
                 continue
@@ -101,4 +110,4 @@ def check_args_apart(args: argparse.Namespace,
     inputs = [(label, v) for dest, label in INPUT_OPTIONS.items() for v in _values(ns.get(dest))]
     inputs += list((extra_inputs or {}).items())
     outputs = [(label, ns.get(dest)) for dest, label in OUTPUT_OPTIONS.items()]
-    check_apart(inputs, outputs)
+    check_apart(inputs, outputs, replaced=ns.get("command") in REPLACING_COMMANDS)
