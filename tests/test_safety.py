@@ -325,3 +325,16 @@ def test_only_the_deletion_guard_removes_folder_trees() -> None:
             if pattern.search(line):
                 found.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
     assert not found, "delete through achilles.guard.remove_made:\n" + "\n".join(found)
+
+
+def test_a_finished_run_from_before_the_markers_is_reused_never_deleted(tmp_path: Path) -> None:
+    (sink,) = read_model_list(str(_list(tmp_path / "a.txt", f"{SINK} --name s")))
+    run_dir = run_dir_of(tmp_path / "census", sink)
+    assert run_task(Task(sink, str(run_dir)), _settings())["status"] == "ok"
+    (run_dir / guard.MARKER).unlink()  # as a census of an earlier achilles left it
+    before = _files(run_dir)
+    assert run_task(Task(sink, str(run_dir)), _settings())["status"] == "ok"
+    assert collect(tmp_path / "census", [sink])[0]["status"] == "ok"
+    (natural,) = read_model_list(str(_list(tmp_path / "b.txt", f"{NATURAL} --name s")))
+    assert run_task(Task(natural, str(run_dir)), _settings())["status"] == "failed"
+    assert _files(run_dir) == before

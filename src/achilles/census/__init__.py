@@ -9,9 +9,13 @@ Layout of a census folder::
     DIR/figures/scale.png     n* and Δ against model size
     DIR/slurm/                submitit's logs (slurm launcher)
 
-:func:`run_census` checks every input first (the out folder, then each model's config,
-tokenizer, text length and unit pool, on the meta device), runs what is not done yet through
-a launcher (:mod:`achilles.census.launch`), and writes the summary from the run folders.
+:func:`run_census` checks every input first (no output inside a model of the list, run
+names that are folder names, run folders the census made for the same model, the out
+folder, then each model's config, tokenizer, text length and unit pool, on the meta
+device), holds the census folder (:func:`achilles.io.claim_dir`: a second census into it is
+refused), runs what is not done yet through a launcher (:mod:`achilles.census.launch`), and
+writes the summary from the run folders. Run folders carry the deletion guard's marker
+(:mod:`achilles.guard`); the census deletes no other folder.
 """
 
 from __future__ import annotations

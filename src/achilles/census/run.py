@@ -75,11 +75,26 @@ def made_for(run_dir: str | Path) -> str | None:
     return record.get("model")
 
 
+def _legacy_done_for(run_dir: str | Path, entry: ModelEntry) -> bool:
+    """A finished run made before run folders were marked, of ``entry``'s model (read, never deleted)."""
+    from achilles.errors import AchillesError
+
+    try:
+        done = read_json(Path(run_dir) / DONE_FILE, kind="census_run")
+    except AchillesError:
+        return False
+    model = (done.get("config") or {}).get("model")
+    return isinstance(model, dict) and model.get("model") == entry.spec.model
+
+
 def is_done(run_dir: str | Path, entry: ModelEntry | None = None) -> bool:
     """Whether ``run_dir`` holds a finished run (of ``entry``'s model, when given)."""
     if not (Path(run_dir) / DONE_FILE).is_file() or Path(run_dir).is_symlink():
         return False
-    return entry is None or made_for(run_dir) == model_key(entry)
+    if entry is None:
+        return True
+    made = made_for(run_dir)
+    return made == model_key(entry) if made is not None else _legacy_done_for(run_dir, entry)
 
 
 def run_dir_problem(run_dir: str | Path, entry: ModelEntry) -> str | None:
@@ -92,6 +107,8 @@ def run_dir_problem(run_dir: str | Path, entry: ModelEntry) -> str | None:
     if not p.is_dir():
         return f"{p} is a file, not a run folder: move it away"
     made = made_for(p)
+    if made is None and _legacy_done_for(p, entry):
+        return None  # finished before run folders were marked: reused, never deleted
     if made is None:
         return (f"{p} was not made by this census (no .achilles-made marker): move it away or "
                 "choose another --out-dir")
