@@ -29,10 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import TEXT, configs, make_model
 
-from achilles.results.files import atomic_path, atomic_write, check_destination, write_json
-from achilles.results.lock import LOCK_NAME, claim_dir
 from achilles.cli import main
 from achilles.errors import AchillesError
+from achilles.results.files import atomic_path, atomic_write, check_destination, write_json
+from achilles.results.lock import LOCK_NAME, claim_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SINK, NATURAL = REPO / "models" / "sink", REPO / "models" / "natural"
@@ -286,7 +286,96 @@ CASES: dict[str, tuple[Case, str]] = {
     "plan-models-not-utf8": (lambda z, w: ["plan", "--models", _plant(w, "m.txt", b"\xff\xfe")], "not UTF-8"),
     "census-models-not-utf8": (lambda z, w: ["census", "--models", _plant(w, "m.txt", b"\xff\xfe"), "--text", TEXT,
                                              "--out-dir", w / "out"], "not UTF-8"),
+    # issue 21: outputs that are, hold, or lie inside an input (the path-overlap check)
+    "export-out-is-model": (lambda z, w: ["export", "--model", _model_copy(z, w), "--mask", z.identification,
+                                          "--out", w / "m", "--force"], "is the input --model"),
+    "find-out-inside-model": (lambda z, w: _find(z, w, model=_model_copy(z, w))[:-3] + ["--out-dir", w / "m" / "run"],
+                              "lies inside the input --model"),
+    "identify-out-is-ranking": (lambda z, w: [*_identify(z, w, _variant(z, w, z.ranking, lambda d: None)),
+                                              "--out", w / "in-ranking.json"], "is the input --ranking"),
+    "ppl-out-is-data": (lambda z, w: ["ppl", "--model", z.tiny, "--data", _plant(w, "d.txt", TEXT.encode()),
+                                      "--out", w / "d.txt"], "is the input --data"),
+    "rank-out-is-text-file": (lambda z, w: ["rank", "--model", z.tiny, "--text-file", _plant(w, "t.txt", TEXT.encode()),
+                                            "--out", w / "t.txt"], "is the input --text-file"),
+    "rank-out-symlink-to-text": (lambda z, w: ["rank", "--model", z.tiny, "--text-file", _plant(w, "t.txt", TEXT.encode()),
+                                               "--out", _link(w / "r.json", "t.txt")], "is the input --text-file"),
+    "rank-out-hardlink-to-text": (lambda z, w: ["rank", "--model", z.tiny, "--text-file", _plant(w, "t.txt", TEXT.encode()),
+                                                "--out", _hardlink(w / "t.txt", w / "r.json")], "is the input --text-file"),
+    "overlap-out-in-run": (lambda z, w: ["overlap", _run_copy(z, w), z.ranking.parent,
+                                         "--out", w / "run" / "identification.json"], "lies inside the input RUN_A"),
+    "export-out-holds-mask": (lambda z, w: _export(z, w, w / "run", "--force")[:3] + [
+        "--mask", _run_copy(z, w) / "identification.json", "--out", w / "run", "--force"], "holds the input --mask"),
+    # the deletion guard: --force replaces only an earlier export; links are refused
+    "export-force-not-an-export": (lambda z, w: _export(z, w, _plant(_plant(w, "mine", folder=True), "a.txt").parent,
+                                                        "--force"), "was not written by `achilles export`"),
+    "export-out-link-to-folder": (lambda z, w: _export(z, w, _link(w / "ln", _plant(w, "real", folder=True)), "--force"),
+                                  "is a symbolic link"),
+    "export-out-dangling-link": (lambda z, w: _export(z, w, _link(w / "ln", w / "nowhere")), "is a symbolic link"),
+    # census: names are folder names, unique; a list never widens remote code; run folders it made
+    "census-name-escapes": (lambda z, w: _census(z, w, f"{z.tiny} --name ../../victim"), "is not a folder name"),
+    "census-name-absolute": (lambda z, w: _census(z, w, f"{z.tiny} --name {w / 'victim'}"), "is not a folder name"),
+    "census-name-dot": (lambda z, w: _census(z, w, f"{z.tiny} --name ."), "is not a folder name"),
+    "census-name-twice": (lambda z, w: _census(z, w, f"{z.tiny} --name a", f"{z.tiny_other} --name a"),
+                          "is also the name of"),
+    "census-line-widens-remote-code": (lambda z, w: [*_census(z, w, f"{_remote_code_model(z, w)} --trust-remote-code"),
+                                                     "--no-trust-remote-code"], "needs --trust-remote-code on the command line"),
+    "census-out-inside-model": (lambda z, w: [*_census(z, w, str(_model_copy(z, w)))[:-2], "--out-dir", w / "m" / "c"],
+                                "lies inside the input model"),
+    "census-run-is-link": (lambda z, w: _census(z, w, f"{z.tiny} --name t", run=("t", "link")), "is a symbolic link"),
+    "census-run-not-made": (lambda z, w: _census(z, w, f"{z.tiny} --name t", run=("t", "folder")),
+                            "was not made by this census"),
+    "census-runs-is-link": (lambda z, w: _census(z, w, f"{z.tiny} --name t", run=("", "link")), "is a symbolic link"),
 }
+
+
+def _link(link: Path, target: object) -> Path:
+    link.symlink_to(target)
+    return link
+
+
+def _hardlink(target: Path, link: Path) -> Path:
+    os.link(target, link)
+    return link
+
+
+def _model_copy(zoo: Zoo, ws: Path) -> Path:
+    """A copy of the tiny model in the workspace, with a ``.git`` and a run folder beside its files."""
+    m = ws / "m"
+    if not m.exists():
+        shutil.copytree(zoo.tiny, m)
+        (m / ".git").mkdir()
+        (m / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+        shutil.copytree(zoo.ranking.parent, m / "runs-kept")
+    return m
+
+
+def _remote_code_model(zoo: Zoo, ws: Path) -> Path:
+    """A model folder whose config names its own Python, which would leave ``pwned`` in the workspace."""
+    m = ws / "rc"
+    shutil.copytree(zoo.tiny, m)
+    (m / "evil.py").write_text(f"open({str(ws / 'pwned')!r}, 'w').close()\n"
+                               "from transformers import LlamaConfig as EvilConfig\n")
+    _edit_config(m, auto_map={"AutoConfig": "evil.EvilConfig"})
+    return m
+
+
+def _census(zoo: Zoo, ws: Path, *lines: str, run: tuple[str, str] | None = None) -> list[object]:
+    out = ws / "out"
+    if run is not None:  # plant runs/NAME (or runs itself) as a link or a folder of the user's
+        name, what = run
+        victim = _plant(ws, "victim", folder=True)
+        _plant(victim, "precious.txt")
+        (out / "runs").mkdir(parents=True, exist_ok=bool(name))
+        target = out / "runs" / name if name else out / "runs"
+        if name and what == "folder":
+            target.mkdir()
+            _plant(target, "precious.txt")
+        else:
+            if not name:
+                target.rmdir()
+            target.symlink_to(victim)
+    models = _plant(ws, "list.txt", ("\n".join(lines) + "\n").encode())
+    return ["census", "--models", models, "--text", TEXT, "--samples", 2, "--out-dir", out]
 
 
 def _in_run(zoo: Zoo, ws: Path, name: str, data: bytes) -> Path:
@@ -636,8 +725,9 @@ def test_robustness_labels_stay_inside_the_out_dir(tmp_path: Path) -> None:
 def test_truncate_cuts_the_text_to_the_context_with_a_warning(
     zoo: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from achilles.model.loading import fit_text
     from tiny import make_tokenizer
+
+    from achilles.model.loading import fit_text
 
     tok = make_tokenizer()
     long = TEXT * 12

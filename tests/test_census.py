@@ -16,12 +16,21 @@ from pathlib import Path
 import pytest
 from tiny import ARCHS, TEXT, make_model
 
-from achilles.scale.census import CensusSettings, read_model_list, run_census
-from achilles.scale.census.launch import _init_worker, gpu_groups, run_slurm
-from achilles.scale.census.run import DONE_FILE, Task, check_resumable, collect, run_dir_of, run_task
 from achilles.cli import main
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
+from achilles.results.guard import make_dir
+from achilles.scale.census import CensusSettings, read_model_list, run_census
+from achilles.scale.census.launch import _init_worker, gpu_groups, run_slurm
+from achilles.scale.census.run import (
+    DONE_FILE,
+    Task,
+    check_resumable,
+    collect,
+    model_key,
+    run_dir_of,
+    run_task,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--samples", "4", "--keep", "100", "--max-neurons", "20", "--no-report", "--quiet"]
@@ -91,7 +100,7 @@ def test_local_launcher_killed_then_resumed(zoo, tmp_path) -> None:  # noqa: ANN
             time.sleep(0.02)
         mid = time.monotonic() + 10
         while time.monotonic() < mid and proc.poll() is None:
-            dirs = {p.name for p in (out / "runs").iterdir()}
+            dirs = {p.name for p in (out / "runs").iterdir() if not p.name.startswith(".")}
             if dirs - set(_markers(out)):
                 break
             time.sleep(0.005)
@@ -168,7 +177,7 @@ def test_failing_model_is_reported_not_fatal(zoo, tmp_path, capsys) -> None:  # 
 def test_interrupted_folder_restarts_cleanly(zoo, tmp_path) -> None:  # noqa: ANN001
     (entry,) = read_model_list(str(_list(tmp_path / "m.txt", [str(zoo / "qwen2")])))
     run_dir = tmp_path / "runs" / entry.name
-    run_dir.mkdir(parents=True)
+    make_dir(run_dir, "census", model=model_key(entry))  # as run_task makes it
     (run_dir / "ranking.json").write_text("{half a file")  # what a kill leaves behind
     row = run_task(Task(entry, str(run_dir)), _settings())
     assert row["status"] == "ok"

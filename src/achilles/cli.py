@@ -19,9 +19,9 @@ import threading
 import typing
 from collections.abc import Sequence
 
-from achilles.version import __version__
 from achilles.checks import argv_model, model_path_problem
 from achilles.errors import AchillesError
+from achilles.version import __version__
 
 COMMAND_MODULES: tuple[str, ...] = (
     "achilles.commands.core",
@@ -103,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_as_exit(), contextlib.ExitStack() as stack:
             args.exit_stack = stack  # output folders claimed by the command, released at exit
+            from achilles.results.paths import check_args_apart
+
+            check_args_apart(args)  # no output is, holds, or lies inside an input
             return int(args.run(args) or 0)
     except AchillesError as e:
         print(f"achilles: error: {e}", file=sys.stderr)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from achilles.scale.census.models import ModelEntry, read_model_list
 from achilles.config import ModelSpec, TextSpec, add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.results.files import _jsonable, write_json
+from achilles.scale.census.models import ModelEntry, read_model_list
 from achilles.scale.plan import Plan, PlanConfig, format_bytes, plan_entry, table
 
 
@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.models is None):
         raise AchillesError("give exactly one of --model or --models")
     if args.models is not None:
-        entries = read_model_list(args.models)
+        entries = read_model_list(args.models, sizing_only=True)  # plan runs no model code
         if args.select:
             wanted = [n.strip() for n in args.select.split(",") if n.strip()]
             unknown = [n for n in wanted if n not in {e.name for e in entries}]

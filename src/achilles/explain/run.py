@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from achilles.model.batching import choose_batch_size, run_batched
 from achilles.errors import AchillesError
 from achilles.explain.config import ExplainConfig
 from achilles.explain.patching import (
@@ -40,12 +39,13 @@ from achilles.explain.trace import (
     residual_profile,
     trace,
 )
+from achilles.method.metrics import LN10, sequence_nll
+from achilles.model.batching import choose_batch_size, run_batched
 from achilles.model.hooks import hooked
-from achilles.results.provenance import environment
 from achilles.model.loading import LoadedModel, tokenize
 from achilles.model.masking import ChannelMasker
-from achilles.method.metrics import LN10, sequence_nll
 from achilles.model.units import Unit, UnitPool
+from achilles.results.provenance import environment
 
 logger = logging.getLogger(__name__)
 
@@ -407,22 +407,20 @@ def explain_run(
     if not figures:
         mech.save(run_dir / MECHANISM_FILE)
         return mech
-    import shutil
-    import tempfile
-
     from achilles.plots.mechanism import plot_mechanism
+    from achilles.results.guard import clean_stale, remove_made, temp_dir
 
     # figures drawn aside and moved in just before mechanism.json: an interrupt while
-    # plotting leaves neither new figures beside an old (or no) mechanism.json nor stray files
-    staging = Path(tempfile.mkdtemp(prefix=".mechanism.", dir=run_dir))
-    try:
+    # plotting leaves neither new figures beside an old (or no) mechanism.json nor stray files;
+    # the staging folder is marked (deletion guard) so a killed run's is removed next time
+    clean_stale(run_dir, ".mechanism.", "explain")
+    with temp_dir(run_dir, ".mechanism.", "explain") as staging:
         drafts = plot_mechanism(mech.to_dict(), staging)
         (run_dir / "figures").mkdir(exist_ok=True)
         for f in drafts:
             os.replace(f, run_dir / "figures" / f.name)
         mech.save(run_dir / MECHANISM_FILE)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    remove_made(staging, "explain")
     return mech
 
 

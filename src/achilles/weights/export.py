@@ -10,8 +10,13 @@ memory, let alone twice. Config, generation config, tokenizer files and the shar
 index are copied; a model card (``README.md``) and ``achilles_mask.json`` (the units, the
 edits, the mask's source and the environment) are added.
 
-The output folder is written under a temporary name next to ``out`` and renamed into place
-at the end, so an interrupted export leaves no partial checkpoint.
+The output folder is written under a hidden temporary name next to ``out``, made and
+marked through the deletion guard (:mod:`achilles.results.guard`), and swapped into place at the
+end (:func:`achilles.results.guard.replace_dir`): ``--force`` replaces only a folder an earlier
+export made, and the old checkpoint is deleted only once the new one is in place. An
+interrupted export leaves no partial checkpoint; what a killed one leaves (the hidden
+folder) is removed by the next export to the same ``out``. ``out`` must not be, hold, or
+lie inside the source model folder or the mask (:func:`achilles.results.paths.check_apart`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +38,14 @@ from tqdm.auto import tqdm
 
 from achilles.config import ModelSpec
 from achilles.errors import AchillesError
-from achilles.results.files import check_destination as check_path
-from achilles.results.files import write_json
-from achilles.results.provenance import environment
-from achilles.results.schema import SCHEMA_VERSION
 from achilles.model.masking import WeightEdit, weight_edits
 from achilles.model.units import Unit
+from achilles.results.files import check_destination as check_path
+from achilles.results.files import write_json
+from achilles.results.guard import MARKER, clean_stale, made_by, replace_dir, temp_dir
+from achilles.results.paths import check_apart
+from achilles.results.provenance import environment
+from achilles.results.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -146,15 +152,25 @@ def plan_export(
 def check_destination(out: str | os.PathLike[str], *, force: bool) -> None:
     """Refuse an existing non-empty ``out`` (unless ``force``), or one that cannot be written.
 
-    ``--force`` replaces the folder, so a folder that holds the current directory is never
-    replaced (an empty ``--out`` is refused, not read as ``.``).
+    ``--force`` replaces only a folder an earlier export made (it carries the deletion
+    guard's marker), never a folder that holds the current directory (an empty ``--out``
+    is refused, not read as ``.``), and never through a symbolic link.
     """
-    out = check_path(out, "dir", flag="--out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise AchillesError(f"--out {out} exists and is not empty: pass --force to replace it")
-    if out.is_dir() and out.resolve() in (Path.cwd(), *Path.cwd().parents):
-        raise AchillesError(f"--out {out} holds the current folder, which --force would delete: "
-                            "name a new folder for the checkpoint")
+    if os.fspath(out).strip() and Path(out).expanduser().is_symlink():
+        target = os.path.realpath(Path(out).expanduser())
+        raise AchillesError(f"--out {out} is a symbolic link (to {target}): name the real folder")
+    raw = out
+    out = Path(out).expanduser()
+    if os.fspath(raw).strip() and out.is_dir() and any(out.iterdir()):  # refusals first: the probe writes
+        if not force:
+            raise AchillesError(f"--out {out} exists and is not empty: pass --force to replace it")
+        if out.resolve() in (Path.cwd(), *Path.cwd().parents):
+            raise AchillesError(f"--out {out} holds the current folder, which --force would delete: "
+                                "name a new folder for the checkpoint")
+        if not made_by(out, "export"):
+            raise AchillesError(f"--out {out} was not written by `achilles export` (no {MARKER} marker): "
+                                "--force replaces only an earlier export; remove it yourself or choose another --out")
+    check_path(raw, "dir", flag="--out")
 
 
 def model_card(result: ExportResult, source_name: str) -> str:
@@ -228,7 +244,11 @@ def export_masked(
         raise AchillesError("the mask is empty: there is nothing to export")
     out = Path(out)
     check_destination(out, force=force)
+    check_apart([("--model", spec.model)], [("--out", out)], replaced=True)
     source = resolve_source(spec)
+    check_apart([("the model's files", source), *(
+        [("--mask", mask_source["file"])] if mask_source and mask_source.get("file") else [])],
+        [("--out", out)], replaced=True)
     by_key, shards, weight_map = plan_export(model, units, source)
     result = ExportResult(
         out=out, shards=shards, edits=[e for es in by_key.values() for e in es], units=list(units),
@@ -236,8 +256,11 @@ def export_masked(
                 "source_files": str(source)},
         env=environment(),
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
-    try:
+    parent = Path(os.path.realpath(out)).parent
+    prefix = f".{out.name}.achilles-export-"
+    for old in clean_stale(parent, prefix, "export"):
+        logger.info("removed %s, left by an interrupted export", old)
+    with temp_dir(parent, prefix, "export", out=str(out)) as tmp:
         for shard in tqdm(shards, desc="export shards", disable=not progress):
             with safe_open(str(source / shard), "pt") as f:
                 metadata = f.metadata() or {"format": "pt"}
@@ -254,11 +277,6 @@ def export_masked(
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        replace_dir(tmp, out, "export")  # the old export is deleted only once the new is in
     logger.info("exported %d unit(s) (%d edits) to %s", len(units), len(result.edits), out)
     return result

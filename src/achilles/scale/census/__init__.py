@@ -9,9 +9,13 @@ Layout of a census folder::
     DIR/figures/scale.png     n* and Δ against model size
     DIR/slurm/                submitit's logs (slurm launcher)
 
-:func:`run_census` checks every input first (the out folder, then each model's config,
-tokenizer, text length and unit pool, on the meta device), runs what is not done yet through
-a launcher (:mod:`achilles.scale.census.launch`), and writes the summary from the run folders.
+:func:`run_census` checks every input first (no output inside a model of the list, run
+names that are folder names, run folders the census made for the same model, the out
+folder, then each model's config, tokenizer, text length and unit pool, on the meta
+device), holds the census folder (:func:`achilles.results.lock.claim_dir`: a second census into it is
+refused), runs what is not done yet through a launcher (:mod:`achilles.scale.census.launch`), and
+writes the summary from the run folders. Run folders carry the deletion guard's marker
+(:mod:`achilles.results.guard`); the census deletes no other folder.
 """
 
 from __future__ import annotations
@@ -22,11 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from achilles.scale.census.models import ModelEntry, read_model_list
-from achilles.scale.census.run import CensusSettings, Task, check_resumable, collect, is_done, run_dir_of
-from achilles.scale.census.summary import SummaryFiles, write_summary
 from achilles.errors import AchillesError
 from achilles.results.files import check_destination
+from achilles.results.lock import claim_dir
+from achilles.results.paths import check_apart
+from achilles.scale.census.models import ModelEntry, check_name, read_model_list
+from achilles.scale.census.run import (
+    RUNS_DIR,
+    CensusSettings,
+    Task,
+    check_resumable,
+    collect,
+    is_done,
+    run_dir_of,
+    run_dir_problem,
+)
+from achilles.scale.census.summary import SummaryFiles, write_summary
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +61,6 @@ class CensusResult:
     @property
     def complete(self) -> bool:
         return all(r["status"] == "ok" for r in self.rows)
-
-
-def check_out_dir(out_dir: str | Path) -> Path:
-    """Check ``out_dir`` with a real write probe (creating nothing), then create it."""
-    out = check_destination(out_dir, "dir", flag="--out-dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AchillesError(f"cannot write to {out}: {e.strerror or e} (choose another --out-dir)") from None
-    return out
 
 
 def preflight_entries(entries: list[ModelEntry], settings: CensusSettings) -> None:
@@ -129,13 +134,53 @@ def run_census(
         raise AchillesError("--slurm-timeout must be >= 1 minute")
     if launcher == "slurm":
         launch._import_submitit()
-    check_destination(out_dir, "dir", flag="--out-dir")  # before any other work; creates nothing
-    todo = [e for e in entries if not is_done(run_dir_of(out_dir, e))]
+    check_apart([(f"model {e.name!r} of the list", e.spec.model) for e in entries],
+                [("--out-dir", out_dir)])
+    for e in entries:
+        check_name(e.name, f"model {e.spec.model}")
+    if (Path(out_dir).expanduser() / RUNS_DIR).is_symlink():
+        raise AchillesError(f"{Path(out_dir) / RUNS_DIR} is a symbolic link: the census writes only "
+                            "into folders it made; remove the link")
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise AchillesError("two models of the list share a run name: give each its own --name")
+    for e in entries:
+        problem = run_dir_problem(run_dir_of(out_dir, e), e)
+        if problem is not None:
+            raise AchillesError(problem)
+    check_destination(out_dir, "dir", flag="--out-dir")  # before any long work; creates nothing
+    todo = [e for e in entries if not is_done(run_dir_of(out_dir, e), e)]
     for e in entries:
         if e not in todo:
             check_resumable(run_dir_of(out_dir, e), e, settings)
     preflight_entries(todo, settings)  # before the out folder exists: bad input leaves nothing
-    out = check_out_dir(out_dir)
+    with claim_dir(out_dir, flag="--out-dir") as out:  # one census at a time in a folder
+        return _run_claimed(entries, todo, settings, out, launcher=launcher, jobs=jobs,
+                            gpus_per_job=gpus_per_job, gpu_memory=gpu_memory, slurm=slurm,
+                            config=config, progress=progress)
+
+
+def _run_claimed(
+    entries: list[ModelEntry],
+    todo: list[ModelEntry],
+    settings: CensusSettings,
+    out: Path,
+    *,
+    launcher: str,
+    jobs: int,
+    gpus_per_job: int | None,
+    gpu_memory: str | None,
+    slurm: dict[str, Any] | None,
+    config: dict[str, Any] | None,
+    progress: bool,
+) -> CensusResult:
+    """The part of :func:`run_census` that runs with the census folder claimed."""
+    from achilles.scale.census import launch
+
+    for e in todo:  # a census that held the folder before us may have finished some
+        problem = run_dir_problem(run_dir_of(out, e), e)
+        if problem is not None:
+            raise AchillesError(problem)
     tasks = [Task(e, str(run_dir_of(out, e))) for e in todo]
     logger.info("census: %d model(s) to run, %d already done", len(todo), len(entries) - len(todo))
     job_ids: list[str] = []

@@ -9,13 +9,24 @@
 
 A worker killed mid-run leaves a run folder without its completion marker; the census reports
 it as interrupted and the next run of the same command redoes only that model.
+
+Local workers never outlive the census: each asks the kernel to kill it when its parent
+dies (Linux ``prctl(PR_SET_PDEATHSIG)``), and a watchdog thread exits it when its parent
+process changes (elsewhere). When the census itself is stopped (SIGTERM, Ctrl-C), queued
+models are cancelled and running workers are terminated (:func:`_stop_pool`): every run
+is then either finished or cleanly unfinished (no completion marker: redone next time).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -24,8 +35,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from achilles.scale.census.run import CensusSettings, Task, failed_row, run_task
 from achilles.errors import AchillesError
+from achilles.scale.census.run import CensusSettings, Task, failed_row, run_task
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +70,50 @@ def gpu_groups(gpus: Sequence[str], per_job: int) -> list[list[str]]:
 _GROUPS: Any = None
 
 
-def _init_worker(groups: Any) -> None:
-    """Give this worker process one GPU group before anything initialises CUDA."""
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit this process as soon as ``parent_pid`` is gone (it is no longer our parent)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the watchdog remains
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="achilles-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(groups: Any, parent_pid: int | None = None) -> None:
+    """Tie this worker to its parent, and give it one GPU group before anything initialises CUDA."""
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     if groups is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = groups.get()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _stop_pool(pool: ProcessPoolExecutor, grace_s: float = 10.0) -> None:
+    """Cancel what is queued, terminate what runs (SIGTERM, then SIGKILL after ``grace_s``)."""
+    procs = list(getattr(pool, "_processes", {}).values())  # no public handle before 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
 
 
 def run_local(
@@ -85,26 +135,32 @@ def run_local(
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot survive a fork
     queue = None
     if groups:
-        queue = ctx.Manager().Queue()
+        queue = ctx.Queue()  # not a Manager: its server process would outlive a killed census
         for g in groups[:jobs]:
             queue.put(",".join(g))
     rows: list[dict[str, Any] | None] = [None] * len(tasks)
     bar = tqdm(total=len(tasks), desc="census: models", disable=not progress)
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                               initargs=(queue, os.getpid()))
     try:
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-            futures = {
-                pool.submit(run_task, t, settings, progress and jobs == 1): i
-                for i, t in enumerate(tasks)
-            }
-            for fut in as_completed(futures):
-                i = futures[fut]
-                try:
-                    rows[i] = fut.result()
-                except BrokenProcessPool:
-                    rows[i] = failed_row(tasks[i].entry, "interrupted", "a worker process died")
-                bar.update(1)
-                if on_row is not None:
-                    on_row(rows[i])  # type: ignore[arg-type]
+        futures = {
+            pool.submit(run_task, t, settings, progress and jobs == 1): i
+            for i, t in enumerate(tasks)
+        }
+        for fut in as_completed(futures):
+            i = futures[fut]
+            try:
+                rows[i] = fut.result()
+            except BrokenProcessPool:
+                rows[i] = failed_row(tasks[i].entry, "interrupted", "a worker process died")
+            bar.update(1)
+            if on_row is not None:
+                on_row(rows[i])  # type: ignore[arg-type]
+    except BaseException:  # SIGTERM (the CLI raises it here), Ctrl-C, a bug: stop everything now
+        _stop_pool(pool)
+        raise
+    else:
+        pool.shutdown(wait=True)
     finally:
         bar.close()
     return [r for r in rows if r is not None]

@@ -63,15 +63,48 @@ def slug(model: str) -> str:
     """A folder name for ``model``: a local folder's name, or the hub id with ``/`` as ``__``."""
     local = Path(model).expanduser()
     base = local.resolve().name if local.exists() else model.strip("/").replace("/", "__")
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", base) or "model"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip("._-")[:200]  # one visible path component
+    return name or "model"
 
 
-def _unique(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+"""A run name: one path component (no ``/``, not ``.``/``..``, not hidden), as :func:`slug` makes."""
+
+
+def check_name(name: str, where: str) -> str:
+    """``name`` if it is a valid run-folder name (see :data:`NAME_RE`), else one error line."""
+    if not NAME_RE.fullmatch(name):
+        raise AchillesError(
+            f"{where}: --name {name!r} is not a folder name: use letters, digits, '.', '_' and '-' "
+            "(starting with a letter or digit, at most 200 characters)"
+        )
+    return name
+
+
+def _unique(names: list[tuple[str | None, str]], where: list[str]) -> list[str]:
+    """Run names, unique across explicit (``--name``) and automatic ones (``(explicit, auto)`` pairs).
+
+    Explicit names are kept and must not repeat; an automatic name that is taken gets the
+    first free ``-2``, ``-3``... suffix, so it can never land on another entry's folder.
+    """
+    taken: dict[str, str] = {}
+    for (explicit, _), w in zip(names, where, strict=True):
+        if explicit is not None:
+            if explicit in taken:
+                raise AchillesError(f"{w}: --name {explicit!r} is also the name of {taken[explicit]}: "
+                                    "give every model its own name")
+            taken[explicit] = w
     out = []
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    for (explicit, auto), w in zip(names, where, strict=True):
+        if explicit is not None:
+            out.append(explicit)
+            continue
+        name, k = auto, 1
+        while name in taken:
+            k += 1
+            name = f"{auto}-{k}"
+        taken[name] = w
+        out.append(name)
     return out
 
 
@@ -81,12 +114,15 @@ def builtin_list(name: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-def read_model_list(source: str, base: ModelSpec | None = None) -> list[ModelEntry]:
+def read_model_list(source: str, base: ModelSpec | None = None, *, sizing_only: bool = False) -> list[ModelEntry]:
     """Parse ``source`` (a list file, or ``paper21``) into entries.
 
     ``base`` carries the options given on the command line; a line's own options override
-    them. Raises :class:`AchillesError` naming the file and line for a bad line, and for a
-    missing or empty list.
+    them, except remote code: a line may narrow, never widen, what the command line permits
+    (``--trust-remote-code`` on a line needs it in ``base`` too, else the line is refused).
+    ``sizing_only`` (``achilles plan``, which reads configs only): every entry runs no
+    remote code, whatever its line says. Raises :class:`AchillesError` naming the file and
+    line for a bad line, and for a missing or empty list.
     """
     base = base or ModelSpec(model="-")
     if source in BUILTIN_LISTS:
@@ -103,6 +139,7 @@ def read_model_list(source: str, base: ModelSpec | None = None) -> list[ModelEnt
         )
     parser = _line_parser()
     entries: list[tuple[str | None, ModelSpec]] = []
+    where: list[str] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
@@ -122,8 +159,18 @@ def read_model_list(source: str, base: ModelSpec | None = None) -> list[ModelEnt
         except AchillesError as e:
             raise AchillesError(f"{path}:{lineno}: {e}") from None
         name = ns.pop("name", None)
+        if name is not None:
+            check_name(name, f"{path}:{lineno}")
+        if sizing_only:
+            ns["trust_remote_code"] = False
+        elif ns.get("trust_remote_code") and not base.trust_remote_code:
+            raise AchillesError(
+                f"{path}:{lineno}: --trust-remote-code on a list line needs --trust-remote-code on "
+                "the command line too (a list may narrow, never widen, what the command line permits)"
+            )
         entries.append((name, dataclasses.replace(base, model=model, **ns)))
+        where.append(f"{path}:{lineno}")
     if not entries:
         raise AchillesError(f"model list {path} is empty: put one model id or path per line")
-    names = _unique([n or slug(s.model) for n, s in entries])
+    names = _unique([(n, slug(s.model)) for n, s in entries], where)
     return [ModelEntry(n, s) for n, (_, s) in zip(names, entries, strict=True)]

@@ -1,9 +1,12 @@
 """One census task: ``find`` (and the report) for one model in its own run folder.
 
-A run folder is *done* only when its completion marker ``census_run.json`` exists; the
-marker is written atomically after every other file, and carries the model's summary row.
-A task that finds its marker does nothing; a folder without one (an interrupted or failed
-earlier attempt) is emptied and the model is run from scratch. A task never raises for a
+A run folder is made through the deletion guard (:func:`achilles.results.guard.make_dir`): its
+``.achilles-made`` marker records the model it is made for (:func:`model_key`). It is
+*done* only when its completion marker ``census_run.json`` exists and it was made for the
+same model; the completion marker is written atomically after every other file, and
+carries the model's summary row. A task that finds its run done does nothing; a folder
+without one (an interrupted or failed earlier attempt) is removed through the guard (only
+if the census made it) and the model is run from scratch. A task never raises for a
 model that fails: it writes ``census_error.json`` with the error and returns a failed row,
 so one bad model does not stop the others.
 """
@@ -13,18 +16,18 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import shutil
+import os
 import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from achilles.scale.census.models import ModelEntry
 from achilles.config import IdentifyConfig, RankConfig
 from achilles.results.files import _jsonable, write_json
 from achilles.results.provenance import environment
 from achilles.results.schema import SCHEMA_VERSION, read_json
+from achilles.scale.census.models import ModelEntry
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +59,65 @@ def run_dir_of(out_dir: str | Path, entry: ModelEntry) -> Path:
     return Path(out_dir) / RUNS_DIR / entry.name
 
 
-def is_done(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / DONE_FILE).is_file()
+def model_key(entry: ModelEntry) -> str:
+    """What a run is made from: a local model's resolved path, or ``hub:ID@REVISION``."""
+    local = Path(entry.spec.model).expanduser()
+    if local.exists():
+        return f"path:{os.path.realpath(local)}"
+    return f"hub:{entry.spec.model}@{entry.spec.revision or 'default'}"
+
+
+def made_for(run_dir: str | Path) -> str | None:
+    """The model key a census run folder was made for (``None``: not a census run folder)."""
+    from achilles.results.guard import read_mark
+
+    record = read_mark(run_dir)
+    if record is None or record.get("command") != "census":
+        return None
+    return record.get("model")
+
+
+def _legacy_done_for(run_dir: str | Path, entry: ModelEntry) -> bool:
+    """A finished run made before run folders were marked, of ``entry``'s model (read, never deleted)."""
+    from achilles.errors import AchillesError
+
+    try:
+        done = read_json(Path(run_dir) / DONE_FILE, kind="census_run")
+    except AchillesError:
+        return False
+    model = (done.get("config") or {}).get("model")
+    return isinstance(model, dict) and model.get("model") == entry.spec.model
+
+
+def is_done(run_dir: str | Path, entry: ModelEntry | None = None) -> bool:
+    """Whether ``run_dir`` holds a finished run (of ``entry``'s model, when given)."""
+    if not (Path(run_dir) / DONE_FILE).is_file() or Path(run_dir).is_symlink():
+        return False
+    if entry is None:
+        return True
+    made = made_for(run_dir)
+    return made == model_key(entry) if made is not None else _legacy_done_for(run_dir, entry)
+
+
+def run_dir_problem(run_dir: str | Path, entry: ModelEntry) -> str | None:
+    """Why the census cannot use ``run_dir`` for ``entry`` (``None``: it can)."""
+    p = Path(run_dir)
+    if p.is_symlink():
+        return f"{p} is a symbolic link: the census writes only into folders it made; remove the link"
+    if not p.exists():
+        return None
+    if not p.is_dir():
+        return f"{p} is a file, not a run folder: move it away"
+    made = made_for(p)
+    if made is None and _legacy_done_for(p, entry):
+        return None  # finished before run folders were marked: reused, never deleted
+    if made is None:
+        return (f"{p} was not made by this census (no .achilles-made marker): move it away or "
+                "choose another --out-dir")
+    if made != model_key(entry):
+        return (f"{p} holds a run of another model ({made.split(':', 1)[1]}), not "
+                f"{entry.spec.model}: give this model another --name, or use another --out-dir")
+    return None
 
 
 def _relative_depth(layer: int, n_layers: int) -> float:
@@ -132,17 +192,25 @@ def failed_row(entry: ModelEntry, status: str, error: str | None) -> dict[str, A
 
 def run_task(task: Task, settings: CensusSettings, progress: bool = False) -> dict[str, Any]:
     """Run (or skip, if done) one model of a census; never raises for a failing model."""
-    from achilles.model.loading import load_model
+    from achilles.errors import AchillesError
     from achilles.method.pipeline import find, preflight
+    from achilles.model.loading import load_model
+    from achilles.results.guard import make_dir, remove_made
 
     run_dir = Path(task.run_dir)
     entry = task.entry
-    if is_done(run_dir):
+    problem = run_dir_problem(run_dir, entry)
+    if problem is not None:  # checked before the census started; changed since
+        return failed_row(entry, "failed", problem)
+    if is_done(run_dir, entry):
         return read_json(run_dir / DONE_FILE, kind="census_run")["row"]
-    if run_dir.exists():
-        logger.info("%s: removing an unfinished earlier attempt", entry.name)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    try:
+        if run_dir.exists():
+            logger.info("%s: removing an unfinished earlier attempt", entry.name)
+            remove_made(run_dir, "census")
+        make_dir(run_dir, "census", model=model_key(entry), name=entry.name)
+    except (AchillesError, OSError) as e:
+        return failed_row(entry, "failed", str(e))
     if not progress:
         import transformers
 
@@ -202,7 +270,10 @@ def collect(out_dir: str | Path, entries: list[ModelEntry]) -> list[dict[str, An
     rows = []
     for entry in entries:
         run_dir = run_dir_of(out_dir, entry)
-        if is_done(run_dir):
+        problem = run_dir_problem(run_dir, entry)
+        if problem is not None:
+            rows.append(failed_row(entry, "failed", problem))
+        elif is_done(run_dir, entry):
             rows.append(read_json(run_dir / DONE_FILE, kind="census_run")["row"])
         elif (run_dir / ERROR_FILE).is_file():
             rows.append(failed_row(entry, "failed", read_json(run_dir / ERROR_FILE)["error"]))
