@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from tiny import TEXT
 
-from achilles import guard
+from achilles.results import guard
 from achilles.cli import main
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
