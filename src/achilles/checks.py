@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from achilles.named_models import is_named, named_model_problem
+
 
 def looks_local(name: str) -> bool:
     """Whether ``name`` is meant as a local path rather than a hub id (``name``/``org/name``).
@@ -23,25 +25,63 @@ def looks_local(name: str) -> bool:
     return parent != Path(".") and parent.is_dir()
 
 
-def model_path_problem(name: str) -> str | None:
-    """The one-line error for a ``--model`` that names a missing or unusable local path."""
+def model_path_problem(name: str, gguf_file: str | None = None) -> str | None:
+    """The one-line error for a ``--model`` (and ``--gguf-file``) naming a missing or unusable
+    local path, a file that is not GGUF, or a registry model that is not installed."""
     if not name.strip():
-        return "--model is empty: give a local model folder or a hub id"
+        return "--model is empty: give a local model folder, a .gguf file or a hub id"
     local = Path(name).expanduser()
+    if gguf_file is not None:
+        if not local.is_dir():
+            return (f"--gguf-file names a file inside the --model folder, and {name} is not a "
+                    "local folder (or give the .gguf path to --model alone)")
+        return _gguf_problem(local / gguf_file, "--gguf-file")
+    if is_named(name):
+        return named_model_problem(name)
     if not local.exists():
         return f"model path not found: {name} (check --model)" if looks_local(name) else None
-    if not local.is_dir():
-        return f"--model must be a folder or a hub id, not a file: {name}"
+    if local.is_file():
+        if local.suffix.lower() == ".gguf" or _starts_with(local, GGUF_MAGIC):
+            return _gguf_problem(local, "--model")
+        return f"--model must be a folder, a .gguf file or a hub id, not this file: {name}"
     if not (local / "config.json").is_file():
+        ggufs = sorted(p.name for p in local.glob("*.gguf"))
+        if ggufs:
+            return (f"{name} has no config.json but holds GGUF files: pass --gguf-file "
+                    f"{ggufs[0]}, or the .gguf path to --model")
         return f"{name} has no config.json: point --model at a saved model folder"
+    return None
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def _gguf_problem(path: Path, flag: str) -> str | None:
+    if not path.is_file():
+        return f"GGUF file not found: {path} (check {flag})"
+    if not _starts_with(path, GGUF_MAGIC):
+        return f"{path} is not a GGUF file (it does not start with the bytes GGUF; check {flag})"
+    return None
+
+
+def argv_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in a command line, if given (``FLAG X`` or ``FLAG=X``)."""
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
     return None
 
 
 def argv_model(argv: Sequence[str]) -> str | None:
     """The value of ``--model`` in a command line, if given (``--model X`` or ``--model=X``)."""
-    for i, a in enumerate(argv):
-        if a == "--model" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--model="):
-            return a.split("=", 1)[1]
-    return None
+    return argv_value(argv, "--model")

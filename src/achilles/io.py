@@ -443,4 +443,6 @@ def environment(model: Any | None = None) -> dict[str, Any]:
         env["weights_fingerprint"] = weights_fingerprint(
             env["model_name_or_path"], env["model_revision"]
         )
+        if getattr(model, "gguf_provenance", None):  # dequantized from a GGUF file
+            env["gguf"] = model.gguf_provenance
     return env
