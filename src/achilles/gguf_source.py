@@ -30,6 +30,7 @@ import shutil
 import struct
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -194,10 +195,11 @@ def _check_readable(path: Path, header: GGUFHeader) -> None:
     def norm(s: str) -> str:
         return s.replace("-", "").replace("_", "")
 
-    if norm(header.architecture) not in {norm(a) for a in GGUF_SUPPORTED_ARCHITECTURES}:
+    known = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})
+    if norm(header.architecture) not in {norm(a) for a in known}:
         raise AchillesError(
             f"{path}: transformers {transformers.__version__} cannot dequantize GGUF architecture "
-            f"{header.architecture!r} (it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}): "
+            f"{header.architecture!r} (it reads {', '.join(known)}): "
             "convert the model to a Hugging Face folder, or upgrade transformers"
         )
 
@@ -241,7 +243,7 @@ class GGUFSource:
         }
 
 
-def describe(provenance: dict[str, Any] | None) -> str | None:
+def describe_gguf(provenance: dict[str, Any] | None) -> str | None:
     """``weights dequantized from Q4_1 (GGUF) ...`` for a report, or None for a plain checkpoint."""
     if not provenance:
         return None
@@ -325,8 +327,9 @@ def gguf_metadata(src: GGUFSource) -> tuple[Any, Any]:
                     src.cache_dir)
         folder, name = str(src.path.parent), src.path.name
         try:
-            config = AutoConfig.from_pretrained(folder, gguf_file=name)
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            with _quiet_transformers():  # its guesses about missing fields: the error says it
+                config = AutoConfig.from_pretrained(folder, gguf_file=name)
+                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
             raise _read_error(src, e) from None
         _METADATA[src.sha256] = (config, tokenizer)
@@ -362,9 +365,11 @@ def dequantized(src: GGUFSource) -> Path:
         ) from None
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(src.path.parent), gguf_file=src.path.name, config=config, dtype=torch.float32
-            )
+            with _quiet_transformers():
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(src.path.parent), gguf_file=src.path.name, config=config,
+                    dtype=torch.float32,
+                )
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
             raise _read_error(src, e) from None
         model.hf_quantizer = None  # the weights are plain float32 now: save them as such
@@ -392,6 +397,18 @@ def dequantized(src: GGUFSource) -> Path:
                 with contextlib.suppress(OSError):
                     p.rmdir()
     return src.cache_dir
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    import transformers
+
+    before = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(before)
 
 
 def _umask() -> int:

@@ -30,7 +30,10 @@ logger = logging.getLogger(__name__)
 
 def summarize(ident: Identification, out: str | Path) -> str:
     """A few human lines about an identification result."""
-    lines = []
+    from achilles.gguf_source import describe_gguf
+
+    gguf = describe_gguf(ident.env.get("gguf"))
+    lines = [gguf] if gguf else []
     if ident.found:
         lines.append(
             f"critical set: n* = {ident.n_star} at ε = {ident.epsilon:g} "

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from achilles.analysis.run import ANALYSIS_FILE, analyze_run
+from achilles.gguf_source import describe_gguf
 from achilles.io import read_json
 from achilles.loading import LoadedModel
 from achilles.plots.activations import plot_activations
@@ -80,6 +81,7 @@ def _provenance(ident: Mapping[str, Any], ranking: Mapping[str, Any]) -> list[Bl
     rows = [
         ["model", model.get("model")],
         ["revision", env.get("model_revision") or model.get("revision")],
+        *([["weights", describe_gguf(env["gguf"])]] if env.get("gguf") else []),
         ["dtype", env.get("dtype")],
         ["device", env.get("device")],
         ["ranking method", ranking.get("method")],
