@@ -349,6 +349,7 @@ def dequantized(src: GGUFSource) -> Path:
     from transformers import AutoModelForCausalLM
 
     from achilles.io import write_json
+    from achilles.loading import _check_loading_info
 
     config, tokenizer = gguf_metadata(src)
     logger.info("dequantizing %s (%s) to %s, once: cached in %s", src.path.name,
@@ -366,12 +367,13 @@ def dequantized(src: GGUFSource) -> Path:
     try:
         try:
             with _quiet_transformers():
-                model = AutoModelForCausalLM.from_pretrained(
+                model, info = AutoModelForCausalLM.from_pretrained(
                     str(src.path.parent), gguf_file=src.path.name, config=config,
-                    dtype=torch.float32,
+                    dtype=torch.float32, output_loading_info=True,
                 )
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
             raise _read_error(src, e) from None
+        _check_loading_info(str(src.path), info)  # a weight it lacks would be random, not zero
         model.hf_quantizer = None  # the weights are plain float32 now: save them as such
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
