@@ -58,11 +58,13 @@ def test_find_gives_a_tiny_set_that_a_float32_forward_confirms(
     smollm2: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``achilles find --model smollm2`` (K = 25, ε = 1): a minimal set of ≤ 3 units with
-    Δ ≥ 2, and the same Δ from the weights zeroed by hand and NLL computed by hand."""
+    Δ ≥ 2, and the same Δ from the weights zeroed by hand and NLL computed by hand.
+    (``--search bisect``: one masked row per probe, where the linear scan's first pass
+    evaluates a batch of prefixes; ``--no-explain``: its patching is 602 forward rows here.)"""
     out = tmp_path / "run"
     code = main(["find", "--model", "smollm2", "--text-file", str(DEMO_TEXT), "--samples", "25",
-                 "--epsilon", "1", "--dtype", "float32", "--device", "cpu", "--out-dir", str(out),
-                 "--no-report", "--quiet"])
+                 "--epsilon", "1", "--search", "bisect", "--dtype", "float32", "--device", "cpu", "--out-dir", str(out),
+                 "--no-report", "--no-explain", "--quiet"])
     stdout = capsys.readouterr().out
     assert code == 0
     assert "weights dequantized from Q4_1 (GGUF) to float32" in stdout
