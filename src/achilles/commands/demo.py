@@ -39,6 +39,10 @@ class DemoPlan:
     explain: bool
     compare: bool
     heldout_tokens: int
+    prefix_batch: int | None = None
+    """Masked prefixes per forward pass in stage 2 (None: from memory). The linear scan stops
+    at the first pass whose curve reaches --curve-until; on SmolLM2 n = 1 already does, so a
+    pass of 8 prefixes instead of 64 gives the same result for an eighth of the work."""
 
 
 DEMO_PLANS: dict[str, DemoPlan] = {
@@ -46,7 +50,7 @@ DEMO_PLANS: dict[str, DemoPlan] = {
     # SmolLM2 is 135M parameters, 34x the bundled models: explain's activation patching
     # (2 + 2·30·(9 + 1) = 602 forward rows) and the comparison (46 held-out evaluations) take
     # several minutes each on 2 cores; find, the held-out check and the report fit in ~3.
-    "real": DemoPlan(explain=False, compare=False, heldout_tokens=1024),
+    "real": DemoPlan(explain=False, compare=False, heldout_tokens=1024, prefix_batch=8),
 }
 
 
@@ -84,7 +88,7 @@ def run_demo(
     lm = load_model(ModelSpec(model=path, dtype="float32"))
     t_load = time.perf_counter() - t0
     rcfg = RankConfig(samples=samples)
-    icfg = IdentifyConfig()
+    icfg = IdentifyConfig(batch_size=plan.prefix_batch)
     ranking, ident = find(lm, text, rcfg, icfg, progress=show_progress)
     ranking.save(out_dir / "ranking.json")
     ident.save(out_dir / "identification.json")
