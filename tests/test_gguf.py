@@ -196,3 +196,14 @@ def test_interrupted_cache_write_leaves_no_entry(
     with pytest.raises(KeyboardInterrupt):
         load_model(ModelSpec(model=str(path), dtype="float32"))
     assert list((tmp_path / "cache").iterdir()) == []  # the user's own cache folder is kept
+
+
+def test_demo_runs_the_real_model_by_default_and_says_what_it_skips() -> None:
+    from achilles.cli import build_parser
+    from achilles.commands.demo import DEMO_PLANS, _skipped
+
+    assert build_parser().parse_args(["demo"]).model == "smollm2"
+    lines = _skipped("smollm2", DEMO_PLANS["real"], True, Path("runs/demo"))
+    assert [line.split(":")[0] for line in lines] == ["skipped", "skipped"]
+    assert "achilles explain runs/demo" in lines[0] and "achilles compare --model smollm2" in lines[1]
+    assert _skipped("sink", DEMO_PLANS["bundled"], True, Path("runs/demo")) == []

@@ -99,3 +99,12 @@ def test_second_load_reads_the_cache_not_the_gguf(smollm2: LoadedModel,
     ids = _ids(smollm2)[:, :16]
     assert torch.equal(logits(again.model, ids), logits(smollm2.model, ids))
     assert environment(again.model)["gguf"] == environment(smollm2.model)["gguf"]
+
+
+def test_plan_sizes_the_gguf_from_its_config(smollm2: LoadedModel,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """``plan --model smollm2`` reads the config only; its parameter count is the loaded model's."""
+    assert main(["plan", "--model", "smollm2", "--tokens", "108", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["params"] == sum(p.numel() for p in smollm2.model.parameters())
+    assert plan["layers"] == 30
