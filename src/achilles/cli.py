@@ -92,9 +92,10 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     # A typo'd local --model fails here, before the command modules import torch (seconds).
-    argv_ = sys.argv[1:] if argv is None else argv
-    model = argv_model(argv_)
-    problem = model_path_problem(model, argv_value(argv_, "--gguf-file")) if model is not None else None
+    given = sys.argv[1:] if argv is None else argv
+    model = argv_model(given)
+    problem = (model_path_problem(model, argv_value(given, "--gguf-file"))
+               if model is not None else None)
     if problem is not None:
         print(f"achilles: error: {problem}", file=sys.stderr)
         return 2
