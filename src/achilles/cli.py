@@ -19,8 +19,9 @@ import threading
 import typing
 from collections.abc import Sequence
 
-from achilles.checks import argv_model, model_path_problem
+from achilles import __version__
 from achilles.errors import AchillesError
+from achilles.model.checks import argv_model, argv_value, model_path_problem
 from achilles.version import __version__
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -92,8 +93,10 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     # A typo'd local --model fails here, before the command modules import torch (seconds).
-    model = argv_model(sys.argv[1:] if argv is None else argv)
-    problem = model_path_problem(model) if model is not None else None
+    given = sys.argv[1:] if argv is None else argv
+    model = argv_model(given)
+    problem = (model_path_problem(model, argv_value(given, "--gguf-file"))
+               if model is not None else None)
     if problem is not None:
         print(f"achilles: error: {problem}", file=sys.stderr)
         return 2

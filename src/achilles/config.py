@@ -56,7 +56,15 @@ def opt(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:  # 
 class ModelSpec:
     """Which model to load and how."""
 
-    model: str = opt(None, "local folder or hub id of a causal LM", required=True)
+    model: str = opt(
+        None,
+        "a causal LM: a local folder, a .gguf file (dequantized once, then cached), an "
+        "installed model by name (smollm2), or a hub id",
+        required=True,
+    )
+    gguf_file: str | None = opt(
+        None, "a GGUF file inside the --model folder (or give the .gguf path to --model)"
+    )
     dtype: str | None = opt(
         None,
         "weights dtype: float32/fp32, bfloat16/bf16, float16/fp16, or auto (the checkpoint's "

@@ -21,16 +21,19 @@ from achilles.commands.common import (
     texts_of,
 )
 from achilles.method.identify import Identification
-from achilles.model.loading import load_model
 from achilles.method.pipeline import identify_with, preflight, rank
 from achilles.method.ranking import Ranking
+from achilles.model.loading import load_model
 
 logger = logging.getLogger(__name__)
 
 
 def summarize(ident: Identification, out: str | Path) -> str:
     """A few human lines about an identification result."""
-    lines = []
+    from achilles.model.gguf_source import describe_gguf
+
+    gguf = describe_gguf(ident.env.get("gguf"))
+    lines = [gguf] if gguf else []
     if ident.found:
         lines.append(
             f"critical set: n* = {ident.n_star} at ε = {ident.epsilon:g} "
@@ -52,8 +55,8 @@ def summarize(ident: Identification, out: str | Path) -> str:
 
 
 def _run_rank(args: argparse.Namespace) -> int:
-    from achilles.model.loading import tokenize
     from achilles.method.pipeline import rank_texts
+    from achilles.model.loading import tokenize
 
     cfg = rank_config(args)
     spec = model_spec(args)

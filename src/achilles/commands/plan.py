@@ -59,7 +59,8 @@ def _run(args: argparse.Namespace) -> int:
                 )
             entries = [e for e in entries if e.name in wanted]
     else:
-        entries = [ModelEntry(args.model, ModelSpec(model=args.model, revision=args.revision))]
+        entries = [ModelEntry(args.model, ModelSpec(model=args.model, revision=args.revision,
+                                                    gguf_file=args.gguf_file))]
     out = Path(args.out) if args.out is not None else None
     if out is not None:
         from achilles.commands.common import check_writable
@@ -113,7 +114,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "paper21 sizes the study's 21 models offline from shipped shapes.",
     )
     g = p.add_argument_group("models")
-    g.add_argument("--model", help="local folder (config.json is enough) or hub id")
+    g.add_argument("--model", help="local folder (config.json is enough), .gguf file, installed "
+                   "model by name (smollm2) or hub id")
+    g.add_argument("--gguf-file", help="a GGUF file inside the --model folder")
     g.add_argument("--models", help="file of model ids/paths, one per line, or 'paper21'")
     g.add_argument("--select", help="comma-separated names of --models to keep, e.g. "
                    "Meta-Llama-3-8B-Instruct,Llama-3.3-70B-Instruct")

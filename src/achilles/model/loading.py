@@ -8,6 +8,7 @@ with a local folder or a hub id), so a user with hub access runs exactly this co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from achilles.model.batching import is_oom
-from achilles.checks import model_path_problem
 from achilles.config import ModelSpec
 from achilles.errors import AchillesError
+from achilles.model.batching import is_oom
+from achilles.model.checks import model_path_problem
+from achilles.model.gguf_source import dequantized, gguf_metadata, source_of
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ def _load_error(name: str, local: Path, e: BaseException) -> AchillesError:
 def _source(spec: ModelSpec) -> tuple[str, Path]:
     name = spec.model
     local = Path(name).expanduser()
-    problem = model_path_problem(name)
+    problem = model_path_problem(name, spec.gguf_file)
     if problem is not None:
         raise AchillesError(problem)
     if spec.device_map is not None and spec.device_map not in DEVICE_MAPS:
@@ -152,6 +154,13 @@ def inspect_model(spec: ModelSpec) -> LoadedModel:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    gguf = source_of(spec)
+    if gguf is not None:  # config and tokenizer from the cache or the GGUF metadata
+        config, tokenizer = gguf_metadata(gguf)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        model.gguf_provenance = gguf.provenance()
+        return LoadedModel(model.eval(), tokenizer, spec)
     source, local = _source(spec)
     remote = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if not local.exists():
@@ -169,9 +178,18 @@ def inspect_model(spec: ModelSpec) -> LoadedModel:
 
 
 def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedModel:
-    """Load ``spec.model`` (a local folder or a hub id) in eval mode, with its tokenizer."""
+    """Load ``spec.model`` (a local folder, a GGUF file or a hub id) in eval mode, with its
+    tokenizer. A GGUF file is dequantized once to float32 and cached (see
+    :mod:`achilles.model.gguf_source`); later loads read the cached folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf = source_of(spec)
+    if gguf is not None:
+        folder = dequantized(gguf)
+        plain = dataclasses.replace(spec, model=str(folder), gguf_file=None, revision=None)
+        lm = load_model(plain, tokenizer=tokenizer)
+        lm.model.gguf_provenance = gguf.provenance()
+        return LoadedModel(lm.model, lm.tokenizer, spec)
     source, local = _source(spec)
     if spec.device_map and not torch.cuda.is_available():
         raise AchillesError(

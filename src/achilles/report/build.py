@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from achilles.analysis.run import ANALYSIS_FILE, analyze_run
-from achilles.results.schema import read_json
+from achilles.model.gguf_source import describe_gguf
 from achilles.model.loading import LoadedModel
+from achilles.model.names import model_name as display_name
 from achilles.plots.activations import plot_activations
 from achilles.plots.controls import plot_controls
 from achilles.plots.layers import plot_layers
 from achilles.plots.phase import plot_phase
-from achilles.model.names import model_name as display_name
 from achilles.report.compression import compression_section
 from achilles.report.document import (
     Block,
@@ -42,6 +42,7 @@ from achilles.report.document import (
     to_html,
     to_markdown,
 )
+from achilles.results.schema import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def _provenance(ident: Mapping[str, Any], ranking: Mapping[str, Any]) -> list[Bl
     rows = [
         ["model", model.get("model")],
         ["revision", env.get("model_revision") or model.get("revision")],
+        *([["weights", describe_gguf(env["gguf"])]] if env.get("gguf") else []),
         ["dtype", env.get("dtype")],
         ["device", env.get("device")],
         ["ranking method", ranking.get("method")],

@@ -13,7 +13,6 @@ from typing import Any
 
 from achilles.version import __version__
 
-
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -93,4 +92,6 @@ def environment(model: Any | None = None) -> dict[str, Any]:
         env["weights_fingerprint"] = weights_fingerprint(
             env["model_name_or_path"], env["model_revision"]
         )
+        if getattr(model, "gguf_provenance", None):  # dequantized from a GGUF file
+            env["gguf"] = model.gguf_provenance
     return env

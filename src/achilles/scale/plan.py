@@ -27,13 +27,13 @@ from typing import Any, Literal
 
 import torch
 
-from achilles.model.batching import batch_size_for_memory
-from achilles.model.names import format_count
 from achilles.config import opt
 from achilles.errors import AchillesError, require
-from achilles.results.schema import SCHEMA_VERSION
 from achilles.method.recheck import upcast_groups
+from achilles.model.batching import batch_size_for_memory
+from achilles.model.names import format_count
 from achilles.model.units import build_pool
+from achilles.results.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -271,15 +271,21 @@ def plan_model(config: Any, settings: PlanConfig, *, name: str = "") -> Plan:
 
 
 def plan_source(
-    model: str, settings: PlanConfig, *, revision: str | None = None, name: str = ""
+    model: str, settings: PlanConfig, *, revision: str | None = None, name: str = "",
+    gguf_file: str | None = None,
 ) -> Plan:
-    """Size the model at ``model`` (a local folder with ``config.json``, or a hub id)."""
+    """Size the model at ``model`` (a local folder with ``config.json``, a GGUF file, or a hub id)."""
     from transformers import AutoConfig
 
     from achilles.config import ModelSpec
+    from achilles.model.gguf_source import gguf_metadata, source_of
     from achilles.model.loading import _load_error, _source
 
-    source, local = _source(ModelSpec(model=model, revision=revision))
+    spec = ModelSpec(model=model, revision=revision, gguf_file=gguf_file)
+    gguf = source_of(spec)
+    if gguf is not None:
+        return plan_model(gguf_metadata(gguf)[0], settings, name=name or model)
+    source, local = _source(spec)
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError, KeyError) as e:
@@ -287,14 +293,21 @@ def plan_source(
     return plan_model(config, settings, name=name or model)
 
 
-def count_tokens(model: str, text: str, *, revision: str | None = None) -> int:
-    """Tokens of ``text`` under the tokenizer of ``model`` (a folder or hub id), BOS included."""
+def count_tokens(
+    model: str, text: str, *, revision: str | None = None, gguf_file: str | None = None
+) -> int:
+    """Tokens of ``text`` under the tokenizer of ``model`` (a folder, GGUF or hub id), BOS included."""
     from transformers import AutoTokenizer
 
     from achilles.config import ModelSpec
+    from achilles.model.gguf_source import gguf_metadata, source_of
     from achilles.model.loading import _load_error, _source, tokenize
 
-    source, local = _source(ModelSpec(model=model, revision=revision))
+    spec = ModelSpec(model=model, revision=revision, gguf_file=gguf_file)
+    gguf = source_of(spec)
+    if gguf is not None:
+        return int(tokenize(gguf_metadata(gguf)[1], text).shape[1])
+    source, local = _source(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError, KeyError) as e:
@@ -311,11 +324,13 @@ def plan_entry(entry: Any, settings: PlanConfig, text: str | None = None) -> Pla
             raise AchillesError(
                 f"{entry.name} is a shipped shape without a tokenizer: give --tokens, not a text"
             )
-        tokens = count_tokens(entry.spec.model, text, revision=entry.spec.revision)
+        tokens = count_tokens(entry.spec.model, text, revision=entry.spec.revision,
+                              gguf_file=entry.spec.gguf_file)
         settings = dataclasses.replace(settings, tokens=tokens)
     if entry.shape is not None:
         return plan_model(entry.shape, settings, name=entry.name)
-    return plan_source(entry.spec.model, settings, revision=entry.spec.revision, name=entry.name)
+    return plan_source(entry.spec.model, settings, revision=entry.spec.revision, name=entry.name,
+                       gguf_file=entry.spec.gguf_file)
 
 
 def table(plans: list[Plan]) -> str:

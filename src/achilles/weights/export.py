@@ -82,7 +82,13 @@ class ExportResult:
 
 
 def resolve_source(spec: ModelSpec) -> Path:
-    """The local folder holding ``spec.model``'s files (a hub id is fetched by huggingface_hub)."""
+    """The local folder holding ``spec.model``'s files (a hub id is fetched by huggingface_hub;
+    a GGUF file is its dequantized float32 cache folder)."""
+    from achilles.model.gguf_source import dequantized, source_of
+
+    gguf = source_of(spec)
+    if gguf is not None:
+        return dequantized(gguf)
     local = Path(spec.model).expanduser()
     if local.is_dir():
         return local
