@@ -244,7 +244,9 @@ def export_masked(
                 t = tensors[key]
                 for e in by_key[key]:
                     t.narrow(e.dim, e.index, 1).fill_(e.value)
-            save_file(tensors, str(tmp / shard), metadata=metadata)  # atomic: temp dir, renamed
+            # through the atomic writer for its permissions too: safetensors creates 0600 files
+            with io.atomic_path(tmp / shard) as part:
+                save_file(tensors, str(part), metadata=metadata)  # atomic: temp path
             del tensors
         _copy_side_files(source, tmp)
         write_json(tmp / MASK_FILE, result.to_dict())

@@ -242,6 +242,12 @@ class Identification:
                           ("fp32_check", dict), ("forward_passes", int)):
             if d.get(key) is not None:
                 require_fields(d, path, {key: kind})
+        eps = decode_float(d["epsilon"])
+        if not (math.isfinite(eps) and eps > 0):  # type: ignore[arg-type]
+            raise AchillesError(
+                f"{path}: its epsilon is {d['epsilon']!r}, not a number > 0: the file is damaged; "
+                "rerun `achilles identify` (or `find`) to rewrite it"
+            )
         try:
             return cls._from_dict(d)
         except (KeyError, TypeError, ValueError, AttributeError) as e:

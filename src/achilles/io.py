@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from achilles.checks import input_file_problem
 from achilles.errors import AchillesError
 
 SCHEMA_VERSION = 1
@@ -301,8 +302,9 @@ def read_json(path: str | os.PathLike[str], kind: str | None = None) -> dict[str
     objects) is one :class:`AchillesError` line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AchillesError(f"file not found: {path} (check the path)")
+    problem = input_file_problem(path)
+    if problem is not None:
+        raise AchillesError(problem)
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from achilles.commands.common import claim_out_dir, progress
 from achilles.commands.core import summarize
-from achilles.config import IdentifyConfig, ModelSpec, RankConfig
+from achilles.config import IdentifyConfig, ModelSpec, RankConfig, parse_int
 from achilles.errors import AchillesError
 from achilles.loading import load_model
 from achilles.pipeline import find
@@ -181,7 +181,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="sink", help="sink (default), natural, or a model folder")
     p.add_argument("--out-dir", default="runs/demo", help="run folder (default: runs/demo)")
-    p.add_argument("--samples", type=int, default=100, help="K noisy copies (default: 100)")
+    p.add_argument("--samples", type=parse_int, default=100, help="K noisy copies (default: 100)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--explain", action=argparse.BooleanOptionalAction, default=True,
                    help="explain the minimal set: mechanism.json + Mechanism section (default: on)")

@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from achilles.checks import read_text_input
 from achilles.commands.common import progress
 from achilles.config import ModelSpec, add_arguments, from_args
 from achilles.errors import AchillesError
@@ -67,13 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     config = from_args(ExplainConfig, args)
     text = None
     if args.text_file is not None:
-        p = Path(args.text_file)
-        if not p.is_file():
-            raise AchillesError(f"text file not found: {p} (check --text-file)")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise AchillesError(f"{p} is not UTF-8 text (check --text-file)") from None
+        text = read_text_input(args.text_file, "--text-file")
     recorded = Identification.load(str(ident_path)).config.get("model", {}).get("model")
     model = args.model or recorded
     if not model:

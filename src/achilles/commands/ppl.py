@@ -7,7 +7,7 @@ import dataclasses
 import logging
 
 from achilles.commands.common import add_common, check_destination, model_spec, progress
-from achilles.config import add_arguments, from_args
+from achilles.config import add_arguments, from_args, parse_int
 from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
 from achilles.evaluation.masks import load_mask
@@ -23,7 +23,7 @@ def add_mask_options(p: argparse.ArgumentParser, *, levels: bool = False) -> Non
     g.add_argument("--mask", default=None, required=levels,
                    help="identification.json (its --set) or ranking.json (its --top N units)")
     if not levels:
-        g.add_argument("--top", type=int, default=None,
+        g.add_argument("--top", type=parse_int, default=None,
                        help="mask the first N units of the ranking (or of the set)")
     g.add_argument("--set", dest="set_name", choices=["minimal", "critical"], default="minimal",
                    help="which set of an identification.json to use (default: minimal)")

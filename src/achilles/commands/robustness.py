@@ -16,6 +16,7 @@ from achilles.commands.common import (
     progress,
     rank_config,
 )
+from achilles.config import parse_int
 from achilles.errors import require
 from achilles.loading import load_model, tokenize
 from achilles.pipeline import preflight
@@ -62,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: refuse it)")
     add_rank_options(p)  # its --batch-size serves both stages
     add_identify_options(p, prefix_batch=False)
-    p.add_argument("--top", type=int, default=100,
+    p.add_argument("--top", type=parse_int, default=100,
                    help="size of the top-of-ranking sets compared (default: %(default)s)")
     p.add_argument("--out-dir", required=True, help="folder to write (reruns reuse finished texts)")
     p.add_argument("--force", action="store_true",

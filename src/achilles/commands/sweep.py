@@ -15,7 +15,7 @@ from achilles.commands.common import (
     progress,
     text_of,
 )
-from achilles.config import RankConfig, add_arguments, from_args
+from achilles.config import RankConfig, add_arguments, from_args, parse_int
 from achilles.loading import load_model
 from achilles.pipeline import preflight
 from achilles.ranking import METHODS
@@ -79,9 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "full: every (α, K) pair (default: %(default)s)")
     g.add_argument("--anchor-alpha", type=float, default=d.anchor_alpha,
                    help="α of the K sweep and of the reference point (default: %(default)s)")
-    g.add_argument("--anchor-samples", type=int, default=d.anchor_samples,
+    g.add_argument("--anchor-samples", type=parse_int, default=d.anchor_samples,
                    help="K of the α sweep and of the reference point (default: %(default)s)")
-    g.add_argument("--top", type=int, default=d.top,
+    g.add_argument("--top", type=parse_int, default=d.top,
                    help="top-ranked units compared with the reference point (default: %(default)s)")
     p.add_argument("--out-dir", required=True, help="sweep folder to write (reruns resume it)")
     p.add_argument("--force", action="store_true",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from achilles.checks import read_text_input
 from achilles.config import IdentifyConfig, RankConfig
 from achilles.errors import AchillesError, require
 from achilles.io import SCHEMA_VERSION, environment, write_json
@@ -54,11 +55,7 @@ def texts_from_files(paths: Sequence[str]) -> list[LabelledText]:
     )
     out: list[LabelledText] = []
     for p in map(Path, paths):
-        require(p.is_file(), f"text file not found: {p} (check --text-file)")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise AchillesError(f"{p} is not UTF-8 text (check --text-file)") from None
+        text = read_text_input(p, "--text-file")
         out.append(LabelledText(safe_label(p.stem), text))
     labels = [t.label for t in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})
