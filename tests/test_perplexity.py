@@ -202,6 +202,37 @@ def test_bad_spec_errors(tmp_path, monkeypatch):
         load_corpus("wikitext-103")
 
 
+def test_hub_datasets_fail_fast_offline_or_unreachable(monkeypatch):
+    """Issue 21: `--data c4` offline printed 23 lines of retries after 31 s. A streamed dataset
+    offline, or any named dataset with the hub unreachable, is refused before datasets is
+    asked (its load_dataset must not run), in one line naming the local-file alternative."""
+    import time
+
+    import datasets
+
+    def no_download(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("load_dataset ran")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_download)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    with pytest.raises(AchillesError, match=r"c4 is streamed .* offline mode is on .*pass a local "
+                       r"\.txt/\.jsonl/\.parquet to --data"):
+        load_corpus("c4")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("achilles.loading._hub_reachable", lambda: False)
+    with pytest.raises(AchillesError, match=r"c4 comes from the Hugging Face hub, which is not "
+                       r"reachable: pass a local \.txt/\.jsonl/\.parquet to --data$"):
+        load_corpus("c4")
+    with pytest.raises(AchillesError, match="not reachable: pass a local .*set HF_DATASETS_OFFLINE=1"):
+        load_corpus("wikitext-103")
+    assert time.perf_counter() - start < 2.0
+    # reachable: datasets is asked (and its failure is still one line)
+    monkeypatch.setattr("achilles.loading._hub_reachable", lambda: True)
+    with pytest.raises(AchillesError, match=r"could not download c4 \(offline\?\)"):
+        load_corpus("c4")
+
+
 def test_masked_collapse_and_nonfinite(tok):
     model = planted_gpt2()
     pool = build_pool(model)

@@ -193,13 +193,14 @@ tokenizer = AutoTokenizer.from_pretrained("{result.out.name}")
 
 
 def _copy_side_files(source: Path, tmp: Path) -> None:
+    # content only: the copies are new files, with the umask's permissions like the shards
     for p in source.iterdir():
         if p.name.startswith(".") or p.name in _SKIPPED or p.suffix in _WEIGHT_SUFFIXES:
             continue
         if p.is_file():
-            shutil.copy2(p, tmp / p.name)
+            shutil.copyfile(p, tmp / p.name)
     if (source / INDEX_FILE).is_file():
-        shutil.copy2(source / INDEX_FILE, tmp / INDEX_FILE)
+        shutil.copyfile(source / INDEX_FILE, tmp / INDEX_FILE)
 
 
 def export_masked(
