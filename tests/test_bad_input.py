@@ -32,7 +32,7 @@ from tiny import TEXT, configs, make_model
 
 from achilles.cli import main
 from achilles.errors import AchillesError
-from achilles.results.files import atomic_path, atomic_write, check_destination, write_json
+from achilles.results.files import atomic_write, check_destination, write_json
 from achilles.results.lock import LOCK_NAME, claim_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,7 +343,81 @@ CASES: dict[str, tuple[Case, str]] = {
     "census-run-not-made": (lambda z, w: _census(z, w, f"{z.tiny} --name t", run=("t", "folder")),
                             "was not made by this census"),
     "census-runs-is-link": (lambda z, w: _census(z, w, f"{z.tiny} --name t", run=("", "link")), "is a symbolic link"),
+    # issue 21, items 8, 10, 11
+    "config-context-null": (lambda z, w: _rank(z, w, model=_broken(w, config={"max_position_embeddings": None})),
+                            "field 'max_position_embeddings'"),
+    "tokenizer-unknown-type": (lambda z, w: _rank(z, w, model=_broken(w, tokenizer=_unknown_type)),
+                               "could not read the tokenizer"),
+    "tokenizer-wordlevel-no-unk": (lambda z, w: _rank(z, w, model=_broken(w, tokenizer=_word_level)),
+                                   "WordLevel vocabulary without its unknown token '[UNK]'"),
+    "seed-beyond-64-bit": (lambda z, w: _rank(z, w, "--seed", 2**64), "beyond the 64-bit integer range"),
+    "samples-beyond-64-bit": (lambda z, w: _rank(z, w, "--samples", 10**30), "beyond the 64-bit integer range"),
+    "sweep-samples-beyond-64-bit": (lambda z, w: ["sweep", "--model", z.tiny, "--text", TEXT, "--samples", f"2,{2**70}",
+                                                  "--out-dir", w / "out"], "beyond the 64-bit integer range"),
+    "report-epsilon-nan": (lambda z, w: ["report", _run_edit(z, w, lambda d: d.update(epsilon="nan")), "--no-model"],
+                           "epsilon is 'nan'"),
+    "explain-epsilon-nan": (lambda z, w: ["explain", _run_edit(z, w, lambda d: d.update(epsilon="nan"))],
+                            "epsilon is 'nan'"),
+    "probe-epsilon-inf": (lambda z, w: _probe(z, w, _variant(z, w, z.identification, lambda d: d.update(epsilon="inf"))),
+                          "epsilon is 'inf'"),
+    "plan-select-comma": (lambda z, w: ["plan", "--models", "paper21", "--select", ","], "--select ',' names no model"),
+    "plan-select-empty": (lambda z, w: ["plan", "--models", "paper21", "--select", ""], "names no model"),
+    "plan-out-folder": (lambda z, w: ["plan", "--model", z.tiny, "--out", _plant(w, "d", folder=True)], "is a folder"),
+    "plan-tokens-past-context": (lambda z, w: ["plan", "--model", z.tiny, "--tokens", 10**11],
+                                 "past the model's context of 256 tokens"),
+    "plan-text-past-context": (lambda z, w: ["plan", "--model", z.tiny, "--text", TEXT * 12],
+                               "past the model's context of 256 tokens"),
+    "text-file-fifo": (lambda z, w: ["rank", "--model", z.tiny, "--text-file", _fifo(w), "--out", w / "out" / "r.json"],
+                       "named pipe (FIFO), not a regular text file (check --text-file)"),
+    "text-file-device": (lambda z, w: ["rank", "--model", z.tiny, "--text-file", "/dev/null", "--out", w / "out" / "r.json"],
+                         "is a device"),
+    "data-fifo": (lambda z, w: ["ppl", "--model", z.tiny, "--data", _fifo(w), "--out", w / "out" / "p.json"],
+                  "named pipe (FIFO), not a regular data file (check --data)"),
+    "ranking-fifo": (lambda z, w: _identify(z, w, _fifo(w)), "named pipe (FIFO)"),
+    "calib-file-fifo": (lambda z, w: _compress(z, w, "--calib-file", _fifo(w)), "named pipe (FIFO)"),
+    "data-c4-offline": (lambda z, w: ["ppl", "--model", z.tiny, "--data", "c4", "--out", w / "out" / "p.json"],
+                        "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): pass a local"),
 }
+if not torch.backends.mps.is_available():
+    CASES["device-mps-missing"] = (lambda z, w: _rank(z, w, "--device", "mps"), "no MPS")
+
+
+def _broken(ws: Path, *, config: dict | None = None, tokenizer: Callable[[dict], object] | None = None) -> Path:
+    """A copy of the bundled sink model (weights linked) with config.json / tokenizer.json edited."""
+    m = _copy_small(SINK, ws / "broken")
+    (m / "model.safetensors").symlink_to(SINK / "model.safetensors")
+    if config:
+        _edit_config(m, **config)
+    if tokenizer:
+        t = json.loads((m / "tokenizer.json").read_text())
+        tokenizer(t)
+        (m / "tokenizer.json").write_text(json.dumps(t))
+    return m
+
+
+def _unknown_type(t: dict) -> None:
+    t["model"]["type"] = "NoSuchModel"
+
+
+def _word_level(t: dict) -> None:
+    """A WordLevel vocabulary naming an unknown token it does not hold."""
+    vocab = dict(list(t["model"]["vocab"].items())[:200])
+    t["model"] = {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+
+
+def _fifo(ws: Path) -> Path:
+    p = ws / "pipe"
+    os.mkfifo(p)
+    return p
+
+
+def _run_edit(zoo: Zoo, ws: Path, edit: Callable[[dict], object]) -> Path:
+    """A copy of the run folder whose identification.json is edited by ``edit``."""
+    run = _run_copy(zoo, ws)
+    d = json.loads((run / "identification.json").read_text())
+    edit(d)
+    (run / "identification.json").write_text(json.dumps(d))
+    return run
 
 
 def _link(link: Path, target: object) -> Path:

@@ -15,9 +15,9 @@ from achilles import Unit, build_pool, get_adapter, masked
 from achilles.cli import main
 from achilles.config import ModelSpec
 from achilles.errors import AchillesError
-from achilles.weights.export import MASK_FILE, export_masked
 from achilles.model.masking import weight_edits
 from achilles.model.units import Site
+from achilles.weights.export import MASK_FILE, export_masked
 
 IDS = torch.tensor([[0, 5, 17, 42, 99, 3, 250, 7, 64, 11, 12, 200]])
 
@@ -223,6 +223,28 @@ def test_cli_mask_for_another_model_is_refused_and_nothing_written(ranked, tmp_p
         assert code == 2 and err.startswith("achilles: error:") and len(err.strip().splitlines()) == 1
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.")]  # no temp folder left
+
+
+def test_exported_files_follow_the_umask(ranked, tmp_path, capsys) -> None:  # noqa: ANN001
+    """Issue 21: model.safetensors came out 0600 under umask 022 (safetensors' own mode), the
+    other files 0644. Every file and the folder follow the umask, whatever the source's modes."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "lesioned"
+        assert _cli(capsys, "export", "--model", ranked / "model", "--mask", ranked / "ranking.json",
+                    "--top", 3, "--out", out, "--quiet")[0] == 0
+        os.umask(0o077)
+        tight = tmp_path / "tight"
+        assert _cli(capsys, "export", "--model", ranked / "model", "--mask", ranked / "ranking.json",
+                    "--top", 3, "--out", tight, "--quiet")[0] == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in tight.iterdir()} == {0o600}
 
 
 def test_configs_have_untied_embeddings() -> None:

@@ -135,3 +135,27 @@ def test_no_collapse_is_reported_as_not_found(tokenizer) -> None:  # noqa: ANN00
     assert res.n_star is None and not res.found
     assert res.critical_set == [] and res.minimal_set == []
     assert len(res.curve) == 20 and all(v is None for v in res.n_star_by_epsilon.values())
+
+
+@pytest.mark.parametrize("epsilon", ["nan", "inf", "-inf", 0, -1.0])
+def test_saved_epsilon_must_be_a_number_above_zero(epsilon, tokenizer, tmp_path) -> None:  # noqa: ANN001
+    """Issue 21: an identification whose epsilon is the string "nan" was accepted, and report
+    and explain then died on it after writing files. The loader refuses it, as the
+    collapse threshold a run can be made with (``IdentifyConfig`` requires ε > 0)."""
+    import json
+
+    from achilles.errors import AchillesError
+
+    model = make_model("llama")
+    pool = build_pool(model, "paper")
+    res = identify(model, tokenize(tokenizer, TEXT), pool, [pool.unit(i) for i in range(3)],
+                   IdentifyConfig(max_neurons=3))
+    res.save(tmp_path / "i.json")
+    assert Identification.load(tmp_path / "i.json").epsilon == 1.0
+    d = json.loads((tmp_path / "i.json").read_text())
+    d["epsilon"] = epsilon
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(AchillesError, match=f"its epsilon is {epsilon!r}, not a number > 0"):
+        Identification.load(tmp_path / "bad.json")
+    with pytest.raises(AchillesError, match="--epsilon must be > 0"):
+        IdentifyConfig(epsilon=float(epsilon))

@@ -16,8 +16,8 @@ import achilles
 ROOT = Path(achilles.__file__).parent
 
 LAYERS: list[set[str]] = [
-    {"errors", "version", "config", "data"},
-    {"results"},
+    {"errors", "version", "data"},
+    {"results", "config"},
     {"model"},
     {"method"},
     {"evaluation"},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import CORPUS, TEXT, make_model, make_tokenizer
 
 from achilles.cli import main
 from achilles.errors import AchillesError
@@ -15,7 +16,6 @@ from achilles.evaluation.data import load_corpus
 from achilles.evaluation.perplexity import PerplexityEvaluator, evaluate_perplexity, sliding_windows
 from achilles.method.identify import Identification
 from achilles.model.units import Unit, build_pool
-from tiny import CORPUS, TEXT, make_model, make_tokenizer
 
 PLANT_CHANNEL = 5
 PLANT_UNIT = Unit("transformer.h.0.mlp.c_proj", PLANT_CHANNEL, 0, "mlp.down")
@@ -200,6 +200,37 @@ def test_bad_spec_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(AchillesError, match=r"could not download wikitext-103 \(offline\?\): pass a local"):
         load_corpus("wikitext-103")
+
+
+def test_hub_datasets_fail_fast_offline_or_unreachable(monkeypatch):
+    """Issue 21: `--data c4` offline printed 23 lines of retries after 31 s. A streamed dataset
+    offline, or any named dataset with the hub unreachable, is refused before datasets is
+    asked (its load_dataset must not run), in one line naming the local-file alternative."""
+    import time
+
+    import datasets
+
+    def no_download(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("load_dataset ran")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_download)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    with pytest.raises(AchillesError, match=r"c4 is streamed .* offline mode is on .*pass a local "
+                       r"\.txt/\.jsonl/\.parquet to --data"):
+        load_corpus("c4")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("achilles.model.loading._hub_reachable", lambda: False)
+    with pytest.raises(AchillesError, match=r"c4 comes from the Hugging Face hub, which is not "
+                       r"reachable: pass a local \.txt/\.jsonl/\.parquet to --data$"):
+        load_corpus("c4")
+    with pytest.raises(AchillesError, match="not reachable: pass a local .*set HF_DATASETS_OFFLINE=1"):
+        load_corpus("wikitext-103")
+    assert time.perf_counter() - start < 2.0
+    # reachable: datasets is asked (and its failure is still one line)
+    monkeypatch.setattr("achilles.model.loading._hub_reachable", lambda: True)
+    with pytest.raises(AchillesError, match=r"could not download c4 \(offline\?\)"):
+        load_corpus("c4")
 
 
 def test_masked_collapse_and_nonfinite(tok):

@@ -3,21 +3,23 @@ FLOPs against torch's FLOP counter, and the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+import transformers as T_
 from tiny import ARCHS, configs, make_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer
 
+from achilles.cli import main
+from achilles.errors import AchillesError
 from achilles.model import batching
 from achilles.model.batching import batch_size_for_memory, row_bytes_estimate
 from achilles.scale.census.models import builtin_list, read_model_list
-from achilles.cli import main
-from achilles.errors import AchillesError
 from achilles.scale.plan import PlanConfig, meta_model, parse_size, plan_model
 
 PAPER21 = builtin_list("paper21")["models"]
@@ -106,16 +108,107 @@ def test_stage_passes_and_bounds() -> None:
 
 def test_gpu_count_grows_as_gpus_shrink() -> None:
     shape = configs()["llama"]
-    total = plan_model(shape, PlanConfig(dtype="float32")).weight_bytes["float32"]
+    base = plan_model(shape, PlanConfig(dtype="float32", tokens=2))
+    total = base.weight_bytes["float32"]
+    per_gpu_extra = base.activation_bytes + base.fp32_check_bytes  # every GPU runs one row
     counts = []
     for frac in (2.0, 0.8, 0.5):
-        p = plan_model(shape, PlanConfig(dtype="float32", gpu_memory=f"{total * frac / 2**20:.4f}MiB"))
-        assert p.gpus is not None
-        assert p.gpus * 0.9 * total * frac >= total * 0.999  # what is placed fits
+        gpu = per_gpu_extra + total * frac
+        p = plan_model(shape, PlanConfig(dtype="float32", tokens=2, gpu_memory=f"{gpu / 2**20:.4f}MiB"))
+        assert p.gpus is not None and p.fits
+        assert p.gpu_load_bytes + p.activation_bytes + p.fp32_check_bytes <= p.config["gpu_bytes"]
         counts.append(p.gpus)
     assert counts[0] == 1 and counts[0] < counts[1] < counts[2]
     p = plan_model(shape, PlanConfig(dtype="float32", gpu_memory="1KiB"))
     assert p.gpus is None and not p.fits and p.notes
+
+
+def _sums_and_row(shape: dict, tokens: int, dtype: torch.dtype) -> tuple[int, int]:
+    """Oracle for the memory beside the weights, from a built model: stage 1's float32 sums
+    (clean activation, running sum, batch sum of every hooked site, [T, width] each) and one
+    row at batch size 1 under the batch rule's 70 % margin, with the chunked LM head."""
+    model = T_.AutoModelForCausalLM.from_config(T_.AutoConfig.for_model(**shape), dtype=dtype)
+    from achilles.model.units import build_pool
+
+    pool = build_pool(model, "paper")
+    sums = sum(3 * 4 * tokens * s.width for s in pool.sites)
+    widest = max(s.width for s in pool.sites)
+    row = row_bytes_estimate(model, tokens, widest, logits=False)
+    return sums, math.ceil(row / 0.7) + batching.head_bytes(model, tokens)
+
+
+@pytest.mark.parametrize("tokens", [16, 128, 256])
+@pytest.mark.parametrize("gpu_mib", [1, 4, 64])
+def test_plan_never_says_fits_past_its_own_figure(tokens: int, gpu_mib: int) -> None:
+    """Issue 21: '1 × 8 GiB, fullest GPU 20.3 GiB' (weights fitted, stage-1 sums did not).
+    Whatever T and GPU size, a plan that fits has its fullest GPU (weights + share of the
+    sums + one row + float32 re-check) within the GPU, and one that cannot says why."""
+    shape = {**configs()["llama"].to_dict(), "num_hidden_layers": 4}
+    settings = PlanConfig(dtype="bfloat16", tokens=tokens, gpu_memory=f"{gpu_mib}MiB")
+    p = plan_model(shape, settings)
+    sums, row = _sums_and_row(shape, tokens, torch.bfloat16)
+    assert p.stage1_accumulator_bytes == sums and p.activation_bytes == row
+    gpu = gpu_mib * 2**20
+    if p.fits:
+        assert p.gpus is not None
+        assert p.gpu_load_bytes + row + p.fp32_check_bytes <= gpu
+        assert p.gpu_load_bytes >= math.ceil(sums / p.gpus)
+    else:
+        assert p.gpus is None and any("does not fit" in n for n in p.notes)
+    if row + p.fp32_check_bytes >= gpu:  # nothing but one row already fills a GPU
+        assert not p.fits and "one row of T" in p.notes[-1]
+
+
+def test_weights_that_fit_beside_sums_that_do_not_need_more_gpus(capsys) -> None:  # noqa: ANN001
+    """The issue's case in small: the weights fit one GPU, weights and stage-1 sums do not."""
+    shape = {**configs()["llama"].to_dict(), "num_hidden_layers": 4}
+    weights = plan_model(shape, PlanConfig(dtype="float32", tokens=128)).weight_bytes["float32"]
+    sums, row = _sums_and_row(shape, 128, torch.float32)
+    gpu = row + weights + sums // 3  # a fit for the weights alone, not with all the sums
+    settings = PlanConfig(dtype="float32", tokens=128, gpu_memory=f"{gpu / 2**20:.6f}MiB")
+    assert weights < 0.9 * gpu
+    p = plan_model(shape, settings)
+    assert p.gpus is not None and p.gpus >= 2 and p.fits
+    one = plan_model(shape, dataclasses.replace(settings, gpus=1))
+    assert not one.fits and one.gpus == p.gpus and "only 1 given" in one.notes[-1]
+    assert "DOES NOT FIT" in _describe(one) or "does NOT fit" in _describe(one)
+
+
+def _describe(p) -> str:  # noqa: ANN001
+    from achilles.commands.plan import describe
+
+    return describe(p)
+
+
+def test_tokens_past_the_context_are_refused_or_truncated() -> None:
+    shape = configs()["llama"]  # max_position_embeddings 256
+    with pytest.raises(AchillesError, match="T = 257 tokens is past the model's context of 256"):
+        plan_model(shape, PlanConfig(tokens=257))
+    p = plan_model(shape, PlanConfig(tokens=10**6), truncate=True)
+    assert p.config["tokens"] == 256 and "cut to the model's context of 256" in p.notes[0]
+    assert p.stage1_accumulator_bytes == 3 * 4 * 256 * p.units
+    # a shape dict is checked only against a context it states (the class default is not the
+    # model's), and says when a long T goes unchecked
+    bare = {k: v for k, v in PAPER21[0]["config"].items()}
+    assert "max_position_embeddings" not in bare
+    long = plan_model({**bare, "num_hidden_layers": 1}, PlanConfig(tokens=5000))
+    assert any("records no context length" in n for n in long.notes)
+    short = plan_model({**bare, "num_hidden_layers": 1}, PlanConfig(tokens=115))
+    assert not any("context" in n for n in short.notes)
+    with pytest.raises(AchillesError, match="context of 512"):
+        plan_model({**bare, "num_hidden_layers": 1, "max_position_embeddings": 512}, PlanConfig(tokens=513))
+
+
+def test_plan_out_folder_is_refused_before_any_planning(tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    def no_work(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("planned before the destination was checked")
+
+    monkeypatch.setattr("achilles.commands.plan.plan_entry", no_work)
+    (tmp_path / "plans").mkdir()
+    assert main(["plan", "--model", str(ROOT / "models" / "sink"), "--out", str(tmp_path / "plans")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a folder: name a file" in err[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["plans"] and not any((tmp_path / "plans").iterdir())
 
 
 def test_batch_size_rule_is_choose_batch_sizes(monkeypatch) -> None:  # noqa: ANN001
@@ -181,6 +274,8 @@ def test_cli_plan_model_json(capsys, tmp_path) -> None:  # noqa: ANN001
         (["plan", "--models", "nolist.txt"], "model list not found"),
         (["plan", "--models", "paper21", "--text", "some text"], "give --tokens, not a text"),
         (["plan", "--models", "paper21", "--select", "gpt-5"], "--select names gpt-5"),
+        (["plan", "--models", "paper21", "--select", " , "], "names no model"),
+        (["plan", "--model", "models/sink", "--select", "sink"], "--select picks models of --models"),
     ],
 )
 def test_cli_plan_bad_input(argv, message, capsys) -> None:  # noqa: ANN001

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-
-from achilles.cli import main
 from test_sweep import STAGE_ARGS, save_trained_model
 from tiny import TEXT
+
+from achilles.cli import main
 
 PROMPT = "The river"  # a prefix of the memorised text: short on purpose
 TARGET = " ran"
@@ -108,3 +108,37 @@ def test_probe_levels_option_and_errors(run: tuple[Path, Path], tmp_path: Path,
     assert "empty minimal set" in err and len(err.strip().splitlines()) == 1
     assert main([*base, "--mask", str(ident_file), "--target", ""]) == 2
     assert not bad.exists()
+
+
+def test_top_k_beyond_the_vocabulary_is_capped(run: tuple[Path, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 21: --top-k past the vocabulary was kept (and drew one bar per token). It is
+    capped at the vocabulary with a warning, recorded as capped, and the chart draws at most
+    MAX_BARS bars per panel."""
+    import matplotlib.axes
+
+    from achilles.plots.probe import MAX_BARS
+
+    bars: list[int] = []
+    real_bar = matplotlib.axes.Axes.bar
+
+    def counting_bar(self, x, height, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        bars.append(len(height))
+        return real_bar(self, x, height, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", counting_bar)
+    model_dir, ident_file = run
+    vocab = T.AutoConfig.from_pretrained(model_dir).vocab_size
+    out = tmp_path / "p.json"
+    assert main(["probe", "--model", str(model_dir), "--prompt", PROMPT, "--target", TARGET,
+                 "--mask", str(ident_file), "--levels", "0", "--max-new-tokens", "0",
+                 "--top-k", str(10**12), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"--top-k {10**12} exceeds the model's vocabulary of {vocab} tokens: capped at {vocab}" in err
+    res = json.loads(out.read_text())
+    assert res["config"]["probe"]["top_k"] == vocab
+    assert len(res["levels"][0]["top"]) == vocab
+    probs = [t["prob"] for t in res["levels"][0]["top"]]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-4)  # every token, each once
+    assert bars == [MAX_BARS]

@@ -14,10 +14,10 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from achilles.errors import AchillesError, require
+from achilles.results.inputs import read_text_input
 
 DTYPE_ALIASES: dict[str, str] = {
     "auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
@@ -108,14 +108,7 @@ class TextSpec:
             "give exactly one of --text or --text-file",
         )
         if self.text_file is not None:
-            p = Path(self.text_file)
-            require(p.is_file(), f"text file not found: {p} (check --text-file)")
-            try:
-                return p.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise AchillesError(
-                    f"{p} is not UTF-8 text (byte {e.start}): convert it, e.g. iconv -t UTF-8"
-                ) from None
+            return read_text_input(self.text_file, "--text-file")
         return self.text  # type: ignore[return-value]
 
 
@@ -208,6 +201,10 @@ def _parse_list(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
+INT_RANGE = (-(2**63), 2**63 - 1)
+"""What an integer option may be: a 64-bit integer (torch's seeds, counts and sizes are)."""
+
+
 def parse_numbers(s: str, flag: str, kind: type = int) -> tuple:
     """``"1,3,5"`` -> ``(1, 3, 5)`` of ``kind``; an :class:`AchillesError` naming ``flag`` otherwise."""
     name = "integers" if kind is int else "numbers"
@@ -216,7 +213,28 @@ def parse_numbers(s: str, flag: str, kind: type = int) -> tuple:
     except ValueError:
         raise AchillesError(f"{flag} takes a comma-separated list of {name}, got {s!r}") from None
     require(bool(vals), f"{flag} is empty: give at least one value, e.g. {flag} 1,3,5")
+    lo, hi = INT_RANGE
+    big = next((v for v in vals if kind is int and not lo <= v <= hi), None)
+    require(big is None, f"{flag}: {big} is beyond the 64-bit integer range: give a smaller number")
     return vals
+
+
+def parse_int(s: str) -> int:
+    """An integer option's value (argparse ``type``): a 64-bit integer, or a usage error.
+
+    Every integer option goes through it (dataclass fields via :func:`add_arguments`, the
+    commands' own options by name), so none reaches torch as a number it cannot hold.
+    """
+    try:
+        value = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {s!r}") from None
+    lo, hi = INT_RANGE
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(
+            f"{s} is beyond the 64-bit integer range ({lo} to {hi}): give a smaller number"
+        )
+    return value
 
 
 def _parse_float(s: str) -> float:
@@ -256,7 +274,7 @@ def add_arguments(
         elif typing.get_origin(inner) is Literal:
             kw["choices"] = list(typing.get_args(inner))
         elif inner is int:
-            kw["type"] = int
+            kw["type"] = parse_int
         elif inner is float:
             kw["type"] = _parse_float
         elif typing.get_origin(inner) is tuple:

@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from achilles.commands.common import (
+    add_identify_options,
+    add_rank_options,
+    identify_config,
+    progress,
+    rank_config,
+    text_of,
+)
+from achilles.config import ModelSpec, TextSpec, add_arguments, from_args, parse_int
 from achilles.scale.census import CensusSettings, read_model_list, run_census
 from achilles.scale.census.launch import LAUNCHERS
-from achilles.commands.common import add_identify_options, add_rank_options, identify_config, progress, rank_config, text_of
-from achilles.config import ModelSpec, TextSpec, add_arguments, from_args
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -64,16 +71,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--launcher", choices=LAUNCHERS, default="local",
                    help="local: a process pool on this machine; slurm: submitit job arrays "
                    "(needs achilles[cluster]) (default: %(default)s)")
-    g.add_argument("--jobs", type=int, default=1,
+    g.add_argument("--jobs", type=parse_int, default=1,
                    help="models run at once (local: worker processes, capped by GPU groups; "
                    "slurm: array parallelism) (default: %(default)s)")
-    g.add_argument("--gpus-per-job", type=int, default=None,
+    g.add_argument("--gpus-per-job", type=parse_int, default=None,
                    help="GPUs per model (default: from `achilles plan` at --gpu-memory)")
     g.add_argument("--gpu-memory", default=None,
                    help="memory of one GPU, for the GPUs-per-model plan (default: the first "
                    "visible GPU's locally, 80GiB for slurm)")
     g.add_argument("--slurm-partition", default=None, help="Slurm partition")
-    g.add_argument("--slurm-timeout", type=int, default=240,
+    g.add_argument("--slurm-timeout", type=parse_int, default=240,
                    help="minutes per Slurm task (default: %(default)s)")
     g.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                    help="slurm: wait for the jobs and write the summary (default: on)")

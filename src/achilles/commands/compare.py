@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from achilles.commands.common import (
     add_common,
@@ -17,14 +16,14 @@ from achilles.commands.common import (
     rank_config,
     text_of,
 )
-from achilles.experiments.compare import RANDOM, compare, parse_levels
-from achilles.config import _parse_list, add_arguments, from_args
+from achilles.config import _parse_list, add_arguments, from_args, parse_int
 from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
 from achilles.evaluation.perplexity import PerplexityConfig, evaluator_from_config
+from achilles.experiments.compare import RANDOM, compare, parse_levels
+from achilles.method.ranking import METHODS
 from achilles.model.loading import load_model, tokenize
 from achilles.plots.comparison import plot_comparison
-from achilles.method.ranking import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +91,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated ranking methods (default: {DEFAULT_METHODS})")
     g.add_argument("--levels", default=DEFAULT_LEVELS,
                    help=f"numbers of top units to mask (default: {DEFAULT_LEVELS})")
-    g.add_argument("--random-runs", type=int, default=10,
+    g.add_argument("--random-runs", type=parse_int, default=10,
                    help="random rankings per level, seeds --seed .. --seed+runs-1 (default: 10)")
     g.add_argument("--data", default=None,
                    help="evaluation text (required): a local .txt/.jsonl/.parquet file, or "
                    "wikitext-103 or c4")
     add_deprecated_alias(g, "--eval", "--data", "data")
-    g.add_argument("--eval-batch-size", type=int, default=4,
+    g.add_argument("--eval-batch-size", type=parse_int, default=4,
                    help="perplexity windows per forward pass (default: 4)")
     add_arguments(p, PerplexityConfig, exclude=("data", "batch_size"))
     p.add_argument("--out-dir", required=True, help="folder for comparison.json and comparison.png")

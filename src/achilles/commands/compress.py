@@ -14,7 +14,7 @@ from achilles.commands.common import (
     progress,
 )
 from achilles.commands.ppl import add_mask_options, check_mask_args
-from achilles.config import add_arguments, from_args
+from achilles.config import add_arguments, from_args, parse_int
 from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
 from achilles.evaluation.masks import load_mask
@@ -25,6 +25,7 @@ from achilles.model.names import model_name
 from achilles.plots.compression import plot_compression
 from achilles.report.compression import COMPRESSION_FIGURE, COMPRESSION_FILE, compression_rows
 from achilles.results.files import atomic_write, write_json
+from achilles.results.inputs import read_text_input
 from achilles.results.provenance import environment
 from achilles.results.schema import read_json
 from achilles.weights.compress import DEFAULT_METHODS, compress_experiment, keep_list, parse_methods
@@ -52,13 +53,7 @@ def _check_outputs(paths: list[Path], force: bool) -> None:
 
 def _calibration_text(args: argparse.Namespace) -> str:
     if args.calib_file is not None:
-        p = Path(args.calib_file)
-        if not p.is_file():
-            raise AchillesError(f"calibration file not found: {p} (check --calib-file)")
-        try:
-            return p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise AchillesError(f"{p} is not UTF-8 text (check --calib-file)") from None
+        return read_text_input(args.calib_file, "--calib-file", "calibration file")
     text = (read_json(args.mask).get("config") or {}).get("text")
     if not text:
         raise AchillesError(f"{args.mask} records no text to calibrate Wanda on: pass --calib-file")
@@ -170,7 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated: rtn-wB[-gG|-t] (B = 2..8 bits, G = group size, t = one "
                    "scale per matrix), magnitude-S, wanda-S (S = sparsity in percent) (default: %(default)s)")
-    g.add_argument("--seeds", type=int, default=3, help="random-protection draws (default: 3)")
+    g.add_argument("--seeds", type=parse_int, default=3, help="random-protection draws (default: 3)")
     g.add_argument("--calib-file", default=None,
                    help="text to calibrate Wanda's activation norms on (default: the mask file's text)")
     p.add_argument("--out-dir", required=True, help="folder for compression.json/.png and keep_list.json")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from achilles.commands.common import claim_out_dir, progress
 from achilles.commands.core import summarize
-from achilles.config import IdentifyConfig, ModelSpec, RankConfig
+from achilles.config import IdentifyConfig, ModelSpec, RankConfig, parse_int
 from achilles.errors import AchillesError
 from achilles.method.pipeline import find
 from achilles.model.loading import load_model
@@ -246,7 +246,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="smollm2 (default: SmolLM2-135M-Instruct, installed by make setup), the "
                    "bundled sink or natural (models whose truth is known), or any --model of find")
     p.add_argument("--out-dir", default="runs/demo", help="run folder (default: runs/demo)")
-    p.add_argument("--samples", type=int, default=100, help="K noisy copies (default: 100)")
+    p.add_argument("--samples", type=parse_int, default=100, help="K noisy copies (default: 100)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--explain", action=argparse.BooleanOptionalAction, default=True,
                    help="explain the minimal set: mechanism.json + Mechanism section (default: on)")

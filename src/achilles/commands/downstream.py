@@ -9,12 +9,12 @@ from pathlib import Path
 
 from achilles.commands.common import add_common, claim_out_dir, model_spec
 from achilles.commands.ppl import add_mask_options, check_mask_args
-from achilles.config import _parse_list
+from achilles.config import _parse_list, parse_int
 from achilles.errors import AchillesError
 from achilles.evaluation.downstream import parse_levels, run_downstream, task_manager_for
 from achilles.evaluation.masks import load_mask
-from achilles.results.provenance import environment
 from achilles.model.loading import load_model
+from achilles.results.provenance import environment
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +99,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--limit", type=_float, default=None,
                    help="examples per task (an integer), or a fraction < 1")
     g.add_argument("--batch-size", default="1", help="lm-eval batch size, or 'auto' (default: 1)")
-    g.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (task default)")
+    g.add_argument("--num-fewshot", type=parse_int, default=None, help="few-shot examples (task default)")
     g.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
     g.add_argument("--confirm-run-unsafe-code", action="store_true",
                    help="allow tasks that execute model-written code (humaneval; also set "
                    "HF_ALLOW_CODE_EVAL=1)")
-    g.add_argument("--bootstrap-iters", type=int, default=100000,
+    g.add_argument("--bootstrap-iters", type=parse_int, default=100000,
                    help="bootstrap iterations for stderr (0: none; default: 100000)")
-    g.add_argument("--seed", type=int, default=0, help="lm-eval random seeds (default: 0)")
+    g.add_argument("--seed", type=parse_int, default=0, help="lm-eval random seeds (default: 0)")
     g.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=True,
                    help="prepend BOS to every request when the tokenizer adds one, as in "
                    "training (default: on; lm-eval leaves it off)")

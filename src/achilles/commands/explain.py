@@ -13,9 +13,10 @@ from achilles.errors import AchillesError
 from achilles.explain import MECHANISM_FILE, ExplainConfig, explain_run
 from achilles.explain.run import check_sink_position, run_set
 from achilles.method.identify import Identification
-from achilles.results.schema import read_json
-from achilles.model.loading import LoadedModel, context_length, inspect_model, load_model, tokenize
 from achilles.method.pipeline import check_same_model
+from achilles.model.loading import LoadedModel, context_length, inspect_model, load_model, tokenize
+from achilles.results.inputs import read_text_input
+from achilles.results.schema import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     config = from_args(ExplainConfig, args)
     text = None
     if args.text_file is not None:
-        p = Path(args.text_file)
-        if not p.is_file():
-            raise AchillesError(f"text file not found: {p} (check --text-file)")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise AchillesError(f"{p} is not UTF-8 text (check --text-file)") from None
+        text = read_text_input(args.text_file, "--text-file")
     recorded = Identification.load(str(ident_path)).config.get("model", {}).get("model")
     model = args.model or recorded
     if not model:

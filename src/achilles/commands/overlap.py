@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from achilles.commands.common import check_destination
+from achilles.config import parse_int
 from achilles.experiments.overlap import compare_runs
 
 
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_a", metavar="RUN_A", help="first run folder (ranking.json, identification.json)")
     p.add_argument("run_b", metavar="RUN_B", help="second run folder")
-    p.add_argument("--top", type=int, default=100, help="size of the top-N rankings (default: %(default)s)")
+    p.add_argument("--top", type=parse_int, default=100, help="size of the top-N rankings (default: %(default)s)")
     p.add_argument("--out", default=None, help="overlap JSON to write (default: print only)")
     p.add_argument("--quiet", action="store_true", help="warnings only")
     p.add_argument("--verbose", action="store_true", help="debug logging")

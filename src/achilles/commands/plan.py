@@ -9,9 +9,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from achilles.config import ModelSpec, TextSpec, add_arguments, from_args
+from achilles.config import ModelSpec, TextSpec, _parse_list, add_arguments, from_args
 from achilles.errors import AchillesError
-from achilles.results.files import _jsonable, write_json
+from achilles.results.files import _jsonable, check_destination, write_json
 from achilles.scale.census.models import ModelEntry, read_model_list
 from achilles.scale.plan import Plan, PlanConfig, format_bytes, plan_entry, table
 
@@ -22,15 +22,13 @@ def describe(p: Plan) -> str:
     s1, s2 = p.stage1, p.stage2
     per_kind = ", ".join(f"{k} {v:,}" for k, v in p.units_per_component.items())
     mem = ", ".join(f"{k} {format_bytes(v)}" for k, v in p.weight_bytes.items())
-    gpus = f"{p.gpus} × {c['gpu_memory']}" if p.gpus else f"more than 64 × {c['gpu_memory']}"
+    gpu_line = _gpu_line(p)
     lines = [
         f"{p.model} ({p.model_type}): {p.params:,} parameters, {p.layers} layers",
         f"unit pool ({c['pool']}): {p.units:,} per token ({p.units * c['tokens']:,} over "
         f"T = {c['tokens']} tokens); {per_kind}",
         f"weights: {mem}",
-        f"GPUs ({c['dtype']}): {gpus}, fullest GPU {format_bytes(p.gpu_load_bytes)} with its share "
-        f"of the stage-1 sums ({format_bytes(p.stage1_accumulator_bytes)} in all); "
-        f"float32 re-check needs {format_bytes(p.fp32_check_bytes)} more",
+        gpu_line,
         f"stage 1: {s1['passes_rows']} rows (K + 1) in {s1['forward_passes']} passes of "
         f"batch {s1['batch_size']}, {s1['flops']:.3g} FLOP, {s1['seconds']:.1f} s",
         f"stage 2: batch {s2['batch_size']}; linear ≤ {s2['rows']['linear']} rows "
@@ -43,14 +41,41 @@ def describe(p: Plan) -> str:
     return "\n".join(lines)
 
 
+def _gpu_line(p: Plan) -> str:
+    """Where the memory goes on the fullest GPU, and whether the run fits (said, not implied)."""
+    c = p.config
+    sums = format_bytes(p.stage1_accumulator_bytes)
+    if p.gpus is None:
+        return (f"GPUs ({c['dtype']}): does NOT fit on GPUs of {c['gpu_memory']} (see the note): "
+                f"stage-1 sums {sums} in all, {format_bytes(p.activation_bytes)} to run one row, "
+                f"{format_bytes(p.fp32_check_bytes)} for the float32 re-check")
+    total = p.gpu_load_bytes + p.activation_bytes + p.fp32_check_bytes
+    verdict = "" if p.fits else f"; does NOT fit: only {c['gpus']} GPU(s) given"
+    return (f"GPUs ({c['dtype']}): {p.gpus} × {c['gpu_memory']}{verdict}; fullest GPU "
+            f"{format_bytes(p.gpu_load_bytes)} of weights and its share of the stage-1 sums "
+            f"({sums} in all) + {format_bytes(p.activation_bytes)} to run one row + "
+            f"{format_bytes(p.fp32_check_bytes)} for the float32 re-check = {format_bytes(total)} "
+            f"of {format_bytes(c['gpu_bytes'])}")
+
+
 def _run(args: argparse.Namespace) -> int:
     settings = from_args(PlanConfig, args)
     if (args.model is None) == (args.models is None):
         raise AchillesError("give exactly one of --model or --models")
+    if args.select is not None and args.models is None:
+        raise AchillesError("--select picks models of --models: give --models, or drop --select")
+    out = Path(args.out) if args.out is not None else None
+    if out is not None:  # as given: an empty --out is refused, not ignored; a folder is refused
+        check_destination(args.out, "file")
     if args.models is not None:
         entries = read_model_list(args.models, sizing_only=True)  # plan runs no model code
-        if args.select:
-            wanted = [n.strip() for n in args.select.split(",") if n.strip()]
+        if args.select is not None:
+            wanted = list(_parse_list(args.select))
+            if not wanted:
+                raise AchillesError(
+                    f"--select {args.select!r} names no model: give names from {args.models}, "
+                    f"e.g. --select {entries[0].name}"
+                )
             unknown = [n for n in wanted if n not in {e.name for e in entries}]
             if unknown:
                 raise AchillesError(
@@ -61,11 +86,6 @@ def _run(args: argparse.Namespace) -> int:
     else:
         entries = [ModelEntry(args.model, ModelSpec(model=args.model, revision=args.revision,
                                                     gguf_file=args.gguf_file))]
-    out = Path(args.out) if args.out is not None else None
-    if out is not None:
-        from achilles.commands.common import check_writable
-
-        check_writable(args.out)  # as given: an empty --out is refused, not ignored
     quiet = args.quiet or args.json or len(entries) == 1
     spec = from_args(TextSpec, args)
     text = spec.resolve() if (spec.text, spec.text_file) != (None, None) else None
@@ -74,7 +94,8 @@ def _run(args: argparse.Namespace) -> int:
         raise AchillesError(
             f"{args.models} holds shipped shapes without tokenizers: give --tokens, not a text"
         )
-    plans = [plan_entry(e, settings, text) for e in tqdm(entries, desc="plan", disable=quiet)]
+    plans = [plan_entry(e, settings, text, truncate=spec.truncate)
+             for e in tqdm(entries, desc="plan", disable=quiet)]
     payload = {
         "schema_version": plans[0].to_dict()["schema_version"],
         "kind": "plans",

@@ -7,14 +7,14 @@ import dataclasses
 import logging
 
 from achilles.commands.common import add_common, check_destination, model_spec, progress
-from achilles.config import add_arguments, from_args
+from achilles.config import add_arguments, from_args, parse_int
 from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
 from achilles.evaluation.masks import load_mask
 from achilles.evaluation.perplexity import PerplexityConfig, evaluator_from_config
+from achilles.model.loading import load_model
 from achilles.results.provenance import environment
 from achilles.results.schema import read_json
-from achilles.model.loading import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def add_mask_options(p: argparse.ArgumentParser, *, levels: bool = False) -> Non
     g.add_argument("--mask", default=None, required=levels,
                    help="identification.json (its --set) or ranking.json (its --top N units)")
     if not levels:
-        g.add_argument("--top", type=int, default=None,
+        g.add_argument("--top", type=parse_int, default=None,
                        help="mask the first N units of the ranking (or of the set)")
     g.add_argument("--set", dest="set_name", choices=["minimal", "critical"], default="minimal",
                    help="which set of an identification.json to use (default: minimal)")

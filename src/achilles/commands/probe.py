@@ -8,12 +8,12 @@ import logging
 from pathlib import Path
 
 from achilles.commands.common import add_common, check_destination, model_spec
-from achilles.method.identify import Identification
-from achilles.model.loading import context_length, load_model
-from achilles.method.pipeline import preflight
-from achilles.experiments.probe import ProbeConfig, check_mask, mask_units, probe
-from achilles.config import parse_numbers
+from achilles.config import parse_int, parse_numbers
 from achilles.errors import AchillesError
+from achilles.experiments.probe import ProbeConfig, check_mask, mask_units, probe
+from achilles.method.identify import Identification
+from achilles.method.pipeline import preflight
+from achilles.model.loading import context_length, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     png = plot_path(args.plot, out)
     spec = model_spec(args)
     skeleton = preflight(spec)  # bad input fails before loading
-    cfg = cap_generation(cfg, skeleton)
+    cfg = cap_top_k(cap_generation(cfg, skeleton), skeleton)
     check_mask(skeleton.model, mask_units(ident, cfg.set), source=args.mask)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     result = probe(lm, ident, cfg, source=args.mask)
@@ -61,6 +61,18 @@ def cap_generation(cfg: ProbeConfig, skeleton: object) -> ProbeConfig:
             cfg.max_new_tokens, limit, prompt, room,
         )
         return dataclasses.replace(cfg, max_new_tokens=room)
+    return cfg
+
+
+def cap_top_k(cfg: ProbeConfig, skeleton: object) -> ProbeConfig:
+    """``--top-k`` capped at the model's vocabulary (warned): there are no more tokens to show."""
+    model = skeleton.model  # type: ignore[attr-defined]
+    head = model.get_output_embeddings()
+    vocab = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+    if cfg.top_k > vocab:
+        logger.warning("--top-k %d exceeds the model's vocabulary of %d tokens: capped at %d",
+                       cfg.top_k, vocab, vocab)
+        return dataclasses.replace(cfg, top_k=vocab)
     return cfg
 
 
@@ -100,8 +112,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--mask", required=True, help="identification.json whose set is masked")
     g.add_argument("--set", choices=["minimal", "critical"], default="minimal",
                    help="which set to mask, in its stored order (default: %(default)s)")
-    g.add_argument("--top-k", type=int, default=10, help="tokens shown per level (default: %(default)s)")
-    g.add_argument("--max-new-tokens", type=int, default=20,
+    g.add_argument("--top-k", type=parse_int, default=10, help="tokens shown per level (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=parse_int, default=20,
                    help="greedy continuation length per level, 0 for none (default: %(default)s)")
     g.add_argument("--levels", default=None,
                    help="comma-separated numbers of masked units (default: 0 up to the set size)")

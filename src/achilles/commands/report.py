@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from achilles.commands.common import claim_out_dir
-from achilles.config import ModelSpec, add_arguments, from_args
+from achilles.config import ModelSpec, add_arguments, from_args, parse_int
 from achilles.errors import AchillesError
 from achilles.model.loading import load_model
 
@@ -74,8 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "analysis.json")
     add_arguments(p, ModelSpec, exclude=("model",))
     g = p.add_argument_group("analysis")
-    g.add_argument("--top-n", type=int, default=100, help="ranking prefix for the layer figure (default: 100)")
-    g.add_argument("--seeds", type=int, default=10, help="random same-module sets (default: 10)")
+    g.add_argument("--top-n", type=parse_int, default=100, help="ranking prefix for the layer figure (default: 100)")
+    g.add_argument("--seeds", type=parse_int, default=10, help="random same-module sets (default: 10)")
     g.add_argument("--tolerance", type=float, default=0.1,
                    help="drop in Δ counted as non-monotone (default: 0.1)")
     g.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=None,
@@ -91,8 +91,8 @@ def _check_run_model(args: argparse.Namespace, run_dir: Path) -> None:
     """Refuse ``--model`` naming other weights than the run's, unless ``--force``."""
     if not getattr(args, "model", None) or not (run_dir / "identification.json").is_file():
         return
-    from achilles.results.schema import read_json
     from achilles.method.pipeline import check_same_model
+    from achilles.results.schema import read_json
 
     ident = read_json(run_dir / "identification.json", kind="identification")
     check_same_model(

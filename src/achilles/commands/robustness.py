@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from achilles.commands.common import (
     add_common,
@@ -16,10 +15,11 @@ from achilles.commands.common import (
     progress,
     rank_config,
 )
+from achilles.config import parse_int
 from achilles.errors import require
-from achilles.model.loading import load_model, tokenize
-from achilles.method.pipeline import preflight
 from achilles.experiments.robustness import LabelledText, run_robustness, texts_from_files
+from achilles.method.pipeline import preflight
+from achilles.model.loading import load_model, tokenize
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: refuse it)")
     add_rank_options(p)  # its --batch-size serves both stages
     add_identify_options(p, prefix_batch=False)
-    p.add_argument("--top", type=int, default=100,
+    p.add_argument("--top", type=parse_int, default=100,
                    help="size of the top-of-ranking sets compared (default: %(default)s)")
     p.add_argument("--out-dir", required=True, help="folder to write (reruns reuse finished texts)")
     p.add_argument("--force", action="store_true",

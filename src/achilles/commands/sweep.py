@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from achilles.commands.common import (
     add_common,
@@ -15,12 +14,11 @@ from achilles.commands.common import (
     progress,
     text_of,
 )
-from achilles.config import RankConfig, add_arguments, from_args
-from achilles.model.loading import load_model
+from achilles.config import RankConfig, add_arguments, from_args, parse_int, parse_numbers
+from achilles.experiments.sweep import SweepConfig, run_sweep
 from achilles.method.pipeline import preflight
 from achilles.method.ranking import METHODS
-from achilles.config import parse_numbers
-from achilles.experiments.sweep import SweepConfig, run_sweep
+from achilles.model.loading import load_model
 
 
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:
@@ -79,9 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "full: every (α, K) pair (default: %(default)s)")
     g.add_argument("--anchor-alpha", type=float, default=d.anchor_alpha,
                    help="α of the K sweep and of the reference point (default: %(default)s)")
-    g.add_argument("--anchor-samples", type=int, default=d.anchor_samples,
+    g.add_argument("--anchor-samples", type=parse_int, default=d.anchor_samples,
                    help="K of the α sweep and of the reference point (default: %(default)s)")
-    g.add_argument("--top", type=int, default=d.top,
+    g.add_argument("--top", type=parse_int, default=d.top,
                    help="top-ranked units compared with the reference point (default: %(default)s)")
     p.add_argument("--out-dir", required=True, help="sweep folder to write (reruns resume it)")
     p.add_argument("--force", action="store_true",

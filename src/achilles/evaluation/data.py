@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from achilles.errors import AchillesError
+from achilles.results.inputs import input_file_problem
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def _load_named(name: str, max_documents: int | None) -> list[str]:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
         raise AchillesError(f"the datasets package is missing: pip install datasets, or {_fix_hint()}") from None
+    _check_hub(name, streaming=bool(kwargs.get("streaming")), offline=bool(datasets.config.HF_HUB_OFFLINE))
     try:
         ds = datasets.load_dataset(**kwargs)  # type: ignore[arg-type]
         if kwargs.get("streaming"):
@@ -129,6 +131,26 @@ def _load_named(name: str, max_documents: int | None) -> list[str]:
     return docs
 
 
+def _check_hub(name: str, *, streaming: bool, offline: bool) -> None:
+    """Refuse at once a named dataset that cannot be fetched, instead of after the hub
+    client's retries (half a minute of warnings): a streamed one (C4) offline or with the hub
+    unreachable, a downloaded one (WikiText) with the hub unreachable while offline mode,
+    which reads the local cache, is off."""
+    from achilles.model.loading import _hub_reachable
+
+    if streaming and offline:
+        raise AchillesError(
+            f"--data {name} is streamed from the Hugging Face hub, and offline mode is on "
+            f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): {_fix_hint()}"
+        )
+    if not offline and not _hub_reachable():
+        cache = "" if streaming else ", or set HF_DATASETS_OFFLINE=1 to read a cached copy"
+        raise AchillesError(
+            f"--data {name} comes from the Hugging Face hub, which is not reachable: "
+            f"{_fix_hint()}{cache}"
+        )
+
+
 def load_corpus(spec: str, *, max_documents: int | None = None) -> Corpus:
     """Load the documents named by ``spec`` (a local file or a name in :data:`DATASETS`).
 
@@ -138,7 +160,10 @@ def load_corpus(spec: str, *, max_documents: int | None = None) -> Corpus:
     path = Path(spec).expanduser()
     if spec in DATASETS and not path.exists():
         docs = _load_named(spec, max_documents)
-    elif path.is_file():
+    elif path.exists():
+        problem = input_file_problem(path, "--data", "data file")
+        if problem is not None:
+            raise AchillesError(problem)
         suffix = path.suffix.lower()
         if suffix in (".txt", ".jsonl"):
             try:
@@ -152,8 +177,6 @@ def load_corpus(spec: str, *, max_documents: int | None = None) -> Corpus:
                 f"--data {spec}: unsupported file type {suffix or '(none)'}; use "
                 f"{'/'.join(LOCAL_SUFFIXES)} or one of {', '.join(DATASETS)}"
             )
-    elif path.exists():
-        raise AchillesError(f"--data {spec} is a folder: {_fix_hint()}")
     else:
         raise AchillesError(
             f"--data {spec}: no such file and not a known dataset ({', '.join(DATASETS)}); "

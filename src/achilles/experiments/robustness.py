@@ -19,12 +19,13 @@ from typing import Any
 
 from achilles.config import IdentifyConfig, RankConfig
 from achilles.errors import AchillesError, require
-from achilles.results.files import write_json
-from achilles.results.provenance import environment
-from achilles.results.schema import SCHEMA_VERSION
-from achilles.model.loading import LoadedModel
 from achilles.experiments.overlap import jaccard
 from achilles.experiments.sweep import find_cached
+from achilles.model.loading import LoadedModel
+from achilles.results.files import write_json
+from achilles.results.inputs import read_text_input
+from achilles.results.provenance import environment
+from achilles.results.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,7 @@ def texts_from_files(paths: Sequence[str]) -> list[LabelledText]:
     )
     out: list[LabelledText] = []
     for p in map(Path, paths):
-        require(p.is_file(), f"text file not found: {p} (check --text-file)")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise AchillesError(f"{p} is not UTF-8 text (check --text-file)") from None
+        text = read_text_input(p, "--text-file")
         out.append(LabelledText(safe_label(p.stem), text))
     labels = [t.label for t in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})

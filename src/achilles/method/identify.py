@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from achilles.model.batching import choose_batch_size, input_device, run_batched
 from achilles.config import IdentifyConfig
 from achilles.errors import AchillesError
-from achilles.results.files import decode_float, write_json
-from achilles.results.schema import SCHEMA_VERSION, read_json, require_fields
-from achilles.model.masking import ChannelMasker, PrefixIndex
 from achilles.method.metrics import delta as delta_from_nll
 from achilles.method.metrics import sequence_nll
 from achilles.method.search import bisect_search, first_crossing, linear_search, minimize_set
+from achilles.model.batching import choose_batch_size, input_device, run_batched
+from achilles.model.masking import ChannelMasker, PrefixIndex
 from achilles.model.units import Unit, UnitPool
+from achilles.results.files import decode_float, write_json
+from achilles.results.schema import SCHEMA_VERSION, read_json, require_fields
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +243,12 @@ class Identification:
                           ("fp32_check", dict), ("forward_passes", int)):
             if d.get(key) is not None:
                 require_fields(d, path, {key: kind})
+        eps = decode_float(d["epsilon"])
+        if not (math.isfinite(eps) and eps > 0):  # type: ignore[arg-type]
+            raise AchillesError(
+                f"{path}: its epsilon is {d['epsilon']!r}, not a number > 0: the file is damaged; "
+                "rerun `achilles identify` (or `find`) to rewrite it"
+            )
         try:
             return cls._from_dict(d)
         except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,6 +49,9 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AchillesError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise AchillesError("--device mps was asked for but this torch has no MPS (Apple GPU) "
+                            "backend available here; use --device cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise AchillesError(
@@ -115,7 +119,23 @@ def _hub_options(spec: ModelSpec) -> dict[str, object]:
     return {}
 
 
+def _strict_errors() -> tuple[type[BaseException], ...]:
+    """huggingface_hub's config-field validation error (transformers 5 validates config.json)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: configs are not validated
+        return ()
+    return (StrictDataclassError,)
+
+
+CONFIG_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, *_strict_errors())
+"""What reading a config.json raises for a damaged or invalid one."""
+
+
 def _load_error(name: str, local: Path, e: BaseException) -> AchillesError:
+    if isinstance(e, _strict_errors()):  # "Validation error for field 'x':\n  TypeError: ..."
+        why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        return AchillesError(f"the config.json of {name!r} is invalid: {why} (fix that field)")
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "weights only load failed" in first.lower() or "unpickl" in first.lower():
         return AchillesError(
@@ -152,7 +172,7 @@ def inspect_model(spec: ModelSpec) -> LoadedModel:
     Cheap even for a 70B checkpoint, so commands validate their inputs (text length, unit
     pool, ranking fit) against it before a long weight load.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     gguf = source_of(spec)
     if gguf is not None:  # config and tokenizer from the cache or the GGUF metadata
@@ -167,21 +187,63 @@ def inspect_model(spec: ModelSpec) -> LoadedModel:
         remote.update(_hub_options(spec))
     try:
         config = AutoConfig.from_pretrained(source, **remote)
-        tokenizer = AutoTokenizer.from_pretrained(source, **remote)
+    except CONFIG_ERRORS as e:
+        raise _load_error(spec.model, local, e) from None
+    tokenizer = load_tokenizer(source, spec.model, local, **remote)
+    try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
                 config, trust_remote_code=spec.trust_remote_code
             )
-    except (OSError, ValueError, KeyError) as e:
+    except CONFIG_ERRORS as e:
         raise _load_error(spec.model, local, e) from None
     return LoadedModel(model.eval(), tokenizer, spec)
+
+
+def load_tokenizer(source: str, name: str, local: Path, **kwargs: object) -> object:
+    """``AutoTokenizer.from_pretrained(source, **kwargs)``, checked: every way a tokenizer
+    file can be unreadable, and a vocabulary that cannot encode an unknown word, is one line.
+
+    The ``tokenizers`` library raises a bare ``Exception`` for a tokenizer.json it cannot
+    parse (an unknown model type, a malformed vocabulary), so that is what is caught here.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except CONFIG_ERRORS as e:
+        raise _load_error(name, local, e) from None
+    except Exception as e:  # noqa: BLE001 - tokenizers' parse errors are plain Exceptions
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AchillesError(
+            f"could not read the tokenizer of {name!r}: {first} (its tokenizer.json is damaged "
+            "or of a kind this tokenizers version does not know: re-save it with save_pretrained)"
+        ) from None
+    check_tokenizer(tokenizer, name)
+    return tokenizer
+
+
+def check_tokenizer(tokenizer: object, name: str) -> None:
+    """Refuse a word-level or WordPiece vocabulary without its unknown token: it fails on
+    the first word it does not know (``Missing [UNK] token from the vocabulary``)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if type(model).__name__ not in ("WordLevel", "WordPiece"):
+        return
+    unk = getattr(model, "unk_token", None)
+    if unk is None or unk not in tokenizer.get_vocab():  # type: ignore[attr-defined]
+        raise AchillesError(
+            f"the tokenizer of {name!r} is a {type(model).__name__} vocabulary without its "
+            f"unknown token {unk!r}: it cannot encode a word it does not know; add {unk!r} to "
+            "the vocabulary in tokenizer.json"
+        )
 
 
 def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedModel:
     """Load ``spec.model`` (a local folder, a GGUF file or a hub id) in eval mode, with its
     tokenizer. A GGUF file is dequantized once to float32 and cached (see
     :mod:`achilles.model.gguf_source`); later loads read the cached folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf = source_of(spec)
     if gguf is not None:
@@ -214,8 +276,9 @@ def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedMod
         kwargs["device_map"] = spec.device_map
     try:
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(
-                source, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **hub
+            tokenizer = load_tokenizer(
+                source, spec.model, local, revision=spec.revision,
+                trust_remote_code=spec.trust_remote_code, **hub,
             )
         with _quiet_transformers():  # its load-report table is replaced by one line below
             model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -252,7 +315,7 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError
 
     return (OSError, ValueError, KeyError, RuntimeError, TypeError, EOFError,
-            pickle.UnpicklingError, SafetensorError, MemoryError)
+            pickle.UnpicklingError, SafetensorError, MemoryError, *_strict_errors())
 
 
 _LOAD_ERRORS = _load_errors()
@@ -310,6 +373,18 @@ def context_length(model_or_config: object) -> int | None:
     return None
 
 
+def encode(tokenizer: object, text: str, **kwargs: object) -> Any:
+    """``tokenizer(text, **kwargs).input_ids``; a text the tokenizer cannot encode is one line
+    (the ``tokenizers`` library raises a bare ``Exception``)."""
+    try:
+        return tokenizer(text, **kwargs).input_ids  # type: ignore[operator]
+    except Exception as e:  # noqa: BLE001 - see above
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AchillesError(
+            f"the model's tokenizer cannot encode the text: {first} (fix its tokenizer.json)"
+        ) from None
+
+
 def fit_text(tokenizer: object, model: object, text: str, *, truncate: bool = False) -> str:
     """``text`` if it fits the model's context, else refused, or with ``truncate`` cut to fit.
 
@@ -319,7 +394,7 @@ def fit_text(tokenizer: object, model: object, text: str, *, truncate: bool = Fa
     """
     limit = context_length(model)
     with _quiet_transformers():
-        n = len(tokenizer(text).input_ids)  # type: ignore[operator]
+        n = len(encode(tokenizer, text))
     if limit is None or n <= limit:
         return text
     if not truncate:
@@ -331,11 +406,11 @@ def fit_text(tokenizer: object, model: object, text: str, *, truncate: bool = Fa
         lo, hi = 0, len(text)  # bisect for the longest prefix text[:lo] that fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if len(tokenizer(text[:mid]).input_ids) <= limit:  # type: ignore[operator]
+            if len(encode(tokenizer, text[:mid])) <= limit:
                 lo = mid
             else:
                 hi = mid - 1
-        kept = len(tokenizer(text[:lo]).input_ids)  # type: ignore[operator]
+        kept = len(encode(tokenizer, text[:lo]))
     logger.warning(
         "--truncate: the text is %d tokens, the model's context %d; using its first %d "
         "characters (%d tokens) of %d", n, limit, lo, kept, len(text),
@@ -350,7 +425,7 @@ def tokenize(tokenizer: object, text: str, *, min_tokens: int = MIN_TOKENS) -> t
     add no BOS. Texts shorter than ``min_tokens`` are refused.
     """
     with _quiet_transformers():  # its "longer than the maximum" warning: see fit_text
-        ids = tokenizer(text, return_tensors="pt").input_ids  # type: ignore[operator]
+        ids = encode(tokenizer, text, return_tensors="pt")
     n = int(ids.shape[1])
     if n < min_tokens:
         raise AchillesError(

@@ -549,9 +549,15 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def check_run_inputs(run_dir: Path) -> None:
-    """Refuse a damaged mechanism.json / compression.json before anything is written."""
+    """Refuse a damaged ranking / identification / mechanism / compression file before
+    anything is written (each is read with the checks of its typed loader)."""
+    from achilles.method.identify import Identification
+    from achilles.method.ranking import Ranking
     from achilles.report.compression import read_compression
     from achilles.report.mechanism import read_mechanism
 
+    for name, load in (("ranking.json", Ranking.load), ("identification.json", Identification.load)):
+        if (run_dir / name).exists():
+            load(str(run_dir / name))
     read_mechanism(run_dir)
     read_compression(run_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from achilles.errors import AchillesError
+from achilles.results.inputs import input_file_problem
 
 SCHEMA_VERSION = 1
 
@@ -20,8 +21,9 @@ def read_json(path: str | os.PathLike[str], kind: str | None = None) -> dict[str
     objects) is one :class:`AchillesError` line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AchillesError(f"file not found: {path} (check the path)")
+    problem = input_file_problem(path)
+    if problem is not None:
+        raise AchillesError(problem)
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:

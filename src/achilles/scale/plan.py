@@ -21,6 +21,7 @@ import dataclasses
 import io
 import logging
 import math
+import types
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -113,6 +114,7 @@ class Plan:
     stage1_accumulator_bytes: int
     gpu_load_bytes: int
     fp32_check_bytes: int
+    activation_bytes: int
     stage1: dict[str, Any]
     stage2: dict[str, Any]
     seconds: float
@@ -140,18 +142,29 @@ def meta_model(config: Any, dtype: str = "bfloat16") -> torch.nn.Module:
     return model.eval()
 
 
-def _gpus_needed(model: torch.nn.Module, per_gpu: int, total: int) -> tuple[int | None, dict[int, int]]:
-    """Fewest GPUs of ``per_gpu`` bytes that accelerate's device map fills without offloading.
+def _gpus_needed(
+    model: torch.nn.Module, gpu_bytes: int, total: int, *, shared: int = 0, reserve: int = 0
+) -> tuple[int | None, dict[int, int]]:
+    """Fewest GPUs of ``gpu_bytes`` that hold the run without offloading.
 
-    Returns the count and the bytes placed on each GPU (``None`` if even ``MAX_GPUS`` do not do).
+    Each GPU holds its part of the weights (accelerate's device map, at most
+    :data:`WEIGHT_SHARE` of the GPU), its share of ``shared`` bytes spread over all GPUs (the
+    stage-1 sums) and ``reserve`` bytes every GPU needs for itself (activations of one row,
+    the float32 re-check). Returns the count and the weight bytes placed on each GPU
+    (``None`` if even ``MAX_GPUS`` do not do).
     """
     from accelerate import infer_auto_device_map
     from accelerate.utils import compute_module_sizes
 
+    if reserve >= gpu_bytes:
+        return None, {}
     sizes = compute_module_sizes(model)
     no_split = getattr(model, "_no_split_modules", None) or []
-    start = max(1, math.ceil(total / max(per_gpu, 1)))
+    start = max(1, math.ceil(total / max(int(WEIGHT_SHARE * gpu_bytes), 1)))
     for n in range(start, MAX_GPUS + 1):
+        per_gpu = min(int(WEIGHT_SHARE * gpu_bytes), gpu_bytes - math.ceil(shared / n) - reserve)
+        if per_gpu <= 0:
+            continue
         memory: dict[int | str, int] = {i: per_gpu for i in range(n)}
         memory["cpu"] = 2**62
         # accelerate warns that no such CUDA devices exist here: expected, it is a plan
@@ -161,7 +174,8 @@ def _gpus_needed(model: torch.nn.Module, per_gpu: int, total: int) -> tuple[int 
             load = {i: 0 for i in range(n)}
             for name, dev in device_map.items():
                 load[dev] += sizes[name]
-            return n, load
+            if max(load.values()) <= per_gpu:  # what is placed fits beside the rest
+                return n, load
     return None, {}
 
 
@@ -176,8 +190,54 @@ def _quiet(name: str):  # noqa: ANN202
         lg.setLevel(level)
 
 
-def plan_model(config: Any, settings: PlanConfig, *, name: str = "") -> Plan:
-    """Size a run of ``config`` (a ``PretrainedConfig`` or a shape dict) under ``settings``."""
+UNCHECKED_TOKENS = 4096
+"""Above this T a plan whose shape records no context length says so (the shipped shapes of
+``paper21`` give none; the study's texts are 111-129 tokens)."""
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def _context(source: Any, cfg: Any) -> int | None:
+    """The model's context: what a run checks texts against (:func:`achilles.model.loading.
+    context_length`) for a real config; for a shape dict only a length it states (the config
+    class's default is not the model's)."""
+    from achilles.model.loading import context_length
+
+    if isinstance(source, Mapping):
+        stated = {k: source[k] for k in _CONTEXT_KEYS if source.get(k) is not None}
+        return context_length(types.SimpleNamespace(**stated)) if stated else None
+    return context_length(cfg)
+
+
+def _activation_bytes(model: torch.nn.Module, tokens: int, widest: int) -> int:
+    """Memory a GPU needs beyond weights and sums to run one row (batch size 1): the larger
+    of stage 1's and stage 2's (its chunked LM head), under the batch rule's 70 % margin
+    (:func:`achilles.model.batching.batch_size_for_memory`)."""
+    from achilles.model.batching import head_bytes, row_bytes_estimate
+
+    row = row_bytes_estimate(model, tokens, widest, logits=False)
+    return math.ceil(row / 0.7) + head_bytes(model, tokens)
+
+
+def _no_fit(settings: PlanConfig, weights: int, accum: int, activations: int, upcast: int) -> str:
+    mem = settings.gpu_memory
+    if activations + upcast >= settings.gpu_bytes:
+        return (f"does not fit on any GPU of {mem}: one row of T = {settings.tokens:,} tokens "
+                f"needs {format_bytes(activations)} of activations"
+                + (f" and the float32 re-check {format_bytes(upcast)}" if upcast else "")
+                + ": use fewer --tokens or larger GPUs")
+    return (f"does not fit on {MAX_GPUS} GPUs of {mem} without offloading: weights "
+            f"{format_bytes(weights)} and stage-1 sums {format_bytes(accum)} in all, plus "
+            f"{format_bytes(activations + upcast)} on every GPU for one row"
+            + (" and the float32 re-check" if upcast else ""))
+
+
+def plan_model(config: Any, settings: PlanConfig, *, name: str = "", truncate: bool = False) -> Plan:
+    """Size a run of ``config`` (a ``PretrainedConfig`` or a shape dict) under ``settings``.
+
+    A T past the model's context is refused (a run refuses such a text), or with
+    ``truncate`` cut to the context with a note (as a run's ``--truncate`` does).
+    """
     model = meta_model(config, settings.dtype)
     cfg = model.config
     pool = build_pool(model, settings.pool)
@@ -197,22 +257,38 @@ def plan_model(config: Any, settings: PlanConfig, *, name: str = "") -> Plan:
     weight_bytes = {k: params * v + buffers for k, v in DTYPE_BYTES.items()}
     total = weight_bytes[settings.dtype]
     T, K = settings.tokens, settings.samples
+    notes: list[str] = []
+    plan_name = name or str(getattr(cfg, "_name_or_path", "") or cfg.model_type)
+    limit = _context(config, cfg)
+    if limit is not None and T > limit and truncate:
+        notes.append(f"--truncate: T = {T:,} tokens cut to the model's context of {limit:,}")
+        settings = dataclasses.replace(settings, tokens=limit)
+        T = limit
+    elif limit is not None and T > limit:
+        raise AchillesError(
+            f"{plan_name}: T = {T:,} tokens is past the model's context of {limit:,} tokens "
+            f"(a run refuses such a text): give --tokens {limit} or fewer, or a shorter text"
+        )
+    if limit is None and T > UNCHECKED_TOKENS:
+        notes.append(f"its shape records no context length: T = {T:,} tokens is not checked "
+                     "against the model's context")
 
     # stage 1 keeps a float32 [T, C] clean activation, running sum and batch sum per site
     accum = 3 * 4 * T * pool.n_units
-    per_gpu = int(WEIGHT_SHARE * settings.gpu_bytes)
-    gpus, load = _gpus_needed(model, per_gpu, total)
-    notes: list[str] = []
+    widest = max(s.width for s in pool.sites)
+    activations = _activation_bytes(model, T, widest)
+    upcast = _upcast_bytes(model, settings.dtype)
+    gpu = settings.gpu_bytes
+    gpus, load = _gpus_needed(model, gpu, total, shared=accum, reserve=activations + upcast)
     fits = gpus is not None and (settings.gpus is None or gpus <= settings.gpus)
     if gpus is None:
-        notes.append(f"does not fit on {MAX_GPUS} GPUs of {settings.gpu_memory} without offloading")
+        notes.append(_no_fit(settings, total, accum, activations, upcast))
     elif not fits:
         notes.append(f"needs {gpus} GPUs of {settings.gpu_memory}; only {settings.gpus} given")
-    widest = max(s.width for s in pool.sites)
     n_gpu = gpus or 1
     worst = max(load.values()) if load else total
-    per_gpu_load = worst + accum // n_gpu  # the fullest GPU's weights and its stage-1 sums
-    free = max(0, settings.gpu_bytes - per_gpu_load)
+    per_gpu_load = worst + math.ceil(accum / n_gpu)  # the fullest GPU's weights and stage-1 sums
+    free = max(0, gpu - per_gpu_load)
     k_max = max(1, settings.max_neurons // settings.step)
 
     b1 = batch_size_for_memory(model, free, T, K, widest, logits=False)
@@ -235,7 +311,7 @@ def plan_model(config: Any, settings: PlanConfig, *, name: str = "") -> Plan:
             f"per token is {pool.n_units + cfg.num_hidden_layers * cfg.hidden_size:,}"
         )
     return Plan(
-        model=name or str(getattr(cfg, "_name_or_path", "") or cfg.model_type),
+        model=plan_name,
         model_type=cfg.model_type,
         layers=int(summary["n_layers"]),
         params=params,
@@ -248,7 +324,8 @@ def plan_model(config: Any, settings: PlanConfig, *, name: str = "") -> Plan:
         fits=fits,
         stage1_accumulator_bytes=accum,
         gpu_load_bytes=per_gpu_load,
-        fp32_check_bytes=_upcast_bytes(model, settings.dtype),
+        fp32_check_bytes=upcast,
+        activation_bytes=activations,
         stage1={
             "passes_rows": K + 1,
             "batch_size": b1,
@@ -272,51 +349,50 @@ def plan_model(config: Any, settings: PlanConfig, *, name: str = "") -> Plan:
 
 def plan_source(
     model: str, settings: PlanConfig, *, revision: str | None = None, name: str = "",
-    gguf_file: str | None = None,
+    gguf_file: str | None = None, truncate: bool = False,
 ) -> Plan:
     """Size the model at ``model`` (a local folder with ``config.json``, a GGUF file, or a hub id)."""
     from transformers import AutoConfig
 
     from achilles.config import ModelSpec
     from achilles.model.gguf_source import gguf_metadata, source_of
-    from achilles.model.loading import _load_error, _source
+    from achilles.model.loading import CONFIG_ERRORS, _load_error, _source
 
     spec = ModelSpec(model=model, revision=revision, gguf_file=gguf_file)
     gguf = source_of(spec)
     if gguf is not None:
-        return plan_model(gguf_metadata(gguf)[0], settings, name=name or model)
+        return plan_model(gguf_metadata(gguf)[0], settings, name=name or model, truncate=truncate)
     source, local = _source(spec)
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
-    except (OSError, ValueError, KeyError) as e:
+    except CONFIG_ERRORS as e:
         raise _load_error(model, local, e) from None
-    return plan_model(config, settings, name=name or model)
+    return plan_model(config, settings, name=name or model, truncate=truncate)
 
 
 def count_tokens(
     model: str, text: str, *, revision: str | None = None, gguf_file: str | None = None
 ) -> int:
     """Tokens of ``text`` under the tokenizer of ``model`` (a folder, GGUF or hub id), BOS included."""
-    from transformers import AutoTokenizer
-
     from achilles.config import ModelSpec
     from achilles.model.gguf_source import gguf_metadata, source_of
-    from achilles.model.loading import _load_error, _source, tokenize
+    from achilles.model.loading import _source, load_tokenizer, tokenize
 
     spec = ModelSpec(model=model, revision=revision, gguf_file=gguf_file)
     gguf = source_of(spec)
     if gguf is not None:
         return int(tokenize(gguf_metadata(gguf)[1], text).shape[1])
     source, local = _source(spec)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-    except (OSError, ValueError, KeyError) as e:
-        raise _load_error(model, local, e) from None
+    tokenizer = load_tokenizer(source, model, local, revision=revision)
     return int(tokenize(tokenizer, text).shape[1])
 
 
-def plan_entry(entry: Any, settings: PlanConfig, text: str | None = None) -> Plan:
-    """Plan one :class:`~achilles.scale.census.models.ModelEntry`: from its shipped shape, else its config."""
+def plan_entry(
+    entry: Any, settings: PlanConfig, text: str | None = None, *, truncate: bool = False
+) -> Plan:
+    """Plan one :class:`~achilles.scale.census.models.ModelEntry`: from its shipped shape, else its
+    config. ``text`` sets T (its tokens); ``truncate`` cuts a T past the context to it, as a
+    run's ``--truncate`` cuts the text."""
     if entry.spec.dtype in DTYPE_BYTES:
         settings = dataclasses.replace(settings, dtype=entry.spec.dtype)
     if text is not None:
@@ -330,7 +406,7 @@ def plan_entry(entry: Any, settings: PlanConfig, text: str | None = None) -> Pla
     if entry.shape is not None:
         return plan_model(entry.shape, settings, name=entry.name)
     return plan_source(entry.spec.model, settings, revision=entry.spec.revision, name=entry.name,
-                       gguf_file=entry.spec.gguf_file)
+                       gguf_file=entry.spec.gguf_file, truncate=truncate and text is not None)
 
 
 def table(plans: list[Plan]) -> str:
@@ -343,11 +419,12 @@ def table(plans: list[Plan]) -> str:
     rows = [head]
     for p in plans:
         dtype = p.config["dtype"]
-        gpus = "-" if p.gpus is None else str(p.gpus)
+        gpus = "-" if p.gpus is None else str(p.gpus) + ("" if p.fits else " (no)")
+        load = "-" if p.gpus is None else format_bytes(p.gpu_load_bytes)
         rows.append(
             f"| {p.model} | {format_count(p.params)} | {p.layers} | {p.units:,} | "
             f"{format_bytes(p.weight_bytes[dtype])} ({dtype}) | {gpus} | "
-            f"{format_bytes(p.gpu_load_bytes)} | "
+            f"{load} | "
             f"{p.stage1['passes_rows']}, {p.stage1['batch_size']} | "
             f"{p.stage2['rows']['linear']}, {p.stage2['batch_size']} | {_duration(p.seconds)} |"
         )

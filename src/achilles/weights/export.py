@@ -41,7 +41,7 @@ from achilles.errors import AchillesError
 from achilles.model.masking import WeightEdit, weight_edits
 from achilles.model.units import Unit
 from achilles.results.files import check_destination as check_path
-from achilles.results.files import write_json
+from achilles.results.files import atomic_path, write_json
 from achilles.results.guard import MARKER, clean_stale, made_by, replace_dir, temp_dir
 from achilles.results.paths import check_apart
 from achilles.results.provenance import environment
@@ -217,13 +217,14 @@ tokenizer = AutoTokenizer.from_pretrained("{result.out.name}")
 
 
 def _copy_side_files(source: Path, tmp: Path) -> None:
+    # content only: the copies are new files, with the umask's permissions like the shards
     for p in source.iterdir():
         if p.name.startswith(".") or p.name in _SKIPPED or p.suffix in _WEIGHT_SUFFIXES:
             continue
         if p.is_file():
-            shutil.copy2(p, tmp / p.name)
+            shutil.copyfile(p, tmp / p.name)
     if (source / INDEX_FILE).is_file():
-        shutil.copy2(source / INDEX_FILE, tmp / INDEX_FILE)
+        shutil.copyfile(source / INDEX_FILE, tmp / INDEX_FILE)
 
 
 def export_masked(
@@ -275,7 +276,9 @@ def export_masked(
                 t = tensors[key]
                 for e in by_key[key]:
                     t.narrow(e.dim, e.index, 1).fill_(e.value)
-            save_file(tensors, str(tmp / shard), metadata=metadata)  # atomic: temp dir, renamed
+            # through the atomic writer for its permissions too: safetensors creates 0600 files
+            with atomic_path(tmp / shard) as part:
+                save_file(tensors, str(part), metadata=metadata)  # atomic: temp path
             del tensors
         _copy_side_files(source, tmp)
         write_json(tmp / MASK_FILE, result.to_dict())
