@@ -122,9 +122,9 @@ def test_replace_dir_swaps_then_deletes(tmp_path: Path, monkeypatch: pytest.Monk
     user = tmp_path / "user"
     user.mkdir()
     (user / "a").write_text("a")
-    with guard.temp_dir(tmp_path, ".user.achilles-export-", "export") as new2:
-        with pytest.raises(AchillesError, match="replaces only folders it made"):
-            guard.replace_dir(new2, user, "export")
+    with (guard.temp_dir(tmp_path, ".user.achilles-export-", "export") as new2,
+          pytest.raises(AchillesError, match="replaces only folders it made")):
+        guard.replace_dir(new2, user, "export")
     assert _files(user) == {"a": b"a"}
 
 

@@ -36,13 +36,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from achilles.config import ModelSpec
 from achilles import io
+from achilles.config import ModelSpec
 from achilles.errors import AchillesError
 from achilles.guard import MARKER, clean_stale, made_by, replace_dir, temp_dir
-from achilles.paths import check_apart
 from achilles.io import SCHEMA_VERSION, environment, write_json
 from achilles.masking import WeightEdit, weight_edits
+from achilles.paths import check_apart
 from achilles.units import Unit
 
 logger = logging.getLogger(__name__)

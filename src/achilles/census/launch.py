@@ -19,8 +19,8 @@ is then either finished or cleanly unfinished (no completion marker: redone next
 
 from __future__ import annotations
 
-import logging
 import ctypes
+import logging
 import multiprocessing
 import os
 import signal

@@ -190,11 +190,10 @@ def failed_row(entry: ModelEntry, status: str, error: str | None) -> dict[str, A
 
 def run_task(task: Task, settings: CensusSettings, progress: bool = False) -> dict[str, Any]:
     """Run (or skip, if done) one model of a census; never raises for a failing model."""
-    from achilles.loading import load_model
-    from achilles.pipeline import find, preflight
-
     from achilles.errors import AchillesError
     from achilles.guard import make_dir, remove_made
+    from achilles.loading import load_model
+    from achilles.pipeline import find, preflight
 
     run_dir = Path(task.run_dir)
     entry = task.entry
