@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 from tiny import TEXT
 
-from achilles.results import guard
 from achilles.cli import main
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
+from achilles.results import guard
 from achilles.results.lock import claim_dir
 from achilles.scale.census import run_census
 from achilles.scale.census.models import read_model_list
@@ -122,9 +122,9 @@ def test_replace_dir_swaps_then_deletes(tmp_path: Path, monkeypatch: pytest.Monk
     user = tmp_path / "user"
     user.mkdir()
     (user / "a").write_text("a")
-    with guard.temp_dir(tmp_path, ".user.achilles-export-", "export") as new2:
-        with pytest.raises(AchillesError, match="replaces only folders it made"):
-            guard.replace_dir(new2, user, "export")
+    with (guard.temp_dir(tmp_path, ".user.achilles-export-", "export") as new2,
+          pytest.raises(AchillesError, match="replaces only folders it made")):
+        guard.replace_dir(new2, user, "export")
     assert _files(user) == {"a": b"a"}
 
 

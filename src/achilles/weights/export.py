@@ -40,8 +40,8 @@ from achilles.config import ModelSpec
 from achilles.errors import AchillesError
 from achilles.model.masking import WeightEdit, weight_edits
 from achilles.model.units import Unit
-from achilles.results.files import check_destination as check_path
 from achilles.results.files import atomic_path, write_json
+from achilles.results.files import check_destination as check_path
 from achilles.results.guard import MARKER, clean_stale, made_by, replace_dir, temp_dir
 from achilles.results.paths import check_apart
 from achilles.results.provenance import environment
