@@ -77,8 +77,8 @@ def test_derivation_is_logged_once_in_one_line(caplog) -> None:  # noqa: ANN001
         build_pool(model, "paper")
         get_adapter(model)
     lines = [r.getMessage() for r in caplog.records if r.name == "achilles.derive"]
-    assert lines == ["model_type 'unknown-gpt2' is not in the table; derived the gpt2 layout "
-                     "from its module tree (layers at transformer.h)"]
+    assert lines == [("model_type 'unknown-gpt2' is not in the table; derived the gpt2 layout "
+                      "from its module tree (layers at transformer.h)")]
 
 
 @pytest.mark.parametrize(("arch", "kinds"), [

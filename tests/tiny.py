@@ -68,7 +68,7 @@ def configs() -> dict[str, T.PretrainedConfig]:
         "smollm3": _llama_like(T.SmolLM3Config),
         "granite": _llama_like(
             T.GraniteConfig, embedding_multiplier=2.0, attention_multiplier=0.5,
-            residual_multiplier=0.7, logits_scaling=1.5,
+            residual_multiplier=1.5, logits_scaling=0.5,
         ),
         "phi": T.PhiConfig(
             vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
