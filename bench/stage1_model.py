@@ -34,14 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="default: choose_batch_size")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved runs; the best is kept")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    ap.add_argument(
+        "--default-malloc", action="store_true",
+        help="time with glibc's default malloc settings, as achilles runs (default: the "
+        "benchmarks' timing mode, large tensors kept on the heap, no page faults)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     lm = load_model(ModelSpec(model=args.model, dtype="float32", device="cpu"))
     ids = tokenize(lm.tokenizer, Path(args.text_file).read_text(encoding="utf-8"))
     print(machine())
     print(f"threads {torch.get_num_threads()}, model {args.model} ({lm.model.config.model_type}, "
-          f"float32), T={ids.shape[1]}, K={args.samples}, paper pool, best of {args.repeat}")
-    r = measure(lm.model, ids, args.samples, args.batch_size, "cpu", args.repeat)
+          f"float32), T={ids.shape[1]}, K={args.samples}, paper pool, best of {args.repeat}, "
+          f"{'default' if args.default_malloc else 'timing-mode'} malloc")
+    r = measure(lm.model, ids, args.samples, args.batch_size, "cpu", args.repeat,
+                tuned_malloc=not args.default_malloc)
     print(f"batch {r['batch']}, units {r['units']}")
     print(f"bare passes   {r['bare_s']:.2f} s wall, {r['bare_cpu']:.2f} s CPU, peak +{mib(r['bare_peak'])} MiB")
     print(f"stage 1       {r['ours_s']:.2f} s wall, {r['ours_cpu']:.2f} s CPU, peak +{mib(r['ours_peak'])} MiB")
