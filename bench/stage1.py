@@ -55,8 +55,10 @@ def bare_passes(
 
 def measure(
     model: torch.nn.Module, ids: torch.Tensor, samples: int, batch: int | None, device: str,
-    repeat: int,
+    repeat: int, tuned_malloc: bool = True,
 ) -> dict[str, float]:
+    """Interleaved best-of-``repeat`` timings and peaks; ``tuned_malloc=False`` times with
+    glibc's default allocator settings (what ``achilles rank`` runs with), page faults included."""
     pool = build_pool(model)
     widest = max(s.width for s in pool.sites)
     b = choose_batch_size(model, ids.shape[1], samples, widest, batch, logits=False)
@@ -64,7 +66,8 @@ def measure(
     bare = bare_passes(model, ids, samples, b, cfg.alpha)
     perturbation_scores(model, ids, pool, RankConfig(samples=min(2, samples), batch_size=b))  # warm-up
     t_bare, t_ours = [], []
-    malloc_mode("timing")
+    if tuned_malloc:
+        malloc_mode("timing")
     for _ in range(repeat):  # interleaved, best of `repeat` (the CPU is shared)
         t_bare.append(timed2(bare, device))
         t_ours.append(timed2(lambda: perturbation_scores(model, ids, pool, cfg), device))

@@ -159,3 +159,32 @@ def test_model_is_untouched_by_ranking(tiny_lm, text) -> None:  # noqa: ANN001
     assert all(not m._forward_hooks for m in tiny_lm.model.modules())
     with torch.no_grad():
         assert torch.equal(before, tiny_lm.model(ids).logits)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 10])
+def test_scores_are_the_in_order_float32_sums_of_the_hooked_outputs_bit_for_bit(
+    batch_size: int, tokenizer,  # noqa: ANN001
+) -> None:
+    """Oracle: record every site's output in the very forward passes stage 1 runs, then add
+    ``|noisy_i - clean|`` in float32 one sample at a time; the scores equal it exactly."""
+    from achilles.hooks import hooked
+
+    model = make_model("gpt2")  # Conv1D sites and biases; the pool has widths 32, 48, 96
+    ids = tokenize(tokenizer, TEXT)
+    pool = build_pool(model, "all")
+    seen: dict[str, list[torch.Tensor]] = {s.module: [] for s in pool.sites}
+
+    def grab(name: str):  # noqa: ANN202
+        return lambda out: seen[name].append(out.detach().clone())
+
+    samples = 10
+    with hooked(model, {m: grab(m) for m in seen}):
+        scores = perturbation_scores(model, ids, pool, RankConfig(samples=samples, batch_size=batch_size))
+    for s in pool.sites:
+        clean, *batches = seen[s.module]
+        ref = clean[0].float()
+        total = torch.zeros_like(ref)
+        for row in torch.cat(batches):
+            total = total + (row.float() - ref).abs()
+        assert torch.cat(batches).shape[0] == samples
+        assert torch.equal(scores.values[s.module], (total / samples).max(0).values), s.module

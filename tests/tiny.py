@@ -63,6 +63,19 @@ def configs() -> dict[str, T.PretrainedConfig]:
         "qwen3": _llama_like(T.Qwen3Config, head_dim=D // HEADS),
         "gemma": _llama_like(T.GemmaConfig, head_dim=D // HEADS),
         "gemma2": _llama_like(T.Gemma2Config, head_dim=D // HEADS),
+        "gemma3_text": _llama_like(T.Gemma3TextConfig, head_dim=D // HEADS),
+        "olmo2": _llama_like(T.Olmo2Config),
+        "smollm3": _llama_like(T.SmolLM3Config),
+        "granite": _llama_like(
+            T.GraniteConfig, embedding_multiplier=2.0, attention_multiplier=0.5,
+            residual_multiplier=1.5, logits_scaling=0.5,
+        ),
+        "phi": T.PhiConfig(
+            vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, max_position_embeddings=256, bos_token_id=0,
+            eos_token_id=1, tie_word_embeddings=False,
+        ),
+        "starcoder2": _llama_like(T.Starcoder2Config),
         "phi3": T.Phi3Config(
             vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
             num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=256,

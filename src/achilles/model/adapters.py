@@ -36,7 +36,10 @@ that family (its name filter keeps leaves whose dotted name contains ``mlp``, ``
 ``feed_forward``, ``attention`` or ``self_attn``), minus exact duplicates such as Phi-3's
 ``resid_mlp_dropout`` (identity on ``down_proj``'s output in eval mode).
 
-To support a new family, call :func:`register_adapter` with its ``model_type``.
+A ``model_type`` missing from the table is mapped from its module tree when the tree spells
+one of the known layouts exactly (:mod:`achilles.derive`: Llama, Gemma-2, GPT-2, GPT-NeoX);
+mixture-of-experts models are refused. To support any other family, call
+:func:`register_adapter` with its ``model_type``.
 """
 
 from __future__ import annotations
@@ -197,6 +200,87 @@ _NEOX = ArchAdapter(
     attention="attention",
 )
 
+REFERENCE_FILTER: tuple[str, ...] = ("mlp", "ffn", "feed_forward", "attention", "self_attn")
+"""The substrings of the reference implementation's name filter (a hooked leaf contains one)."""
+
+
+def reference_paper_kinds(components: Mapping[str, str]) -> tuple[str, ...]:
+    """The kinds, in table order, that the reference name filter hooks: ``--pool paper``.
+
+    A kind is in when the module path of its output contains a :data:`REFERENCE_FILTER`
+    substring; ``path:input`` sites (``mlp.neuron``) are never hooked by the reference.
+    """
+    return tuple(
+        kind for kind, rel in components.items()
+        if not rel.endswith(":input") and any(f in rel for f in REFERENCE_FILTER)
+    )
+
+
+_GEMMA3 = ArchAdapter(
+    layers="model.layers",
+    components=_GEMMA2.components,
+    paper=_GEMMA2.paper,
+    notes="Gemma3RMSNorm scales by 1 + w. q_norm/k_norm act per head (shared over heads): "
+          "no channel of theirs is a unit, so they are not sites.",
+)
+
+_OLMO2_COMPONENTS = {
+    **{k: v for k, v in _LLAMA_COMPONENTS.items() if not k.startswith("norm.")},
+    "norm.attn_out": "post_attention_layernorm",
+    "norm.mlp_out": "post_feedforward_layernorm",
+}
+_OLMO2 = ArchAdapter(
+    layers="model.layers",
+    components=_OLMO2_COMPONENTS,
+    paper=reference_paper_kinds(_OLMO2_COMPONENTS),
+    notes="Norms come after attention and the MLP (no input norms). The reference filter would "
+          "also hook self_attn.q_norm/k_norm; they are not sites here.",
+)
+
+_GRANITE = ArchAdapter(
+    layers="model.layers",
+    components=_LLAMA_COMPONENTS,
+    paper=_LLAMA_PAPER,
+    notes="The embedding, attention, residual and logit multipliers are scalars inside the "
+          "forward pass: they scale but never mix channels, so a zeroed channel stays zero.",
+)
+
+_PHI_COMPONENTS = {
+    "attn.q": "self_attn.q_proj",
+    "attn.k": "self_attn.k_proj",
+    "attn.v": "self_attn.v_proj",
+    "attn.o": "self_attn.dense",
+    "mlp.up": "mlp.fc1",
+    "mlp.act": "mlp.activation_fn",
+    "mlp.down": "mlp.fc2",
+    "mlp.neuron": "mlp.fc2:input",
+    "norm.attn": "input_layernorm",
+}
+_PHI = ArchAdapter(
+    layers="model.layers",
+    components=_PHI_COMPONENTS,
+    paper=reference_paper_kinds(_PHI_COMPONENTS),
+    notes="Attention and MLP run in parallel on one LayerNorm (input_layernorm, kind norm.attn, "
+          "feeds both). resid_dropout is identity in eval mode. With qk_layernorm the per-head "
+          "q/k LayerNorms are not sites.",
+)
+
+_STARCODER2_COMPONENTS = {
+    **{k: v for k, v in _LLAMA_COMPONENTS.items() if k.startswith("attn.")},
+    "mlp.up": "mlp.c_fc",
+    "mlp.act": "mlp.act",
+    "mlp.down": "mlp.c_proj",
+    "mlp.neuron": "mlp.c_proj:input",
+    "norm.attn": "input_layernorm",
+    "norm.mlp": "post_attention_layernorm",
+}
+_STARCODER2 = ArchAdapter(
+    layers="model.layers",
+    components=_STARCODER2_COMPONENTS,
+    paper=reference_paper_kinds(_STARCODER2_COMPONENTS),
+    notes="Linear layers with biases (not GPT-2's Conv1D) and LayerNorms with biases.",
+)
+
 _ADAPTERS: dict[str, ArchAdapter] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -204,7 +288,13 @@ _ADAPTERS: dict[str, ArchAdapter] = {
     "qwen3": _LLAMA,
     "gemma": _LLAMA,
     "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA3,
+    "olmo2": _OLMO2,
+    "smollm3": _LLAMA,
+    "granite": _GRANITE,
+    "phi": _PHI,
     "phi3": _PHI3,
+    "starcoder2": _STARCODER2,
     "gpt2": _GPT2,
     "gpt_neox": _NEOX,
 }
@@ -223,18 +313,18 @@ def supported_model_types() -> tuple[str, ...]:
 
 
 def get_adapter(model: torch.nn.Module) -> ArchAdapter:
-    """The adapter for ``model`` (keyed by ``model.config.model_type``), or a clear error."""
+    """The adapter for ``model``: its ``config.model_type`` row, else one derived from its tree.
+
+    A type missing from the table is mapped by :func:`achilles.derive.derive_adapter` (once per
+    model, logged in one line) or refused with one line saying why.
+    """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     adapter = _ADAPTERS.get(model_type)  # type: ignore[arg-type]
     if adapter is not None:
         return adapter
-    names = [n for n, m in model.named_modules() if n and not list(m.children())]
-    sample = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-    raise AchillesError(
-        f"unsupported architecture {model_type!r} (supported: {', '.join(supported_model_types())}); "
-        f"its leaf modules are: {sample}. Register one with "
-        f"achilles.register_adapter({model_type!r}, ArchAdapter(layers=..., components=..., paper=...))"
-    )
+    from achilles.derive import derived_adapter  # here: achilles.derive imports this module
+
+    return derived_adapter(model)
 
 
 def layer_list(model: torch.nn.Module, adapter: ArchAdapter) -> torch.nn.ModuleList:
@@ -257,12 +347,16 @@ NORM_GAIN_OFFSET: Mapping[str, float] = MappingProxyType({
     "Qwen2RMSNorm": 0.0,
     "Qwen3RMSNorm": 0.0,
     "Phi3RMSNorm": 0.0,
+    "SmolLM3RMSNorm": 0.0,
+    "GraniteRMSNorm": 0.0,
+    "Olmo2RMSNorm": 0.0,
     "GemmaRMSNorm": 1.0,
     "Gemma2RMSNorm": 1.0,
+    "Gemma3RMSNorm": 1.0,
 })
 """Norm class name -> ``o`` where the norm's output channel ``c`` is ``(o + w_c) · x̂_c (+ b_c)``.
 
-Gemma's RMSNorm scales by ``1 + w``, so its channel is zeroed by ``w_c = -1`` (exact: ``1 + -1``
+Gemma's RMSNorm (Gemma 1, 2 and 3) scales by ``1 + w``, so its channel is zeroed by ``w_c = -1`` (exact: ``1 + -1``
 is 0 in every float format), not by ``w_c = 0``. A weight edit of a norm class missing here is
 refused rather than guessed (:func:`achilles.model.masking.weight_edits`).
 """

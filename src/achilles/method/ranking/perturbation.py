@@ -204,6 +204,9 @@ def perturbation_scores(
     total = {m: torch.zeros_like(a) for m, a in clean.items()}  # Σ_i |clean - noisy_i|
     staged: dict[str, torch.Tensor] = {}  # this batch's sums, committed after success
 
+    # CPU: one float32 [T, C] scratch row per width, shared by every site of that width.
+    scratch: dict[int, torch.Tensor] = {}
+
     def accumulate(name: str):  # noqa: ANN202
         ref = clean[name]
 
@@ -212,10 +215,19 @@ def perturbation_scores(
             # [T, C] float32, added one sample at a time in sample order: the sums (and so
             # the scores) are bit-identical whatever the batch size. The subtraction promotes
             # to float32 in one kernel (no separate upcast copy).
-            diff = torch.sub(out, ref).abs_()
             acc = total[name].clone()
-            for row in diff:
-                acc += row
+            if out.device.type == "cpu":
+                # Row by row into a reused scratch row: the [T, C] operands stay in cache and
+                # only the hooked output is read from memory, once; no [b, T, C] difference
+                # is allocated, written and read back. Elementwise, so the same bits.
+                row = scratch.get(ref.shape[-1])
+                if row is None or row.shape != ref.shape:
+                    row = scratch[ref.shape[-1]] = torch.empty_like(ref)
+                for sample in out:
+                    acc += torch.sub(sample, ref, out=row).abs_()
+            else:  # one difference kernel for the batch: fewer launches
+                for diff in torch.sub(out, ref).abs_():
+                    acc += diff
             staged[name] = acc
 
         return fn
