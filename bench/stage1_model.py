@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
-
-from achilles.config import ModelSpec
-from achilles.loading import load_model, tokenize
 from common import machine, mib
 from stage1 import measure
+
+from achilles.config import ModelSpec
+from achilles.model.loading import load_model, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 

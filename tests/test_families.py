@@ -16,9 +16,9 @@ import transformers as T
 from tiny import ARCHS, TEXT, _llama_like, make_model
 
 from achilles import AchillesError, Unit, build_pool, get_adapter, masked, zero_weights_
-from achilles.adapters import _ADAPTERS, NORM_GAIN_OFFSET, ArchAdapter, reference_paper_kinds
 from achilles.cli import main
-from achilles.derive import derive_adapter
+from achilles.model.adapters import _ADAPTERS, NORM_GAIN_OFFSET, ArchAdapter, reference_paper_kinds
+from achilles.model.derive import derive_adapter
 
 IDS = torch.tensor([[0, 5, 17, 42, 99, 3, 250, 7, 64, 11, 12, 200]])
 
@@ -76,7 +76,7 @@ def test_derivation_is_logged_once_in_one_line(caplog) -> None:  # noqa: ANN001
         build_pool(model, "all")
         build_pool(model, "paper")
         get_adapter(model)
-    lines = [r.getMessage() for r in caplog.records if r.name == "achilles.derive"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "achilles.model.derive"]
     assert lines == [("model_type 'unknown-gpt2' is not in the table; derived the gpt2 layout "
                       "from its module tree (layers at transformer.h)")]
 

@@ -10,9 +10,9 @@ from tiny import TEXT, make_model
 
 from achilles import RankConfig, build_pool, rank
 from achilles.config import ModelSpec
-from achilles.model.loading import LoadedModel, tokenize
 from achilles.method.ranking import rank_units
 from achilles.method.ranking.perturbation import perturbation_scores
+from achilles.model.loading import LoadedModel, tokenize
 
 REFERENCE_SUBSTRINGS = ("mlp", "ffn", "feed_forward", "attention", "self_attn")
 
@@ -167,7 +167,7 @@ def test_scores_are_the_in_order_float32_sums_of_the_hooked_outputs_bit_for_bit(
 ) -> None:
     """Oracle: record every site's output in the very forward passes stage 1 runs, then add
     ``|noisy_i - clean|`` in float32 one sample at a time; the scores equal it exactly."""
-    from achilles.hooks import hooked
+    from achilles.model.hooks import hooked
 
     model = make_model("gpt2")  # Conv1D sites and biases; the pool has widths 32, 48, 96
     ids = tokenize(tokenizer, TEXT)

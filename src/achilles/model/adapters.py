@@ -37,7 +37,7 @@ that family (its name filter keeps leaves whose dotted name contains ``mlp``, ``
 ``resid_mlp_dropout`` (identity on ``down_proj``'s output in eval mode).
 
 A ``model_type`` missing from the table is mapped from its module tree when the tree spells
-one of the known layouts exactly (:mod:`achilles.derive`: Llama, Gemma-2, GPT-2, GPT-NeoX);
+one of the known layouts exactly (:mod:`achilles.model.derive`: Llama, Gemma-2, GPT-2, GPT-NeoX);
 mixture-of-experts models are refused. To support any other family, call
 :func:`register_adapter` with its ``model_type``.
 """
@@ -315,14 +315,16 @@ def supported_model_types() -> tuple[str, ...]:
 def get_adapter(model: torch.nn.Module) -> ArchAdapter:
     """The adapter for ``model``: its ``config.model_type`` row, else one derived from its tree.
 
-    A type missing from the table is mapped by :func:`achilles.derive.derive_adapter` (once per
+    A type missing from the table is mapped by :func:`achilles.model.derive.derive_adapter` (once per
     model, logged in one line) or refused with one line saying why.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     adapter = _ADAPTERS.get(model_type)  # type: ignore[arg-type]
     if adapter is not None:
         return adapter
-    from achilles.derive import derived_adapter  # here: achilles.derive imports this module
+    from achilles.model.derive import (
+        derived_adapter,  # here: achilles.model.derive imports this module
+    )
 
     return derived_adapter(model)
 

@@ -1,7 +1,7 @@
 """Adapters derived from a module tree, for a ``model_type`` missing from the table.
 
 A decoder that spells its layers exactly like a known family gets that family's adapter
-(:mod:`achilles.adapters`), with the path of its own layer list. The known spellings, tried on
+(:mod:`achilles.model.adapters`), with the path of its own layer list. The known spellings, tried on
 every homogeneous ``ModuleList`` of the model:
 
 ============  ===============================================================================
@@ -35,7 +35,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from achilles.adapters import (
+from achilles.errors import AchillesError
+from achilles.model.adapters import (
     _GEMMA2,
     _GPT2,
     _LLAMA,
@@ -43,8 +44,7 @@ from achilles.adapters import (
     ArchAdapter,
     supported_model_types,
 )
-from achilles.errors import AchillesError
-from achilles.hooks import split_site
+from achilles.model.hooks import split_site
 
 logger = logging.getLogger(__name__)
 
