@@ -7,17 +7,17 @@ embeddings; stage 2 masks growing prefixes of the ranking until perplexity colla
 
 from __future__ import annotations
 
-from achilles.version import __version__
-
-from achilles.model.adapters import ArchAdapter, get_adapter, register_adapter, supported_model_types
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig, TextSpec
 from achilles.errors import AchillesError
 from achilles.method.identify import Identification, MaskEvaluator, identify
-from achilles.model.loading import LoadedModel, load_model, tokenize
-from achilles.model.masking import ChannelMasker, masked, zero_weights_
 from achilles.method.pipeline import find, identify_with, rank
 from achilles.method.ranking import Ranking, Scores
+from achilles.model.adapters import ArchAdapter, register_adapter, supported_model_types
+from achilles.model.derive import get_adapter
+from achilles.model.loading import LoadedModel, load_model, tokenize
+from achilles.model.masking import ChannelMasker, masked, zero_weights_
 from achilles.model.units import Unit, UnitPool, build_pool
+from achilles.version import __version__
 
 __all__ = [
     "AchillesError",

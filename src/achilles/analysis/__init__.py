@@ -17,7 +17,12 @@ from achilles.analysis.controls import (
     random_sets,
     recheck_fp32,
 )
-from achilles.analysis.locations import LayerDistribution, layer_distribution, locations, outer_layers
+from achilles.analysis.locations import (
+    LayerDistribution,
+    layer_distribution,
+    locations,
+    outer_layers,
+)
 from achilles.analysis.phase import PhaseTransition, phase_transition
 from achilles.analysis.run import ANALYSIS_FILE, analyze_run, load_run
 from achilles.analysis.weights import MASSIVE_RATIO, UnitWeights, unit_weights

@@ -30,14 +30,17 @@ from typing import Any
 
 import torch
 
-from achilles.model.batching import input_device
 from achilles.config import ModelSpec
-from achilles.model.hooks import recorded
 from achilles.method.identify import MaskEvaluator
+from achilles.method.metrics import delta, sequence_nll
+from achilles.method.recheck import (  # re-exported: the core owns the re-check
+    Fp32Check,
+    recheck_fp32,
+)
+from achilles.model.batching import input_device
+from achilles.model.hooks import recorded
 from achilles.model.loading import LoadedModel
 from achilles.model.masking import set_channels
-from achilles.method.metrics import delta, sequence_nll
-from achilles.method.recheck import Fp32Check, recheck_fp32  # re-exported: the core owns the re-check
 from achilles.model.units import Unit, UnitPool
 
 logger = logging.getLogger(__name__)

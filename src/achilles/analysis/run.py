@@ -18,13 +18,13 @@ from achilles.analysis.locations import locations, n_layers_of
 from achilles.analysis.phase import DEFAULT_TOLERANCE, phase_transition
 from achilles.analysis.weights import MASSIVE_RATIO, WEIGHT_KINDS, unit_weights
 from achilles.method.identify import Identification
+from achilles.method.ranking import Ranking
+from achilles.model.loading import LoadedModel, tokenize
+from achilles.model.names import token_text
+from achilles.model.units import Unit, UnitPool
 from achilles.results.files import write_json
 from achilles.results.provenance import environment
 from achilles.results.schema import SCHEMA_VERSION
-from achilles.model.loading import LoadedModel, tokenize
-from achilles.model.names import token_text
-from achilles.method.ranking import Ranking
-from achilles.model.units import Unit, UnitPool
 
 logger = logging.getLogger(__name__)
 

@@ -160,8 +160,8 @@ def _with_ablations(model: torch.nn.Module, input_ids: torch.Tensor, w: UnitWeig
     """``w`` with :attr:`UnitWeights.delta_row` and :attr:`UnitWeights.delta_top_weight`."""
     import dataclasses
 
-    from achilles.model.masking import restore_weights_, zero_weights_
     from achilles.method.metrics import delta, sequence_nll
+    from achilles.model.masking import restore_weights_, zero_weights_
 
     ids = input_ids.to(input_device(model))
     tokens = int(ids.shape[1]) - 1

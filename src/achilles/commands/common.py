@@ -6,11 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from achilles.config import IdentifyConfig, ModelSpec, RankConfig, TextSpec, add_arguments, from_args
+from achilles.config import (
+    IdentifyConfig,
+    ModelSpec,
+    RankConfig,
+    TextSpec,
+    add_arguments,
+    from_args,
+)
 from achilles.errors import AchillesError
+from achilles.method.ranking import METHODS
 from achilles.results.files import check_destination
 from achilles.results.lock import claim_dir
-from achilles.method.ranking import METHODS
 
 
 def add_common(p: argparse.ArgumentParser, *, text: bool = True, texts: bool = False) -> None:

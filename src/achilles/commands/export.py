@@ -15,8 +15,13 @@ from achilles.weights.export import MASK_FILE, check_destination, export_masked
 
 def _run_export_gguf(args: argparse.Namespace) -> int:
     """``--format gguf``: the source GGUF with the mask edited into its bytes, same quantization."""
-    from achilles.weights.gguf_export import check_gguf_destination, export_gguf, gguf_skeleton, read_gguf
     from achilles.model.loading import LoadedModel
+    from achilles.weights.gguf_export import (
+        check_gguf_destination,
+        export_gguf,
+        gguf_skeleton,
+        read_gguf,
+    )
 
     spec = model_spec(args)
     if Path(spec.model).suffix != ".gguf" or not Path(spec.model).is_file():

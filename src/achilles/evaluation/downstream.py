@@ -19,10 +19,10 @@ import torch
 
 from achilles.errors import AchillesError
 from achilles.evaluation.perplexity import leading_bos
-from achilles.results.files import write_json
-from achilles.results.schema import SCHEMA_VERSION
 from achilles.model.masking import masked
 from achilles.model.units import Unit, UnitPool
+from achilles.results.files import write_json
+from achilles.results.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 

@@ -34,14 +34,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from achilles.model.batching import input_device, run_batched
 from achilles.config import opt
 from achilles.errors import AchillesError, require
+from achilles.method.metrics import LN10
+from achilles.model.batching import input_device, run_batched
+from achilles.model.masking import masked
+from achilles.model.units import Unit, UnitPool
 from achilles.results.files import write_json
 from achilles.results.schema import SCHEMA_VERSION
-from achilles.model.masking import masked
-from achilles.method.metrics import LN10
-from achilles.model.units import Unit, UnitPool
 
 logger = logging.getLogger(__name__)
 

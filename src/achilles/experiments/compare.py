@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 from achilles.config import RankConfig, parse_numbers
 from achilles.errors import AchillesError
 from achilles.evaluation.perplexity import PerplexityEvaluator, PerplexityResult
+from achilles.method.pipeline import rank
+from achilles.method.ranking import Ranking
+from achilles.model.loading import LoadedModel
+from achilles.model.units import UnitPool
 from achilles.results.files import write_json
 from achilles.results.provenance import environment
 from achilles.results.schema import SCHEMA_VERSION
-from achilles.model.loading import LoadedModel
-from achilles.method.pipeline import rank
-from achilles.method.ranking import Ranking
-from achilles.model.units import UnitPool
 
 logger = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from typing import Any
 
 from achilles.errors import AchillesError
 from achilles.method.identify import Identification
+from achilles.method.ranking import Ranking
+from achilles.model.units import Unit
 from achilles.results.files import write_json
 from achilles.results.provenance import environment
 from achilles.results.schema import SCHEMA_VERSION
-from achilles.method.ranking import Ranking
-from achilles.model.units import Unit
 
 logger = logging.getLogger(__name__)
 

@@ -21,16 +21,16 @@ from typing import Any, Literal
 
 import torch
 
-from achilles.model.batching import input_device
 from achilles.errors import AchillesError, require
 from achilles.method.identify import Identification
+from achilles.model.batching import input_device
+from achilles.model.loading import LoadedModel, tokenize
+from achilles.model.masking import masked
+from achilles.model.names import decode_text, decode_token
+from achilles.model.units import Unit, UnitPool, build_pool
 from achilles.results.files import write_json
 from achilles.results.provenance import environment
 from achilles.results.schema import SCHEMA_VERSION
-from achilles.model.names import decode_text, decode_token
-from achilles.model.loading import LoadedModel, tokenize
-from achilles.model.masking import masked
-from achilles.model.units import Unit, UnitPool, build_pool
 
 logger = logging.getLogger(__name__)
 

@@ -26,15 +26,21 @@ from typing import Any, Literal
 
 from achilles.config import IdentifyConfig, RankConfig
 from achilles.errors import AchillesError, require
+from achilles.experiments.overlap import jaccard
 from achilles.method.identify import Identification
+from achilles.method.pipeline import (
+    current_settings,
+    find,
+    refuse_mixed,
+    run_settings,
+    settings_mismatch,
+)
+from achilles.method.ranking import Ranking
+from achilles.model.loading import LoadedModel
+from achilles.model.units import build_pool
 from achilles.results.files import _jsonable, write_json
 from achilles.results.provenance import environment
 from achilles.results.schema import SCHEMA_VERSION
-from achilles.model.loading import LoadedModel
-from achilles.experiments.overlap import jaccard
-from achilles.method.pipeline import current_settings, find, refuse_mixed, run_settings, settings_mismatch
-from achilles.method.ranking import Ranking
-from achilles.model.units import build_pool
 
 logger = logging.getLogger(__name__)
 

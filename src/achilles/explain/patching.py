@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from achilles.model.batching import choose_batch_size, run_batched
 from achilles.explain.trace import Layout
+from achilles.method.metrics import sequence_nll
+from achilles.model.batching import choose_batch_size, run_batched
 from achilles.model.hooks import hooked
 from achilles.model.masking import ChannelMasker
-from achilles.method.metrics import sequence_nll
 
 
 @dataclass(frozen=True, order=True)

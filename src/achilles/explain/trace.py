@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from achilles.model.adapters import get_adapter, layer_list
-from achilles.model.batching import input_device
 from achilles.errors import AchillesError
+from achilles.model.adapters import layer_list
+from achilles.model.batching import input_device
+from achilles.model.derive import get_adapter
 from achilles.model.hooks import hooked, observed_outputs
 from achilles.model.masking import ChannelMasker
 from achilles.model.units import _input_width

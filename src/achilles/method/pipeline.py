@@ -23,7 +23,8 @@ import torch
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
 from achilles.method.identify import Identification, identify
-from achilles.results.provenance import environment, weights_fingerprint
+from achilles.method.ranking import Ranking, get_method, rank_units
+from achilles.method.recheck import fp32_check
 from achilles.model.loading import (
     LoadedModel,
     check_token_ids,
@@ -32,9 +33,8 @@ from achilles.model.loading import (
     load_model,
     tokenize,
 )
-from achilles.method.ranking import Ranking, get_method, rank_units
-from achilles.method.recheck import fp32_check
 from achilles.model.units import UnitPool, build_pool
+from achilles.results.provenance import environment, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def check_clean_forward(lm: LoadedModel, input_ids: torch.Tensor, pool: UnitPool
     import math
     import time
 
-    from achilles.model.hooks import observed_io
     from achilles.method.metrics import sequence_nll
+    from achilles.model.hooks import observed_io
 
     model = lm.model
     check_token_ids(input_ids, model)

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from achilles.model.adapters import get_adapter, layer_list
-from achilles.model.batching import is_oom
 from achilles.config import ModelSpec
-from achilles.model.hooks import around_forward
 from achilles.method.identify import MaskEvaluator
+from achilles.model.adapters import layer_list
+from achilles.model.batching import is_oom
+from achilles.model.derive import get_adapter
+from achilles.model.hooks import around_forward
 from achilles.model.loading import LoadedModel, load_model, tokenize
 from achilles.model.units import Unit, UnitPool, build_pool
 

@@ -307,26 +307,14 @@ def register_adapter(model_type: str, adapter: ArchAdapter, *, overwrite: bool =
     _ADAPTERS[model_type] = adapter
 
 
+def table_row(model_type: str | None) -> ArchAdapter | None:
+    """The table's adapter for ``model_type`` (``None`` when the table has no row for it)."""
+    return _ADAPTERS.get(model_type) if model_type is not None else None
+
+
 def supported_model_types() -> tuple[str, ...]:
     """The ``model_type`` values that have an adapter."""
     return tuple(sorted(_ADAPTERS))
-
-
-def get_adapter(model: torch.nn.Module) -> ArchAdapter:
-    """The adapter for ``model``: its ``config.model_type`` row, else one derived from its tree.
-
-    A type missing from the table is mapped by :func:`achilles.model.derive.derive_adapter` (once per
-    model, logged in one line) or refused with one line saying why.
-    """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    adapter = _ADAPTERS.get(model_type)  # type: ignore[arg-type]
-    if adapter is not None:
-        return adapter
-    from achilles.model.derive import (
-        derived_adapter,  # here: achilles.model.derive imports this module
-    )
-
-    return derived_adapter(model)
 
 
 def layer_list(model: torch.nn.Module, adapter: ArchAdapter) -> torch.nn.ModuleList:

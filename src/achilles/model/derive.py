@@ -1,4 +1,4 @@
-"""Adapters derived from a module tree, for a ``model_type`` missing from the table.
+"""Which adapter a model gets (:func:`get_adapter`): its table row, else one derived from its module tree.
 
 A decoder that spells its layers exactly like a known family gets that family's adapter
 (:mod:`achilles.model.adapters`), with the path of its own layer list. The known spellings, tried on
@@ -43,6 +43,7 @@ from achilles.model.adapters import (
     _NEOX,
     ArchAdapter,
     supported_model_types,
+    table_row,
 )
 from achilles.model.hooks import split_site
 
@@ -201,3 +202,16 @@ def derived_adapter(model: torch.nn.Module) -> ArchAdapter:
         )
         _DERIVED[model] = adapter
     return adapter
+
+
+def get_adapter(model: torch.nn.Module) -> ArchAdapter:
+    """The adapter for ``model``: its ``config.model_type`` row, else one derived from its tree.
+
+    A type missing from the table is mapped by :func:`derive_adapter` (once per
+    model, logged in one line) or refused with one line saying why.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    adapter = table_row(model_type)
+    if adapter is not None:
+        return adapter
+    return derived_adapter(model)

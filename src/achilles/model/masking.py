@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from achilles.model.adapters import NORM_GAIN_OFFSET, get_adapter
 from achilles.errors import AchillesError
+from achilles.model.adapters import NORM_GAIN_OFFSET
+from achilles.model.derive import get_adapter
 from achilles.model.hooks import hooked, split_site
 from achilles.model.units import Unit, UnitPool
 

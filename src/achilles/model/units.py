@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from achilles.model.adapters import COMPONENT_KINDS, ArchAdapter, get_adapter, layer_list
 from achilles.errors import AchillesError
+from achilles.model.adapters import COMPONENT_KINDS, ArchAdapter, layer_list
+from achilles.model.derive import get_adapter
 from achilles.model.hooks import split_site
 
 

@@ -17,9 +17,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from achilles.results.files import decode_float  # noqa: E402
 from achilles.model.names import model_name  # noqa: E402
 from achilles.plots import save_figure
+from achilles.results.files import decode_float  # noqa: E402
 
 
 def _f(x: Any) -> float:

@@ -17,8 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from achilles.plots import save_figure
 
+from achilles.plots import save_figure
 
 SHARP = 0.5
 """A jump is annotated as a transition when it is at least this share of the curve's range."""

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from achilles.errors import AchillesError
-from achilles.results.schema import read_json, require_fields
 from achilles.report.document import Block, Figure, Heading, Para, Table, fmt
+from achilles.results.schema import read_json, require_fields
 
 COMPRESSION_FILE = "compression.json"
 COMPRESSION_FIGURE = "compression.png"

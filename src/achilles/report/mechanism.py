@@ -15,9 +15,19 @@ from typing import Any
 
 from achilles.errors import AchillesError
 from achilles.explain.result import MECHANISM_FILE
-from achilles.results.schema import read_json, require_fields
 from achilles.plots.mechanism import FIGURES
-from achilles.report.document import Block, Figure, Heading, Para, Raw, Table, fmt, to_html, to_markdown
+from achilles.report.document import (
+    Block,
+    Figure,
+    Heading,
+    Para,
+    Raw,
+    Table,
+    fmt,
+    to_html,
+    to_markdown,
+)
+from achilles.results.schema import read_json, require_fields
 
 
 @dataclass(frozen=True)

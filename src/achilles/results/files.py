@@ -29,6 +29,7 @@ from typing import Any
 
 from achilles.errors import AchillesError
 
+
 def encode_float(x: float) -> float | str:
     """Return ``x`` unchanged when finite, else ``"nan"``/``"inf"``/``"-inf"``."""
     x = float(x)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from achilles.method.ranking.base import Ranking, RankedUnit, Scores, rank_units
+from achilles.method.ranking.base import RankedUnit, Ranking, Scores, rank_units
 
 METHODS: dict[str, str] = {
     "perturbation": "achilles.method.ranking.perturbation:perturbation_scores",

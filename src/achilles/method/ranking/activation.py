@@ -15,11 +15,11 @@ import logging
 
 import torch
 
-from achilles.model.batching import input_device
 from achilles.config import RankConfig
-from achilles.model.hooks import hooked
 from achilles.method.ranking.base import Scores
 from achilles.method.ranking.perturbation import decoder
+from achilles.model.batching import input_device
+from achilles.model.hooks import hooked
 from achilles.model.units import UnitPool
 
 logger = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from achilles.errors import AchillesError
+from achilles.model.units import Unit, UnitPool
 from achilles.results.files import decode_float, write_json
 from achilles.results.schema import SCHEMA_VERSION, read_json, require_fields
-from achilles.model.units import Unit, UnitPool
 
 
 def reduce_positions(per_pos: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:

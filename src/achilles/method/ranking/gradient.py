@@ -31,10 +31,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from achilles.model.batching import input_device
 from achilles.config import RankConfig
-from achilles.model.hooks import hooked
 from achilles.method.ranking.base import Scores
+from achilles.model.batching import input_device
+from achilles.model.hooks import hooked
 from achilles.model.units import UnitPool
 
 logger = logging.getLogger(__name__)

@@ -30,10 +30,10 @@ from contextlib import nullcontext
 import torch
 from tqdm.auto import tqdm
 
-from achilles.model.batching import choose_batch_size, input_device, run_batched
 from achilles.config import RankConfig
-from achilles.model.hooks import hooked
 from achilles.method.ranking.base import Scores
+from achilles.model.batching import choose_batch_size, input_device, run_batched
+from achilles.model.hooks import hooked
 from achilles.model.units import UnitPool
 
 

@@ -27,11 +27,11 @@ import logging
 
 import torch
 
-from achilles.model.batching import input_device, weights_on_device
 from achilles.config import RankConfig
-from achilles.model.hooks import observed_io
 from achilles.method.ranking.base import Scores
 from achilles.method.ranking.perturbation import decoder
+from achilles.model.batching import input_device, weights_on_device
+from achilles.model.hooks import observed_io
 from achilles.model.units import UnitPool
 
 logger = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from achilles.model.adapters import get_adapter
 from achilles.errors import AchillesError
+from achilles.model.derive import get_adapter
 from achilles.model.hooks import split_site
 from achilles.model.units import Unit
 

@@ -23,16 +23,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from achilles.model.adapters import get_adapter, layer_list
-from achilles.weights.compress.methods import Method
-from achilles.weights.compress.ownership import keep_masks, weights_of
 from achilles.errors import AchillesError
 from achilles.evaluation.perplexity import PerplexityEvaluator
+from achilles.method.ranking.perturbation import decoder
+from achilles.model.adapters import layer_list
+from achilles.model.derive import get_adapter
 from achilles.model.hooks import observed_io
+from achilles.model.units import Unit, UnitPool
 from achilles.results.files import write_json
 from achilles.results.schema import SCHEMA_VERSION
-from achilles.method.ranking.perturbation import decoder
-from achilles.model.units import Unit, UnitPool
+from achilles.weights.compress.methods import Method
+from achilles.weights.compress.ownership import keep_masks, weights_of
 
 logger = logging.getLogger(__name__)
 
