@@ -17,7 +17,7 @@ import transformers
 from crafted_gguf import write_gguf
 from tiny import TEXT, configs, make_model
 
-from achilles import gguf_source, loading
+from achilles.model import gguf_source, loading
 from achilles.cli import main
 from achilles.config import ModelSpec
 from achilles.errors import AchillesError
