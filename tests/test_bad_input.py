@@ -346,6 +346,15 @@ CASES: dict[str, tuple[Case, str]] = {
     # issue 21, items 8, 10, 11
     "config-context-null": (lambda z, w: _rank(z, w, model=_broken(w, config={"max_position_embeddings": None})),
                             "field 'max_position_embeddings'"),
+    "config-vocab-negative": (lambda z, w: _rank(z, w, model=_broken(w, config={"vocab_size": -5})),
+                              "gives vocab_size = -5: it must be a whole number >= 1"),
+    "plan-config-heads-zero": (lambda z, w: ["plan", "--model", _broken(w, config={"num_attention_heads": 0})],
+                               "cannot build"),
+    "ppl-config-hidden-zero": (lambda z, w: ["ppl", "--model", _broken(w, config={"hidden_size": 0}), "--data",
+                                             _plant(w, "d.txt", TEXT.encode()), "--out", w / "out" / "p.json"],
+                               "gives hidden_size = 0"),
+    "tokenizer-truncated": (lambda z, w: _rank(z, w, model=_broken(w, tokenizer_raw=b'{"version": "1.0", "trunc')),
+                            "could not load local folder"),
     "tokenizer-unknown-type": (lambda z, w: _rank(z, w, model=_broken(w, tokenizer=_unknown_type)),
                                "could not read the tokenizer"),
     "tokenizer-wordlevel-no-unk": (lambda z, w: _rank(z, w, model=_broken(w, tokenizer=_word_level)),
@@ -382,7 +391,8 @@ if not torch.backends.mps.is_available():
     CASES["device-mps-missing"] = (lambda z, w: _rank(z, w, "--device", "mps"), "no MPS")
 
 
-def _broken(ws: Path, *, config: dict | None = None, tokenizer: Callable[[dict], object] | None = None) -> Path:
+def _broken(ws: Path, *, config: dict | None = None, tokenizer: Callable[[dict], object] | None = None,
+            tokenizer_raw: bytes | None = None) -> Path:
     """A copy of the bundled sink model (weights linked) with config.json / tokenizer.json edited."""
     m = _copy_small(SINK, ws / "broken")
     (m / "model.safetensors").symlink_to(SINK / "model.safetensors")
@@ -392,6 +402,8 @@ def _broken(ws: Path, *, config: dict | None = None, tokenizer: Callable[[dict],
         t = json.loads((m / "tokenizer.json").read_text())
         tokenizer(t)
         (m / "tokenizer.json").write_text(json.dumps(t))
+    if tokenizer_raw is not None:
+        (m / "tokenizer.json").write_bytes(tokenizer_raw)
     return m
 
 

@@ -128,14 +128,52 @@ def _strict_errors() -> tuple[type[BaseException], ...]:
     return (StrictDataclassError,)
 
 
-CONFIG_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, *_strict_errors())
+CONFIG_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, KeyError, ArithmeticError, *_strict_errors(),
+)
 """What reading a config.json raises for a damaged or invalid one."""
+
+
+SIZE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_layer", "n_head",
+    "n_inner", "n_positions",
+)
+"""Config fields that size the model: each, when given, must be a whole number >= 1."""
+
+BUILD_ERRORS: tuple[type[BaseException], ...] = (
+    *CONFIG_ERRORS, TypeError, RuntimeError, AssertionError, ArithmeticError, AttributeError,
+)
+"""What building a model from a config raises when the config is inconsistent."""
+
+
+def check_config(config: object, name: str) -> None:
+    """Refuse a config whose size fields are not whole numbers >= 1 (one line naming the
+    field), before a model is built from it: torch and transformers fail on them with an
+    assertion or a division by zero."""
+    for field in SIZE_FIELDS:
+        value = getattr(config, field, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AchillesError(
+                f"the config.json of {name!r} gives {field} = {value!r}: it must be a whole "
+                "number >= 1 (fix that field)"
+            )
+
+
+def build_error(name: str, e: BaseException) -> AchillesError:
+    """The one line for a model that cannot be built from its (inconsistent) config."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return AchillesError(f"cannot build {name!r} from its config.json: {first} (check its sizes)")
 
 
 def _load_error(name: str, local: Path, e: BaseException) -> AchillesError:
     if isinstance(e, _strict_errors()):  # "Validation error for field 'x':\n  TypeError: ..."
         why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         return AchillesError(f"the config.json of {name!r} is invalid: {why} (fix that field)")
+    if isinstance(e, ArithmeticError):  # e.g. head_dim = hidden_size // num_attention_heads
+        return build_error(name, e)
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "weights only load failed" in first.lower() or "unpickl" in first.lower():
         return AchillesError(
@@ -172,7 +210,7 @@ def inspect_model(spec: ModelSpec) -> LoadedModel:
     Cheap even for a 70B checkpoint, so commands validate their inputs (text length, unit
     pool, ranking fit) against it before a long weight load.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     gguf = source_of(spec)
     if gguf is not None:  # config and tokenizer from the cache or the GGUF metadata
@@ -185,10 +223,7 @@ def inspect_model(spec: ModelSpec) -> LoadedModel:
     remote = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if not local.exists():
         remote.update(_hub_options(spec))
-    try:
-        config = AutoConfig.from_pretrained(source, **remote)
-    except CONFIG_ERRORS as e:
-        raise _load_error(spec.model, local, e) from None
+    config = load_config(source, spec.model, local, **remote)
     tokenizer = load_tokenizer(source, spec.model, local, **remote)
     try:
         with torch.device("meta"):
@@ -197,7 +232,24 @@ def inspect_model(spec: ModelSpec) -> LoadedModel:
             )
     except CONFIG_ERRORS as e:
         raise _load_error(spec.model, local, e) from None
+    except BUILD_ERRORS as e:
+        raise build_error(spec.model, e) from None
     return LoadedModel(model.eval(), tokenizer, spec)
+
+
+def load_config(source: str, name: str, local: Path, **kwargs: object) -> object:
+    """``AutoConfig.from_pretrained(source, **kwargs)``, checked (:func:`check_config`): a
+    damaged, invalid or inconsistent config.json is one line. Its field warnings are not
+    shown: what would break a run is refused here instead."""
+    from transformers import AutoConfig
+
+    try:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(source, **kwargs)
+    except CONFIG_ERRORS as e:
+        raise _load_error(name, local, e) from None
+    check_config(config, name)
+    return config
 
 
 def load_tokenizer(source: str, name: str, local: Path, **kwargs: object) -> object:
@@ -272,6 +324,8 @@ def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedMod
     }
     hub = {} if local.exists() else _hub_options(spec)
     kwargs.update(hub)
+    kwargs["config"] = load_config(source, spec.model, local, revision=spec.revision,
+                                   trust_remote_code=spec.trust_remote_code, **hub)
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
     try:
@@ -315,7 +369,8 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError
 
     return (OSError, ValueError, KeyError, RuntimeError, TypeError, EOFError,
-            pickle.UnpicklingError, SafetensorError, MemoryError, *_strict_errors())
+            pickle.UnpicklingError, SafetensorError, MemoryError, AssertionError, ArithmeticError,
+            *_strict_errors())
 
 
 _LOAD_ERRORS = _load_errors()

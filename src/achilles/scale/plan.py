@@ -130,14 +130,21 @@ def meta_model(config: Any, dtype: str = "bfloat16") -> torch.nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from achilles.model.loading import BUILD_ERRORS, CONFIG_ERRORS, build_error, check_config
+
     if isinstance(config, Mapping):
         d = dict(config)
         try:
             config = AutoConfig.for_model(d.pop("model_type"), **d)
-        except (KeyError, ValueError) as e:
+        except CONFIG_ERRORS as e:
             raise AchillesError(f"cannot build a config from {d}: {e}") from None
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
+    name = str(getattr(config, "_name_or_path", "") or config.model_type)
+    check_config(config, name)
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
+    except BUILD_ERRORS as e:
+        raise build_error(name, e) from None
     model.tie_weights()  # init_empty_weights re-registers parameters, which unties them
     return model.eval()
 
@@ -352,21 +359,16 @@ def plan_source(
     gguf_file: str | None = None, truncate: bool = False,
 ) -> Plan:
     """Size the model at ``model`` (a local folder with ``config.json``, a GGUF file, or a hub id)."""
-    from transformers import AutoConfig
-
     from achilles.config import ModelSpec
     from achilles.model.gguf_source import gguf_metadata, source_of
-    from achilles.model.loading import CONFIG_ERRORS, _load_error, _source
+    from achilles.model.loading import _source, load_config
 
     spec = ModelSpec(model=model, revision=revision, gguf_file=gguf_file)
     gguf = source_of(spec)
     if gguf is not None:
         return plan_model(gguf_metadata(gguf)[0], settings, name=name or model, truncate=truncate)
     source, local = _source(spec)
-    try:
-        config = AutoConfig.from_pretrained(source, revision=revision)
-    except CONFIG_ERRORS as e:
-        raise _load_error(model, local, e) from None
+    config = load_config(source, model, local, revision=revision)
     return plan_model(config, settings, name=name or model, truncate=truncate)
 
 
