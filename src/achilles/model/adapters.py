@@ -45,7 +45,7 @@ mixture-of-experts models are refused. To support any other family, call
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from achilles.errors import AchillesError
 from achilles.model.named_models import is_named, named_model_problem
 
 
@@ -85,3 +86,34 @@ def argv_value(argv: Sequence[str], flag: str) -> str | None:
 def argv_model(argv: Sequence[str]) -> str | None:
     """The value of ``--model`` in a command line, if given (``--model X`` or ``--model=X``)."""
     return argv_value(argv, "--model")
+
+
+def check_loading_info(name: str, info: dict[str, object]) -> None:
+    """Refuse a checkpoint whose weights do not match its config (one line, first offender)."""
+    def first(key: str) -> object | None:
+        items = sorted(info.get(key) or (), key=str)  # type: ignore[arg-type]
+        return items[0] if items else None
+
+    n = {k: len(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}  # type: ignore[arg-type]
+    if n["mismatched_keys"]:
+        raise AchillesError(
+            f"{name}: {n['mismatched_keys']} weight(s) do not match the config's shapes "
+            f"(first: {_mismatch(first('mismatched_keys'))}): config.json and the weights disagree"
+        )
+    if n["missing_keys"]:
+        raise AchillesError(
+            f"{name}: {n['missing_keys']} weight(s) the config needs are missing from the "
+            f"checkpoint (first: {first('missing_keys')}): config.json and the weights disagree"
+        )
+    if n["unexpected_keys"]:
+        raise AchillesError(
+            f"{name}: {n['unexpected_keys']} weight(s) in the checkpoint are not in the config's "
+            f"model (first: {first('unexpected_keys')}): config.json and the weights disagree"
+        )
+
+
+def _mismatch(entry: object) -> str:
+    if isinstance(entry, tuple) and len(entry) == 3:
+        key, ckpt, want = entry
+        return f"{key} is {tuple(ckpt)} in the checkpoint, {tuple(want)} by the config"
+    return str(entry)

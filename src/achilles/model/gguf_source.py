@@ -26,17 +26,22 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import struct
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import torch
+
 from achilles.errors import AchillesError
-from achilles.model.checks import GGUF_MAGIC
+from achilles.model.checks import GGUF_MAGIC, check_loading_info, model_path_problem
+from achilles.model.named_models import is_named, named_model_path
+from achilles.results.files import _created_parents, _remove_empty, _umask, write_json
+from achilles.results.guard import clean_stale, remove_made, temp_dir
+
+CACHE_COMMAND = "gguf-cache"
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +280,6 @@ def file_sha256(path: Path) -> str:
 
 def gguf_path(model: str, gguf_file: str | None) -> Path | None:
     """The GGUF file a ``--model`` / ``--gguf-file`` pair names, or None for a plain checkpoint."""
-    from achilles.model.checks import model_path_problem
-    from achilles.model.named_models import is_named, named_model_path
 
     problem = model_path_problem(model, gguf_file)
     if problem is not None:
@@ -345,59 +348,54 @@ def dequantized(src: GGUFSource) -> Path:
     if src.cached:
         logger.info("loading %s from the GGUF cache %s", src.path.name, src.cache_dir)
         return src.cache_dir
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from achilles.model.loading import _check_loading_info
-    from achilles.results.files import write_json
+    from transformers import AutoModelForCausalLM  # lazily: transformers takes seconds to import
 
     config, tokenizer = gguf_metadata(src)
     logger.info("dequantizing %s (%s) to %s, once: cached in %s", src.path.name,
                 src.quantization, CACHE_DTYPE, src.cache_dir)
     parent = src.cache_dir.parent
-    created = [p for p in (parent.parent, parent) if not p.exists()]
+    created = _created_parents(parent)
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{src.sha256[:16]}.", dir=parent))
+        clean_stale(parent, f".{src.sha256[:16]}.", CACHE_COMMAND)  # what a killed run left
     except OSError as e:
         raise AchillesError(
             f"cannot write the GGUF cache {parent}: {e.strerror or e} (set {CACHE_ENV} to a "
             "writable folder)"
         ) from None
     try:
-        try:
-            with _quiet_transformers():
-                model, info = AutoModelForCausalLM.from_pretrained(
-                    str(src.path.parent), gguf_file=src.path.name, config=config,
-                    dtype=torch.float32, output_loading_info=True,
-                )
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
-            raise _read_error(src, e) from None
-        _check_loading_info(str(src.path), info)  # a weight it lacks would be random, not zero
-        model.hf_quantizer = None  # the weights are plain float32 now: save them as such
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)  # atomic: temp dir, renamed below
-        tokenizer.save_pretrained(tmp)  # atomic: temp dir, renamed below
-        del model
-        write_json(tmp / PROVENANCE_FILE, src.provenance())
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700
-        try:
-            tmp.replace(src.cache_dir)
-        except OSError:
-            if not src.cached:  # not a concurrent writer that finished first
-                raise
+        with temp_dir(parent, f".{src.sha256[:16]}.", CACHE_COMMAND) as tmp:
+            try:
+                with _quiet_transformers():
+                    model, info = AutoModelForCausalLM.from_pretrained(
+                        str(src.path.parent), gguf_file=src.path.name, config=config,
+                        dtype=torch.float32, output_loading_info=True,
+                    )
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
+                raise _read_error(src, e) from None
+            check_loading_info(str(src.path), info)  # a weight it lacks would be random, not zero
+            model.hf_quantizer = None  # the weights are plain float32 now: save them as such
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)  # atomic: temp dir, renamed below
+            tokenizer.save_pretrained(tmp)  # atomic: temp dir, renamed below
+            del model
+            write_json(tmp / PROVENANCE_FILE, src.provenance())
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700
+            try:
+                tmp.replace(src.cache_dir)
+            except OSError:
+                if not src.cached:  # not a concurrent writer that finished first
+                    raise
+                remove_made(tmp, CACHE_COMMAND)  # the other writer's entry is the same
     except OSError as e:
         raise AchillesError(
             f"cannot write the GGUF cache {src.cache_dir}: {e.strerror or e} (free some space, "
             f"or set {CACHE_ENV} to another folder)"
         ) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not src.cached:
-            for p in reversed(created):  # the cache folders this call made, if left empty
-                with contextlib.suppress(OSError):
-                    p.rmdir()
+            _remove_empty(created)  # the cache folders this call made, if left empty
     return src.cache_dir
 
 
@@ -413,7 +411,3 @@ def _quiet_transformers() -> Iterator[None]:
         transformers.utils.logging.set_verbosity(before)
 
 
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m

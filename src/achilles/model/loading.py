@@ -20,7 +20,7 @@ import torch
 from achilles.config import ModelSpec
 from achilles.errors import AchillesError
 from achilles.model.batching import is_oom
-from achilles.model.checks import model_path_problem
+from achilles.model.checks import check_loading_info, model_path_problem
 from achilles.model.gguf_source import dequantized, gguf_metadata, source_of
 
 logger = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedMod
                 "--device-map auto, or a machine with more memory"
             ) from None
         raise _load_error(spec.model, local, e) from None
-    _check_loading_info(spec.model, info)
+    check_loading_info(spec.model, info)
     if not spec.device_map:
         model.to(device)
     model.eval()
@@ -374,37 +374,6 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 
 
 _LOAD_ERRORS = _load_errors()
-
-
-def _check_loading_info(name: str, info: dict[str, object]) -> None:
-    """Refuse a checkpoint whose weights do not match its config (one line, first offender)."""
-    def first(key: str) -> object | None:
-        items = sorted(info.get(key) or (), key=str)  # type: ignore[arg-type]
-        return items[0] if items else None
-
-    n = {k: len(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}  # type: ignore[arg-type]
-    if n["mismatched_keys"]:
-        raise AchillesError(
-            f"{name}: {n['mismatched_keys']} weight(s) do not match the config's shapes "
-            f"(first: {_mismatch(first('mismatched_keys'))}): config.json and the weights disagree"
-        )
-    if n["missing_keys"]:
-        raise AchillesError(
-            f"{name}: {n['missing_keys']} weight(s) the config needs are missing from the "
-            f"checkpoint (first: {first('missing_keys')}): config.json and the weights disagree"
-        )
-    if n["unexpected_keys"]:
-        raise AchillesError(
-            f"{name}: {n['unexpected_keys']} weight(s) in the checkpoint are not in the config's "
-            f"model (first: {first('unexpected_keys')}): config.json and the weights disagree"
-        )
-
-
-def _mismatch(entry: object) -> str:
-    if isinstance(entry, tuple) and len(entry) == 3:
-        key, ckpt, want = entry
-        return f"{key} is {tuple(ckpt)} in the checkpoint, {tuple(want)} by the config"
-    return str(entry)
 
 
 def check_token_ids(input_ids: torch.Tensor, model: torch.nn.Module) -> None:
