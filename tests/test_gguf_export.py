@@ -26,10 +26,10 @@ from tiny import make_model
 from achilles import build_pool, masked
 from achilles.cli import main
 from achilles.errors import AchillesError
-from achilles.weights.gguf_export import MASK_KEY, export_gguf, read_gguf, read_mask, zero_block
-from achilles.model.gguf_names import GGUF_ARCHS, LLAMA_NAMES, QWEN3_NAMES, permuted_row
 from achilles.method.identify import Identification
+from achilles.model.gguf_names import GGUF_ARCHS, LLAMA_NAMES, QWEN3_NAMES, permuted_row
 from achilles.model.units import Unit
+from achilles.weights.gguf_export import MASK_KEY, export_gguf, read_gguf, read_mask, zero_block
 
 HEADS, KV, D, FF, LAYERS, VOCAB = 4, 2, 64, 96, 3, 320
 IDS = torch.tensor([[0, 5, 17, 42, 99, 3, 250, 7, 64, 11, 12, 200, 31, 8]])
