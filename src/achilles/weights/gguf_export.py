@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from achilles.errors import AchillesError
 from achilles.model.masking import weight_edits
 from achilles.model.units import Unit
