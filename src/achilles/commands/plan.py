@@ -11,9 +11,10 @@ from tqdm.auto import tqdm
 
 from achilles.config import ModelSpec, TextSpec, _parse_list, add_arguments, from_args
 from achilles.errors import AchillesError
+from achilles.model.names import format_count
 from achilles.results.files import _jsonable, check_destination, write_json
 from achilles.scale.census.models import ModelEntry, read_model_list
-from achilles.scale.plan import Plan, PlanConfig, format_bytes, plan_entry, table
+from achilles.scale.plan import Plan, PlanConfig, format_bytes, plan_entry
 
 
 def describe(p: Plan) -> str:
@@ -150,3 +151,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     o.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(run=_run)
+
+
+def table(plans: list[Plan]) -> str:
+    """A markdown table of plans, one row per model."""
+    head = (
+        "| model | params | layers | units/token | weights | GPUs | per GPU "
+        "| stage 1 (rows, batch) | stage 2 linear (rows, batch) | est. time |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [head]
+    for p in plans:
+        dtype = p.config["dtype"]
+        gpus = "-" if p.gpus is None else str(p.gpus) + ("" if p.fits else " (no)")
+        load = "-" if p.gpus is None else format_bytes(p.gpu_load_bytes)
+        rows.append(
+            f"| {p.model} | {format_count(p.params)} | {p.layers} | {p.units:,} | "
+            f"{format_bytes(p.weight_bytes[dtype])} ({dtype}) | {gpus} | "
+            f"{load} | "
+            f"{p.stage1['passes_rows']}, {p.stage1['batch_size']} | "
+            f"{p.stage2['rows']['linear']}, {p.stage2['batch_size']} | {_duration(p.seconds)} |"
+        )
+    return "\n".join(rows)
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"

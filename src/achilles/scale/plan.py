@@ -32,7 +32,6 @@ from achilles.config import opt
 from achilles.errors import AchillesError, require
 from achilles.method.recheck import upcast_groups
 from achilles.model.batching import batch_size_for_memory
-from achilles.model.names import format_count
 from achilles.model.units import build_pool
 from achilles.results.schema import SCHEMA_VERSION
 
@@ -409,36 +408,6 @@ def plan_entry(
         return plan_model(entry.shape, settings, name=entry.name)
     return plan_source(entry.spec.model, settings, revision=entry.spec.revision, name=entry.name,
                        gguf_file=entry.spec.gguf_file, truncate=truncate and text is not None)
-
-
-def table(plans: list[Plan]) -> str:
-    """A markdown table of plans, one row per model."""
-    head = (
-        "| model | params | layers | units/token | weights | GPUs | per GPU "
-        "| stage 1 (rows, batch) | stage 2 linear (rows, batch) | est. time |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
-    )
-    rows = [head]
-    for p in plans:
-        dtype = p.config["dtype"]
-        gpus = "-" if p.gpus is None else str(p.gpus) + ("" if p.fits else " (no)")
-        load = "-" if p.gpus is None else format_bytes(p.gpu_load_bytes)
-        rows.append(
-            f"| {p.model} | {format_count(p.params)} | {p.layers} | {p.units:,} | "
-            f"{format_bytes(p.weight_bytes[dtype])} ({dtype}) | {gpus} | "
-            f"{load} | "
-            f"{p.stage1['passes_rows']}, {p.stage1['batch_size']} | "
-            f"{p.stage2['rows']['linear']}, {p.stage2['batch_size']} | {_duration(p.seconds)} |"
-        )
-    return "\n".join(rows)
-
-
-def _duration(s: float) -> str:
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
 
 
 def _upcast_bytes(model: torch.nn.Module, dtype: str) -> int:
