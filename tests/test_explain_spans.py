@@ -220,3 +220,19 @@ def test_patch_scope_after_is_exact_and_heads_mlps_restrict(tokenizer) -> None: 
     assert after.patching_checks["restore_all"] == pytest.approx(1.0, abs=1e-4)
     assert {d["component"] for d in heads.patching} == {f"L{i}.attn.h{h}" for i in (0, 1) for h in range(4)}
     assert math.isfinite(heads.patching_checks["restore_all"])
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--patch-scope", "bogus", "--patch-scope"), ("--erase-factor", "1", "--erase-factor must be > 1"),
+    ("--generate-tokens", "-1", "--generate-tokens must be >= 0"),
+])
+def test_bad_explain_options_one_line_exit_2(flag, value, says, tmp_path, tiny_dir, capsys) -> None:  # noqa: ANN001
+    from achilles.cli import main
+    from test_explain import make_run
+
+    run = make_run(tmp_path / "run", str(tiny_dir), [Unit("model.layers.0.mlp.down_proj", 1, 0, "mlp.down")], TEXT)
+    before = sorted(p.name for p in run.rglob("*"))
+    assert main(["explain", str(run), flag, value, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("achilles: error: ") and len(err.splitlines()) == 1 and says in err
+    assert sorted(p.name for p in run.rglob("*")) == before
