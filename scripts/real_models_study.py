@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import shutil
 import sys
@@ -37,8 +38,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from achilles.cli import main as achilles  # noqa: E402
-from achilles.io import atomic_path, atomic_write  # noqa: E402
+from achilles.cli import main as achilles
+from achilles.io import atomic_path, atomic_write
 
 TEXTS = ("prose.txt", "code.txt", "dialogue.json", "table.txt", "french.txt", "numbers.txt")
 PROBES = (
@@ -118,6 +119,7 @@ def run_study(s: Study) -> None:
     s.run("robustness", ["robustness", "--model", m, *[a for t in texts for a in ("--text-file", t)],
                          *s.samples(), "--out-dir", str(out / "robustness")],
           out / "robustness" / "robustness.json")
+    (out / "probe").mkdir(exist_ok=True)
     for i, (prompt, target) in enumerate(PROBES):
         s.run(f"probe{i}", ["probe", "--model", m, "--prompt", prompt, "--target", target,
                             "--mask", str(find / "identification.json"),
@@ -172,7 +174,7 @@ def _f(x: Any, d: int = 3) -> str:
         return "yes" if x else "no"
     if isinstance(x, int):
         return f"{x:,}"
-    if x != x or x in (float("inf"), float("-inf")):
+    if not math.isfinite(x):
         return str(x)
     return f"{x:,.{d}g}" if abs(x) < 1e4 else f"{x:,.0f}"
 
@@ -185,8 +187,8 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
 
 def _cmd(s: Study, step: str) -> str:
     t = s.seconds.get(step)
-    took = f" ({t / 60:.1f} min)" if isinstance(t, float) and t == t else ""
-    return f"\n```\n{s.commands.get(step, '(not run)')}\n```\n{took and 'Took' + took + '.'}\n"
+    took = f"Took {t / 60:.1f} min.\n" if isinstance(t, float) and math.isfinite(t) else ""
+    return f"\n```\n{s.commands.get(step, '(not run)')}\n```\n{took}"
 
 
 def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
@@ -397,7 +399,7 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
     add("## What agrees with the paper and what does not\n")
     add(_table(["claim", "measured", "verdict"], [list(v) for v in verdicts]) + "\n")
     add("Run times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in s.seconds.items()
-                                  if isinstance(v, float) and v == v) + ".\n")
+                                  if isinstance(v, float) and math.isfinite(v)) + ".\n")
     add(f"Figures shown: {len(shown)}.\n")
     atomic_write(doc, "\n".join(L))
 

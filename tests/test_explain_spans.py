@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import transformers as T
+from tiny import TEXT, VOCAB, make_model
 
 from achilles import LoadedModel, ModelSpec, tokenize
 from achilles.analysis.weights import zeroed_weight_nll
@@ -22,13 +23,12 @@ from achilles.explain.run import layer_bands, mediation_profile
 from achilles.explain.trace import massive_groups
 from achilles.metrics import sequence_nll
 from achilles.units import Unit, build_pool
-from tiny import TEXT, VOCAB, make_model
 
 MARK, CH, K = 0, 5, 7  # marker channel, massive channel, the MLP neuron that writes it
 SPLIT_TEXT = "The river ran. The mill stood. The children played on its banks every summer."
 
 
-def split_model(tokenizer) -> T.LlamaForCausalLM:  # noqa: ANN001
+def split_model(tokenizer) -> T.LlamaForCausalLM:
     """A 4-layer tiny Llama whose channel CH at the BOS and at every '.' is written twice.
 
     Attention writes nothing (``o_proj`` = 0). The marker channel MARK is 1 in the embeddings
@@ -61,7 +61,7 @@ def split_model(tokenizer) -> T.LlamaForCausalLM:  # noqa: ANN001
     return model
 
 
-def _hidden(model, ids) -> torch.Tensor:  # noqa: ANN001
+def _hidden(model, ids) -> torch.Tensor:
     """Block outputs 0..L-2 from transformers' own ``output_hidden_states`` (the last entry is
     after the final norm, so the last block is not compared)."""
     with torch.no_grad():
@@ -70,7 +70,7 @@ def _hidden(model, ids) -> torch.Tensor:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def split(tokenizer):  # noqa: ANN001, ANN201
+def split(tokenizer):
     model = split_model(tokenizer)
     lm = LoadedModel(model, tokenizer, ModelSpec(model="tiny-split"))
     pool = build_pool(model)
@@ -78,7 +78,7 @@ def split(tokenizer):  # noqa: ANN001, ANN201
     return lm, explain(lm, SPLIT_TEXT, pool.validate([unit]), pool, ExplainConfig(generate_tokens=4))
 
 
-def test_one_channel_two_writers_is_two_spans_the_late_one_erased(split, tokenizer) -> None:  # noqa: ANN001
+def test_one_channel_two_writers_is_two_spans_the_late_one_erased(split, tokenizer) -> None:
     lm, m = split
     ids = tokenize(tokenizer, SPLIT_TEXT)
     toks = ids[0].tolist()
@@ -166,7 +166,7 @@ def test_mediation_profile_counts_against_brute_force() -> None:
     assert layer_bands(30) == [(0, 5), (6, 11), (12, 17), (18, 23), (24, 29)]
 
 
-def test_zeroed_weight_nll_equals_editing_the_weight(tokenizer) -> None:  # noqa: ANN001
+def test_zeroed_weight_nll_equals_editing_the_weight(tokenizer) -> None:
     model = make_model("llama")
     ids = tokenize(tokenizer, TEXT)
     name = "model.layers.1.mlp.down_proj"
@@ -185,7 +185,7 @@ def test_zeroed_weight_nll_equals_editing_the_weight(tokenizer) -> None:  # noqa
     assert min(abs(n - base) for n in got) > 0.01 and len({round(n, 3) for n in got}) == 3
 
 
-def test_driver_and_continuations_on_the_split_model(split, tokenizer) -> None:  # noqa: ANN001
+def test_driver_and_continuations_on_the_split_model(split, tokenizer) -> None:
     lm, m = split
     (d,) = m.drivers
     # neuron K is the only input of the row: it drives all of the output and is the top weight
@@ -200,12 +200,12 @@ def test_driver_and_continuations_on_the_split_model(split, tokenizer) -> None: 
     assert len(m.continuations) == 3  # the tiny tokenizer has no chat template
 
 
-def test_patch_scope_after_is_exact_and_heads_mlps_restrict(tokenizer) -> None:  # noqa: ANN001
+def test_patch_scope_after_is_exact_and_heads_mlps_restrict(tokenizer) -> None:
     model = make_model("llama")
     lm = LoadedModel(model, tokenizer, ModelSpec(model="tiny"))
     pool = build_pool(model)
     units = [Unit("model.layers.1.mlp.down_proj", c, 1, "mlp.down") for c in range(0, 32, 2)]
-    cfg = dict(generate_tokens=0, sink_drop=1.0)
+    cfg = {"generate_tokens": 0, "sink_drop": 1.0}
     full = explain(lm, TEXT, units, pool, ExplainConfig(**cfg))
     after = explain(lm, TEXT, units, pool, ExplainConfig(patch_scope="after", **cfg))
     heads = explain(lm, TEXT, units, pool, ExplainConfig(patch_scope="heads", **cfg))
@@ -226,9 +226,10 @@ def test_patch_scope_after_is_exact_and_heads_mlps_restrict(tokenizer) -> None: 
     ("--patch-scope", "bogus", "--patch-scope"), ("--erase-factor", "1", "--erase-factor must be > 1"),
     ("--generate-tokens", "-1", "--generate-tokens must be >= 0"),
 ])
-def test_bad_explain_options_one_line_exit_2(flag, value, says, tmp_path, tiny_dir, capsys) -> None:  # noqa: ANN001
-    from achilles.cli import main
+def test_bad_explain_options_one_line_exit_2(flag, value, says, tmp_path, tiny_dir, capsys) -> None:
     from test_explain import make_run
+
+    from achilles.cli import main
 
     run = make_run(tmp_path / "run", str(tiny_dir), [Unit("model.layers.0.mlp.down_proj", 1, 0, "mlp.down")], TEXT)
     before = sorted(p.name for p in run.rglob("*"))

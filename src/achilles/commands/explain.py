@@ -51,9 +51,9 @@ def run_explain(
     c = mech.cost
     lines = [
         f"mechanism: {mech.summary}",
-        f"explain: {c['forward_rows']} forward rows at {c['tokens']} tokens (patch scope "
-        f"{c['patch_scope']}: {c['components_patched']} of {c['components_all']} components), "
-        f"{c['seconds']:.0f} s",
+        (f"explain: {c['forward_rows']} forward rows at {c['tokens']} tokens (patch scope "
+         f"{c['patch_scope']}: {c['components_patched']} of {c['components_all']} components), "
+         f"{c['seconds']:.0f} s"),
         f"written: {run_dir / MECHANISM_FILE}",
     ]
     if report and (run_dir / "ranking.json").is_file():

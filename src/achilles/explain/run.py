@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from achilles.analysis.weights import WEIGHT_KINDS, unit_weights, weight_row, zeroed_weight_nll
 from achilles.batching import choose_batch_size, run_batched
 from achilles.errors import AchillesError
-from achilles.analysis.weights import WEIGHT_KINDS, unit_weights, weight_row, zeroed_weight_nll
 from achilles.explain.config import ExplainConfig
 from achilles.explain.patching import (
     Component,
@@ -666,19 +666,23 @@ def _distributed_clause(m: Mechanism, best: dict[str, Any]) -> str:
     if scope in ("heads", "mlps"):
         out += f" (only {scope} patched)"
     n50, n90 = needed.get("0.5"), needed.get("0.9")
+    # with every component outside the set restored, what is left of Δ is the set's own
+    # components' change reaching the output straight down the residual stream
+    direct = (" (the rest goes straight down the residual stream from the components holding "
+              "the set)") if scope in ("full", "after") else ""
     if n50 is None:
         if med.get("mediators"):
-            out += (f", and all {med['mediators']} components outside it together recover "
-                    f"{_pct(med.get('all_mediators'))}")
+            out += (f", and all {med['mediators']} components outside it together recover only "
+                    f"{_pct(med.get('all_mediators'))}{direct}")
         return out
     kinds = {k["kind"]: k["in_k50"] for k in med.get("by_kind", [])}
     bands = [b for b in med.get("by_band", []) if b.get("in_k50")]
     top = max(bands, key=lambda b: b["in_k50"]) if bands else None
-    where = f"; {top['in_k50']} in blocks {top['layers'][0]}–{top['layers'][1]}" if top and n50 > 1 else ""
+    where = f"; {top['in_k50']} in {_blocks(*top['layers'])}" if top and n50 > 1 else ""
     out += (f"; it takes the top {n50} ({kinds.get('heads', 0)} heads, {kinds.get('mlps', 0)} MLPs"
             f"{where}) to recover 50 %")
     out += f" and the top {n90} for 90 %" if n90 is not None else \
-        f", while all {med['mediators']} recover {_pct(med.get('all_mediators'))}"
+        f", while all {med['mediators']} together recover only {_pct(med.get('all_mediators'))}{direct}"
     return out
 
 
