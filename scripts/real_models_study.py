@@ -183,16 +183,19 @@ def _f(x: Any, d: int = 3) -> str:
         return f"{x:,}"
     if not math.isfinite(x):
         return str(x)
-    return f"{x:,.{d}g}" if abs(x) < 1e4 else f"{x:,.0f}"
+    return f"{x:,.{d}g}" if abs(x) < 1e3 else f"{x:,.0f}"
 
 
 def _table(head: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
+    out += ["| " + " | ".join(_f(c).replace("|", "\\|") for c in r) + " |" for r in rows]
     return "\n".join(out)
 
 
-def _cmd(s: Study, step: str) -> str:
+def _cmd(s: Study, step: str, result: Any = True) -> str:
+    if result is None:
+        return (f"\n```\n{s.commands.get(step, '(not run)')}\n```\n*Not run yet: no result file, "
+                "so this part has no numbers. Run the script again to finish it.*\n")
     t = s.seconds.get(step)
     took = f"Took {t / 60:.1f} min.\n" if isinstance(t, float) and math.isfinite(t) else ""
     return f"\n```\n{s.commands.get(step, '(not run)')}\n```\n{took}"
@@ -234,7 +237,7 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
 
     # 1. n*(eps), curve, phase
     add("## 1. The critical set, n*(ε) and the phase transition\n")
-    add(_cmd(s, "find"))
+    add(_cmd(s, "find", ident))
     if ident:
         ne = ident.get("n_star_by_epsilon", {})
         add(f"On `data/demo.txt` ({ident.get('tokens')} tokens), n* = {ident.get('n_star')} at "
@@ -265,10 +268,11 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
     if loc:
         for key in ("critical", "ranking"):
             d = loc.get(key) or {}
-            add(f"* {d.get('label', key)}: {_f(d.get('size'))} units; by layer "
-                f"{_compact(d.get('by_layer') or d.get('counts'))}; by component "
-                f"{_compact(d.get('by_component'))}; outer layers share "
-                f"{_f(d.get('outer_share'))}.")
+            add(f"* {d.get('label', key)} ({_f(d.get('n_units'))} units): per layer "
+                f"{_compact(d.get('per_layer'))}; per component {_compact(d.get('per_component'))}; "
+                f"share in the outer layers (first {len(loc['outer_layers']['first'])}, last "
+                f"{len(loc['outer_layers']['last'])}): {_f(d.get('outer_share'))}; `mlp.down` share "
+                f"{_f(d.get('down_share'))}.")
         add("")
         outer = (loc.get("ranking") or {}).get("outer_share")
         verdicts.append(("The top of the ranking sits in the outer (first/last) layers",
@@ -280,20 +284,21 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
 
     # 3. explain
     add("## 3. The mechanism (`achilles explain`)\n")
-    add(_cmd(s, "explain"))
+    add(_cmd(s, "explain", mech))
     if mech:
         add(f"> {mech['summary']}\n")
         med = mech.get("mediation") or {}
         for d in mech.get("drivers", []):
             add(f"* Driver of {d['unit']}: input {d['driver_input']} carries "
-                f"{_f(100 * d['driver_share'], 2)} % of its output at position {d['peak_position']}; "
+                f"{100 * d['driver_share']:.0f} % of its output at position {d['peak_position']}; "
                 f"zeroing that single weight ({_f(d['driver_weight'])}) gives Δ = "
                 f"{_f(d['delta_driver_weight'])}, zeroing the row's largest |w| (input "
                 f"{d['top_inputs'][0]}) Δ = {_f(d['delta_top_weight'])}.")
         if med:
+            am = med.get("all_mediators")
             add(f"* Mediation: {med.get('mediators')} components outside the set together recover "
-                f"{_f(med.get('all_mediators'))} of Δ; 50 % takes the top {med.get('needed', {}).get('0.5')}, "
-                f"90 % the top {med.get('needed', {}).get('0.9')}.")
+                f"{_f(100 * am if isinstance(am, float) else am)} % of Δ; 50 % takes the top "
+                f"{_f(med.get('needed', {}).get('0.5'))}, 90 % the top {_f(med.get('needed', {}).get('0.9'))}.")
         add(f"* Cost: {mech['cost']['forward_rows']} forward rows, {_f(mech['cost']['seconds'])} s.\n")
         for c in mech.get("continuations", []):
             add(f"* `{c['prompt'][-60:]!r}` → clean `{c['clean_text']!r}`, masked `{c['masked_text']!r}`")
@@ -310,7 +315,7 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
 
     # 4. baselines
     add("## 4. Perturbation against the baselines on held-out text (Figure 3)\n")
-    add(_cmd(s, "compare"))
+    add(_cmd(s, "compare", comp))
     if comp:
         base = comp["baseline"].get("log10_ppl")
         eps = (ident or {}).get("epsilon", 1.0)
@@ -326,15 +331,19 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
             f"{_f(comp['baseline'].get('ppl'))}), masking the top n units of each ranking:\n")
         add(_table(["method", *[f"n={n}" for n in comp["levels"]]], rows) + "\n")
         add(_table(["method", f"fewest units with Δ ≥ {eps}"], [[k, v] for k, v in first.items()]) + "\n")
-        best = min((v, k) for k, v in first.items() if v is not None) if any(first.values()) else None
+        reached = [v for v in first.values() if v is not None]
+        n_best = min(reached) if reached else None
+        tied = [k for k, v in first.items() if v == n_best]
         verdicts.append(("Perturbation ranking beats the baselines (fewest units to collapse)",
-                         f"first to Δ ≥ {eps}: " + (f"{best[1]} at n = {best[0]}" if best else "none"),
-                         "agrees" if best and first.get("perturbation") == best[0] else "does not agree"))
+                         f"fewest units to Δ ≥ {eps}: n = {n_best} ({', '.join(tied)})" if reached
+                         else f"no method reaches Δ ≥ {eps}",
+                         "does not agree" if "perturbation" not in tied else
+                         "agrees" if len(tied) == 1 else "ties"))
         add(fig(out / "compare" / "comparison.png", "comparison.png", "Δ vs units masked, per method") + "\n")
 
     # 5. sweep
     add("## 5. α × K (Figure 4)\n")
-    add(_cmd(s, "sweep"))
+    add(_cmd(s, "sweep", sweep))
     if sweep:
         pts = sweep["points"]
         add(_table(["α", "K", "n*", "minimal set", "same minimal set as the anchor", "Jaccard top vs anchor"],
@@ -349,7 +358,7 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
 
     # 6. robustness
     add("## 6. Robustness over texts of different kinds\n")
-    add(_cmd(s, "robustness"))
+    add(_cmd(s, "robustness", rob))
     if rob:
         add(_table(["text", "tokens", "n*", "minimal set"],
                    [[t["label"], t["tokens"], t["n_star"], ", ".join(t["minimal_set"][:4])
@@ -368,7 +377,7 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
     add("## 7. The probe on factual prompts (Figure 1)\n")
     rows = []
     for i, pr in enumerate(probes):
-        add(_cmd(s, f"probe{i}"))
+        add(_cmd(s, f"probe{i}", pr))
         if pr:
             lv = pr["levels"]
             rows.append([repr(pr["prompt"]), repr(pr["target"]), lv[0]["target_prob"], lv[-1]["n_masked"],
@@ -382,14 +391,23 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
     add("## 8. Controls\n")
     ctl = (analysis or {}).get("controls")
     if ctl:
-        add("From the find run's report (`analysis.json`):\n")
-        add("```\n" + json.dumps(_short(ctl), indent=1)[:3000] + "\n```\n")
+        add(f"From the find run's report (`analysis.json`, the {ctl.get('set')} set, "
+            f"{ctl.get('n_units')} unit(s)):\n")
+        ma, rs = ctl.get("mean_ablation") or {}, ctl.get("random_sets") or {}
+        rows = [["the set, zeroed", ma.get("delta_zero")], ["the set, mean-ablated", ma.get("delta_mean")]]
+        if rs:
+            rows.append([f"random same-module sets ({len(rs.get('deltas', []))} seeds): mean ± sd",
+                         f"{_f(rs.get('mean'))} ± {_f(rs.get('sd'))} (max |Δ| {_f(rs.get('max_abs'))})"])
+        add(_table(["masking", "Δ on the demo text"], rows) + "\n")
+        verdicts.append(("The heel is specific: random units from the same modules do nothing",
+                         f"random sets: max |Δ| {_f(rs.get('max_abs'))} vs {_f(ma.get('delta_zero'))}",
+                         "agrees" if isinstance(rs.get("max_abs"), float) and rs["max_abs"] < 0.1 else "does not agree"))
     else:
         add("No controls in `analysis.json`.\n")
 
     # 9. compression
     add("## 9. Compression with the heel protected\n")
-    add(_cmd(s, "compress"))
+    add(_cmd(s, "compress", comp_res))
     if comp_res:
         b = comp_res["baseline"]["log10_ppl"]
         add(f"log10 PPL on `data/heldout.txt`: uncompressed {_f(b)}. Protected: "
@@ -405,7 +423,11 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
                 "model would do.\n")
         add(fig(out / "compress" / "compression.png", "compression.png", "compression") + "\n")
 
+    missing = [k for k, v in (("find", ident), ("explain", mech), ("compare", comp), ("sweep", sweep),
+                              ("robustness", rob), ("compress", comp_res)) if v is None]
     add("## What agrees with the paper and what does not\n")
+    if missing:
+        add(f"**Partial: {', '.join(missing)} not run yet; their claims are not judged below.**\n")
     add(_table(["claim", "measured", "verdict"], [list(v) for v in verdicts]) + "\n")
     add("Run times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in s.seconds.items()
                                   if isinstance(v, float) and math.isfinite(v)) + ".\n")
