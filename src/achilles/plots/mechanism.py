@@ -126,7 +126,8 @@ def plot_channels(mech: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel("layer (-1 = embeddings; block outputs after)")
     ax.set_ylabel("|h| (residual stream)")
     ax.set_xticks(xs if len(xs) <= 16 else xs[:: max(2, len(xs) // 15)])
-    ax.set_title("Massive activations per layer: clean (solid) vs set masked (dashed)", fontsize=10)
+    ax.set_title("Massive activations per layer: clean (solid) vs set masked (dashed); "
+                 "a value of 0 has no point on the log scale", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
