@@ -285,9 +285,12 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
                 f"{_f(d.get('down_share'))}.")
         add("")
         outer = (loc.get("ranking") or {}).get("outer_share")
-        verdicts.append(("The top of the ranking sits in the outer (first/last) layers",
-                         f"outer-layer share of the top {loc.get('top_n')}: {_f(outer)}",
-                         "agrees" if isinstance(outer, float) and outer >= 0.5 else "does not agree"))
+        crit = (loc.get("critical") or {}).get("outer_share")
+        ok = [isinstance(x, float | int) and x >= 0.5 for x in (outer, crit)]
+        verdicts.append(("The top of the ranking and the critical set sit in the outer (first/last) layers",
+                         f"outer-layer share: top {loc.get('top_n')} of the ranking {_f(outer)}, "
+                         f"critical set {_f(crit)}",
+                         "agrees" if all(ok) else "partly" if any(ok) else "does not agree"))
     for f_ in sorted((find / "figures").glob("*.png")) if (find / "figures").is_dir() else []:
         if f_.name.startswith(("layers", "location", "components")):
             add(fig(f_, f"find_{f_.name}", f"find: {f_.stem.replace('_', ' ')}") + "\n")
