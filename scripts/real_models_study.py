@@ -316,6 +316,8 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
         for c in mech.get("continuations", []):
             add(f"* `{c['prompt'][-60:]!r}` → clean `{c['clean_text']!r}`, masked `{c['masked_text']!r}`")
         add("")
+        add(fig(find / "figures" / "activations.png", "find_activations.png",
+                "find: the first critical channels' activation at every token") + "\n")
         for name in ("mechanism_channels.png", "mechanism_residual.png", "mechanism_sinks.png",
                      "mechanism_patching.png"):
             add(fig(find / "figures" / name, name, name.removesuffix(".png").replace("_", " ")) + "\n")
@@ -415,6 +417,7 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
         verdicts.append(("The heel is specific: random units from the same modules do nothing",
                          f"random sets: max |Δ| {_f(rs.get('max_abs'))} vs {_f(ma.get('delta_zero'))}",
                          "agrees" if isinstance(rs.get("max_abs"), float) and rs["max_abs"] < 0.1 else "does not agree"))
+        add(fig(find / "figures" / "controls.png", "find_controls.png", "find: controls") + "\n")
     else:
         add("No controls in `analysis.json`.\n")
 
