@@ -441,7 +441,8 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
         add(fig(out / "compress" / "compression.png", "compression.png", "compression") + "\n")
 
     missing = [k for k, v in (("find", ident), ("explain", mech), ("compare", comp), ("sweep", sweep),
-                              ("robustness", rob), ("compress", comp_res)) if v is None]
+                              ("robustness", rob), ("probe", next((p for p in probes if p), None)),
+                              ("compress", comp_res)) if v is None]
     add("## What agrees with the paper and what does not\n")
     if missing:
         add(f"**Partial: {', '.join(missing)} not run yet; their claims are not judged below.**\n")
