@@ -56,6 +56,8 @@ class UnitWeights:
     """Δ on the text with the unit's whole weight row (and bias entry) zeroed."""
     delta_top_weight: float | None = None
     """Δ on the text with only the row's largest |w| zeroed (the super-weight ablation)."""
+    delta_driver_weight: float | None = None
+    """Δ on the text with only the weight from the driving input zeroed (``W[c, driver]``)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -172,13 +174,50 @@ def _with_ablations(model: torch.nn.Module, input_ids: torch.Tensor, w: UnitWeig
     finally:
         restore_weights_(model, saved)
     module = model.get_submodule(w.unit.module)
-    j = w.top_inputs[0]
-    index = (w.unit.channel, j) if isinstance(module, torch.nn.Linear) else (j, w.unit.channel)
-    with torch.no_grad():
-        keep = module.weight[index].clone()
-        module.weight[index] = 0
-        try:
-            d_one = delta(float(sequence_nll(model, ids)[0]), base, tokens)
-        finally:
-            module.weight[index] = keep
-    return dataclasses.replace(w, delta_row=d_row, delta_top_weight=d_one)
+
+    def zeroed(j: int) -> float:
+        index = (w.unit.channel, j) if isinstance(module, torch.nn.Linear) else (j, w.unit.channel)
+        with torch.no_grad():
+            keep = module.weight[index].clone()
+            module.weight[index] = 0
+            try:
+                return delta(float(sequence_nll(model, ids)[0]), base, tokens)
+            finally:
+                module.weight[index] = keep
+
+    d_one = zeroed(w.top_inputs[0])
+    d_driver = d_one if w.driver_input == w.top_inputs[0] else zeroed(w.driver_input)
+    return dataclasses.replace(w, delta_row=d_row, delta_top_weight=d_one, delta_driver_weight=d_driver)
+
+
+def zeroed_weight_nll(
+    model: torch.nn.Module, input_ids: torch.Tensor, module: str, channel: int, inputs: Sequence[int]
+) -> list[float]:
+    """Summed NLL of ``input_ids`` ``[1, T]`` with one weight ``W[channel, j]`` zeroed per row,
+    ``j`` in ``inputs`` (one batch row each).
+
+    The weight is not edited: the module's output channel loses ``W[channel, j] · x_j``, which
+    is what zeroing that weight does, so offloaded (``meta``) weights work as in the forward.
+    """
+    from achilles.method.metrics import sequence_nll
+    from achilles.model.hooks import hooked
+
+    row = weight_row(model.get_submodule(module), channel)
+    if row is None:
+        raise ValueError(f"{module} has no weight row for channel {channel}")
+    idx = torch.tensor(list(inputs))
+    w = row[idx]  # [R]
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(x: torch.Tensor) -> None:
+        seen["x"] = x
+
+    def drop(y: torch.Tensor) -> torch.Tensor:
+        x = seen.pop("x")[:, :, idx.to(y.device)]  # [R, T, R]: row r needs its own input j_r
+        own = x.diagonal(dim1=0, dim2=2).T  # [R, T]
+        y = y.clone()
+        y[:, :, channel] -= (w.to(y.device, y.dtype)[:, None] * own.to(y.dtype))
+        return y
+
+    with hooked(model, {f"{module}:input": keep, module: drop}):
+        return sequence_nll(model, input_ids.expand(len(idx), -1)).tolist()

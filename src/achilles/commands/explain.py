@@ -49,7 +49,14 @@ def run_explain(
 ) -> list[str]:
     """Explain a run whose model is loaded; the lines to print."""
     mech = explain_run(run_dir, lm, config, text=text, progress=show_progress)
-    lines = [f"mechanism: {mech.summary}", f"written: {run_dir / MECHANISM_FILE}"]
+    c = mech.cost
+    lines = [
+        f"mechanism: {mech.summary}",
+        (f"explain: {c['forward_rows']} forward rows at {c['tokens']} tokens (patch scope "
+         f"{c['patch_scope']}: {c['components_patched']} of {c['components_all']} components), "
+         f"{c['seconds']:.0f} s"),
+        f"written: {run_dir / MECHANISM_FILE}",
+    ]
     if report and (run_dir / "ranking.json").is_file():
         from achilles.report import write_report
 

@@ -32,6 +32,18 @@ class ExplainConfig:
         0.3, "a head loses its sink when its attention on the sink position drops by this much"
     )
     top_components: int = opt(10, "components restored together in the cumulative patching")
+    erase_factor: float = opt(
+        10.0, "a massive activation is erased when the set divides it by at least this much at "
+        "its peak layer"
+    )
+    patch_scope: Literal["full", "after", "heads", "mlps"] = opt(
+        "full", "components to patch: full (every head and MLP), after (the layers from the "
+        "set's first on: exact, as earlier components are untouched by the mask), heads, mlps"
+    )
+    generate_tokens: int = opt(
+        16, "greedy tokens generated per prompt, clean vs masked, to show what the collapsed "
+        "model says (0: none)"
+    )
     batch_size: int | None = opt(None, "rows per forward pass (default: from free memory)")
 
     def __post_init__(self) -> None:
@@ -41,4 +53,8 @@ class ExplainConfig:
         require(self.top_channels >= 1, "--top-channels must be >= 1")
         require(0 <= self.sink_drop <= 1, "--sink-drop must be between 0 and 1")
         require(self.top_components >= 0, "--top-components must be >= 0")
+        require(self.erase_factor > 1, "--erase-factor must be > 1")
+        require(self.patch_scope in ("full", "after", "heads", "mlps"),
+                "--patch-scope must be one of full, after, heads, mlps")
+        require(self.generate_tokens >= 0, "--generate-tokens must be >= 0")
         require(self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1")

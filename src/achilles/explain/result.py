@@ -19,7 +19,9 @@ class Mechanism:
 
     ``massive`` lists ``{layer, position, channel, value, ratio}`` (``layer`` -1 is the
     embeddings); ``sink_heads`` ``{layer, head, clean, masked, ...}`` largest drop first;
-    ``patching`` ``{component, recovered}`` largest first (fractions of Δ).
+    ``patching`` ``{component, recovered}`` largest first (fractions of Δ); ``mediation``
+    how many components it takes to recover 50 % and 90 % of Δ; ``drivers`` the input
+    driving each ``mlp.down`` / ``attn.o`` unit; ``continuations`` greedy text, clean vs masked.
     """
 
     summary: str
@@ -43,6 +45,9 @@ class Mechanism:
     patching_checks: dict[str, Any]
     output: dict[str, Any]
     cost: dict[str, Any]
+    mediation: dict[str, Any] = field(default_factory=dict)
+    drivers: list[dict[str, Any]] = field(default_factory=list)
+    continuations: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
 
@@ -58,6 +63,10 @@ class Mechanism:
         return cls(**{f.name: _decode(d[f.name]) for f in fields(cls) if f.name in d})
 
 
+TEXT_KEYS = ("text", "token", "tokens", "prompt", "clean_text", "masked_text")
+"""Keys whose values are text, never decoded as numbers."""
+
+
 def _decode(x: Any) -> Any:
     """``"nan"``/``"inf"`` strings back to floats, recursively."""
     if isinstance(x, str) and x in ("nan", "inf", "-inf"):
@@ -65,7 +74,7 @@ def _decode(x: Any) -> Any:
     if isinstance(x, list):
         return [_decode(v) for v in x]
     if isinstance(x, dict):
-        return {k: v if k in ("text", "token", "tokens") else _decode(v) for k, v in x.items()}
+        return {k: v if k in TEXT_KEYS else _decode(v) for k, v in x.items()}
     return x
 
 

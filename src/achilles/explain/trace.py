@@ -15,6 +15,7 @@ The trace runs two batch rows, row 0 clean and row 1 with the set masked (one
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -215,33 +216,79 @@ def residual_profile(residual: torch.Tensor, sink_position: int, top: int = 3) -
     }
 
 
-def massive_groups(
-    clean: list[dict], residual: torch.Tensor, med_masked: torch.Tensor, ratio: float, min_abs: float
-) -> list[dict]:
-    """Per flagged (position, channel): where it appears, persists and is erased, clean vs masked.
+SPLIT_JUMP = 0.5
+"""A flagged run of layers is split where the clean value jumps, between consecutive layers,
+by at least this fraction of its magnitude more than the masked value does: a new writer."""
 
-    ``residual`` is the masked row ``[L+1, T, D]``; ``survives`` is whether the same channel at
-    the same position is still flagged in some layer under the mask.
+
+def _spans(layers: list[int], clean: torch.Tensor, masked: torch.Tensor) -> list[list[int]]:
+    """Split sorted flagged ``layers`` into spans: at a gap, or where the writer changes.
+
+    ``clean`` and ``masked`` are the channel's values at the position, per layer ``[L+1]``
+    (index 0 = embeddings). The writer changes at layer ``l`` when the clean jump from
+    ``l-1`` differs from the masked jump by ``SPLIT_JUMP`` of the larger |clean| value of the
+    two layers: what a layer adds there is removed (or added) by the mask.
     """
-    groups: dict[tuple[int, int], list[dict]] = {}
+    spans: list[list[int]] = []
+    for layer in layers:
+        i = layer + 1
+        new = not spans or layer != spans[-1][-1] + 1
+        if not new:
+            jump = float((clean[i] - clean[i - 1]) - (masked[i] - masked[i - 1]))
+            new = abs(jump) >= SPLIT_JUMP * float(torch.maximum(clean[i].abs(), clean[i - 1].abs()))
+        if new:
+            spans.append([layer])
+        else:
+            spans[-1].append(layer)
+    return spans
+
+
+def massive_groups(
+    clean: list[dict], residual_clean: torch.Tensor, residual: torch.Tensor, med_masked: torch.Tensor,
+    ratio: float, min_abs: float, erase_factor: float = 10.0,
+) -> list[dict]:
+    """Massive activations as spans of layers, each erased by the mask or surviving it.
+
+    ``clean`` are the clean run's flags; ``residual_clean`` and ``residual`` the clean and
+    masked rows ``[L+1, T, D]``. The flagged layers of one (position, channel) are split into
+    spans at a gap or where the writer changes (:func:`_spans`), so an early activation and a
+    later, separately written one in the same channel are judged apart. A span is ``erased``
+    when the mask divides its value at its peak layer by ``erase_factor`` or more
+    (``reduction`` = |clean| / |masked| there); ``survives`` is its negation.
+    ``masked_peak_ratio`` is the largest masked |h| / median over the span's layers.
+    ``positions`` lists, for each span, the positions where the same channel has a span
+    overlapping it in layers with the same fate (erased or not), this one included.
+    """
+    flags: dict[tuple[int, int], dict[int, dict]] = {}
     for m in clean:
-        groups.setdefault((m["position"], m["channel"]), []).append(m)
+        flags.setdefault((m["position"], m["channel"]), {})[m["layer"]] = m
     out = []
     n_layers = residual.shape[0] - 1
-    for (pos, ch), ms in groups.items():
-        layers = sorted(m["layer"] for m in ms)
-        peak = max(ms, key=lambda m: m["ratio"])
-        masked_vals = residual[:, pos, ch]
-        masked_ratio = masked_vals.abs() / med_masked.clamp_min(torch.finfo(torch.float32).tiny)
-        flagged = (masked_ratio >= ratio) & (masked_vals.abs() >= min_abs)
-        erased = layers[-1] + 1 if layers[-1] + 1 < n_layers else None
-        out.append({
-            "position": pos, "channel": ch, "first_layer": layers[0], "last_layer": layers[-1],
-            "layers": layers, "erased_at": erased, "peak_layer": peak["layer"],
-            "peak_value": peak["value"], "peak_ratio": peak["ratio"],
-            "masked_value": float(masked_vals[peak["layer"] + 1]),
-            "masked_peak_ratio": float(masked_ratio.max()),
-            "survives": bool(flagged.any()),
+    tiny = torch.finfo(torch.float32).tiny
+    for (pos, ch), by_layer in flags.items():
+        vc, vm = residual_clean[:, pos, ch], residual[:, pos, ch]
+        masked_ratio = vm.abs() / med_masked.clamp_min(tiny)
+        for layers in _spans(sorted(by_layer), vc, vm):
+            peak = max((by_layer[x] for x in layers), key=lambda m: m["ratio"])
+            masked_value = float(vm[peak["layer"] + 1])
+            reduction = abs(peak["value"]) / abs(masked_value) if masked_value else math.inf
+            idx = torch.tensor([x + 1 for x in layers])
+            erased = layers[-1] + 1 if layers[-1] + 1 < n_layers else None
+            out.append({
+                "position": pos, "channel": ch, "first_layer": layers[0], "last_layer": layers[-1],
+                "layers": layers, "erased_at": erased, "peak_layer": peak["layer"],
+                "peak_value": peak["value"], "peak_ratio": peak["ratio"],
+                "masked_value": masked_value,
+                "masked_peak_ratio": float(masked_ratio[idx].max()),
+                "reduction": reduction,
+                "erased": reduction >= erase_factor,
+                "survives": reduction < erase_factor,
+            })
+    for g in out:
+        g["positions"] = sorted({
+            o["position"] for o in out
+            if o["channel"] == g["channel"] and o["erased"] == g["erased"]
+            and o["first_layer"] <= g["last_layer"] and g["first_layer"] <= o["last_layer"]
         })
-    out.sort(key=lambda g: -g["peak_ratio"])
+    out.sort(key=lambda g: (-g["peak_ratio"], g["first_layer"]))
     return out

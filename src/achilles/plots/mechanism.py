@@ -16,7 +16,8 @@ import numpy as np  # noqa: E402
 
 from achilles.plots import save_figure  # noqa: E402
 
-FIGURES = ("mechanism_residual.png", "mechanism_sinks.png", "mechanism_patching.png")
+FIGURES = ("mechanism_residual.png", "mechanism_sinks.png", "mechanism_patching.png",
+           "mechanism_channels.png")
 
 
 def plot_residual(mech: dict[str, Any], path: str | Path) -> Path:
@@ -37,7 +38,7 @@ def plot_residual(mech: dict[str, Any], path: str | Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("layer (-1 = embeddings; block outputs after)")
     ax.set_ylabel("|h| (residual stream)")
-    ax.set_xticks(xs if len(xs) <= 40 else xs[:: max(1, len(xs) // 20)])
+    ax.set_xticks(xs if len(xs) <= 16 else xs[:: max(2, len(xs) // 15)])
     ax.set_title("Residual-stream magnitudes: clean (solid) vs set masked (dashed)", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -106,11 +107,38 @@ def plot_patching(mech: dict[str, Any], path: str | Path, top: int = 15) -> Path
     return save_figure(fig, path, dpi=110)
 
 
+def plot_channels(mech: dict[str, Any], path: str | Path) -> Path:
+    """|h| per layer of the massive (position, channel) pairs, clean (solid) vs masked (dashed):
+    where each activation is written, how long it lasts, and what the mask leaves of it."""
+    prof = mech["residual_profile"]
+    xs = prof["layers"]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    traces = prof.get("channels") or []
+    colors = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e")
+    for t, color in zip(traces, colors, strict=False):
+        label = f"channel {t['channel']} at position {t['position']} ({t['token']!r})"
+        ax.plot(xs, np.abs(t["clean"]), "-", color=color, marker="o", ms=3, label=f"{label}, clean")
+        ax.plot(xs, np.abs(t["masked"]), "--", color=color, marker="x", ms=3, label=f"{label}, masked")
+    ax.plot(xs, prof["clean"]["median"], "-", color="0.5", label="median |h| (clean)")
+    if not traces:
+        ax.text(0.5, 0.5, "no massive activation flagged", transform=ax.transAxes, ha="center", color="gray")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (-1 = embeddings; block outputs after)")
+    ax.set_ylabel("|h| (residual stream)")
+    ax.set_xticks(xs if len(xs) <= 16 else xs[:: max(2, len(xs) // 15)])
+    ax.set_title("Massive activations per layer: clean (solid) vs set masked (dashed); "
+                 "a value of 0 has no point on the log scale", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
 def plot_mechanism(mech: dict[str, Any], folder: str | Path) -> list[Path]:
-    """The three mechanism figures into ``folder``."""
+    """The four mechanism figures into ``folder``."""
     folder = Path(folder)
     return [
         plot_residual(mech, folder / FIGURES[0]),
         plot_sinks(mech, folder / FIGURES[1]),
         plot_patching(mech, folder / FIGURES[2]),
+        plot_channels(mech, folder / FIGURES[3]),
     ]

@@ -164,7 +164,7 @@ def _weights(weights: Mapping[str, Any] | None, tokens: Sequence[str] | None = N
          w["max_over_median_weight"], w["driver_input"], w["driver_share"],
          _position(w["peak_position"], tokens),
          w["peak_output"], w["massive_ratio"], w["massive"], w.get("delta_row"),
-         w.get("delta_top_weight")]
+         w.get("delta_top_weight"), w.get("delta_driver_weight")]
         for w in weights["units"]
     ]
     if not rows:
@@ -172,7 +172,8 @@ def _weights(weights: Mapping[str, Any] | None, tokens: Sequence[str] | None = N
     out.append(capped(
         ["module", "layer", "channel", "top |w| (input:w)", "max/median |w|", "driver input",
          "driver share", "peak pos", "peak output", "massive ratio", "massive", "Δ row zeroed",
-         "Δ top weight zeroed"],
+         "Δ top weight zeroed",
+         "Δ driver weight zeroed"],
         rows, more="in analysis.json",
     ))
     out.append(Para(
@@ -181,7 +182,7 @@ def _weights(weights: Mapping[str, Any] | None, tokens: Sequence[str] | None = N
         "its share of that output; Δ row zeroed / Δ top weight zeroed: Δ on the text with the "
         "unit's whole weight row zeroed, and with only its largest weight zeroed (a super "
         "weight carries the row when the two agree); inf in max/median |w|: the row's median "
-        "|w| is 0."
+        "|w| is 0; Δ driver weight zeroed: with only the driver input's weight zeroed."
     ))
     return out
 

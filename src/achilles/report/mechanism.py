@@ -52,6 +52,12 @@ def _share(x: Any) -> str:
     return f"{100 * x:.1f} %" if isinstance(x, (int, float)) and math.isfinite(x) else fmt(x)
 
 
+def _positions(g: dict[str, Any]) -> str:
+    qs, toks = g.get("positions") or [g["position"]], g.get("tokens") or []
+    return ", ".join(f"{q} {t!r}" if i < len(toks) else str(q)
+                     for i, (q, t) in enumerate(zip(qs, toks + [""] * len(qs), strict=False)))
+
+
 def _tok(t: dict[str, Any]) -> str:
     return f"{t['token_id']}: {t['token']!r}"
 
@@ -118,12 +124,19 @@ def mechanism_blocks(run_dir: str | Path) -> list[Block] | None:
             f"Flagged: |h| ≥ {fmt(cfg.get('massive_ratio'))}× the layer's median |h|{_floor(cfg)} "
             "(layer -1 = embeddings, then each block's output)."
         ))
+        out.append(Para(
+            "Each row is one span of blocks: the flagged layers of a (position, channel) are split "
+            "at a gap or where the writer changes (a jump between consecutive layers that the masked "
+            f"run does not have). A span is erased when the mask divides its value at the peak by "
+            f"≥ {fmt(cfg.get('erase_factor', 10.0))}× (reduction = |clean| / |masked| at the peak layer); "
+            "positions: where the same channel has an overlapping span with the same fate."
+        ))
         out.append(Table(
             ["position", "channel", "layers", "erased at", "peak layer", "peak value", "peak ratio",
-             "masked value", "masked max ratio", "survives masking"],
+             "masked value", "reduction", "masked max ratio", "survives masking", "positions (tokens)"],
             [[g["position"], g["channel"], _span(g["first_layer"], g["last_layer"]), g["erased_at"],
-              g["peak_layer"], g["peak_value"], g["peak_ratio"], g["masked_value"],
-              g["masked_peak_ratio"], g["survives"]] for g in m["massive_groups"]],
+              g["peak_layer"], g["peak_value"], g["peak_ratio"], g["masked_value"], g.get("reduction"),
+              g["masked_peak_ratio"], g["survives"], _positions(g)] for g in m["massive_groups"][:30]],
         ))
     else:
         out.append(Para(f"No massive activation flagged (|h| ≥ {fmt(cfg.get('massive_ratio'))}× the "
@@ -131,6 +144,9 @@ def mechanism_blocks(run_dir: str | Path) -> list[Block] | None:
     if (figs / FIGURES[0]).is_file():
         out.append(Figure(figs / FIGURES[0], "Top |h| per layer at the sink position and elsewhere, "
                           "and the median: clean (solid) vs masked (dashed), log scale"))
+    if (figs / FIGURES[3]).is_file():
+        out.append(Figure(figs / FIGURES[3], "|h| per layer of the massive (position, channel) "
+                          "pairs: clean (solid) vs masked (dashed), log scale"))
     if m["writers"]:
         out.append(Heading("Who writes it", 4))
         out.append(Para("Each unit of the set masked alone: the flagged channel's value at its peak "
@@ -142,6 +158,22 @@ def mechanism_blocks(run_dir: str | Path) -> list[Block] | None:
             [[w["unit"], w["delta_alone"], c["position"], c["channel"], c["layer"], c["clean"],
               c["masked_alone"], c["change"], c["own_channel"]]
              for w in m["writers"][:30] for c in w["channels"]],
+        ))
+    if m.get("drivers"):
+        out.append(Heading("What drives the unit", 4))
+        out.append(Para(
+            "For each mlp.down / attn.o unit of the set: the input (neuron) whose weight times "
+            "activation contributes most to the unit's output at its peak position, its share of "
+            "Σ|w·x| there, and Δ with only that single weight zeroed, beside Δ with only the row's "
+            "largest |w| zeroed (the super-weight question)."
+        ))
+        out.append(Table(
+            ["unit", "peak position", "peak output", "driver input", "driver share", "driver weight",
+             "Δ driver weight zeroed", "largest |w| (input: w)", "Δ largest weight zeroed"],
+            [[d["unit"], d["peak_position"], d["peak_output"], d["driver_input"], d["driver_share"],
+              d["driver_weight"], d["delta_driver_weight"],
+              f"{d['top_inputs'][0]}: {fmt(d['top_weights'][0], 3)}", d["delta_top_weight"]]
+             for d in m["drivers"]],
         ))
     out.append(Heading("Attention sinks", 3))
     heads = m["sink_heads"]
@@ -184,6 +216,23 @@ def mechanism_blocks(run_dir: str | Path) -> list[Block] | None:
             ["top k mediators restored together", "recovered", "last added"],
             [[c["k"], c["recovered"], c["components"][-1]] for c in m["patching_cumulative"]],
         ))
+    med = m.get("mediation") or {}
+    if med.get("mediators"):
+        needed = med.get("needed", {})
+        n50, n90 = needed.get("0.5"), needed.get("0.9")
+        say = lambda n: "not reached" if n is None else f"the top {n}"  # noqa: E731
+        out.append(Para(
+            f"How distributed the mediation is: of the {med['mediators']} components outside the "
+            f"set, all restored together recover {_share(med['all_mediators'])} of Δ; 50 % takes "
+            f"{say(n50)} and 90 % {say(n90)} of the ranking (found by bisection over the ranking; "
+            "every measured point is in mechanism.json). By kind and by band of layers: how many "
+            "of those top components they hold, and what all of them restored together recover."
+        ))
+        rows = [[k["kind"], k["count"], k["in_k50"], k["in_k90"], k["together"]] for k in med["by_kind"]]
+        rows += [[f"blocks {_span(*b['layers'])}", b["count"], b["in_k50"], b["in_k90"], b["together"]]
+                 for b in med["by_band"]]
+        out.append(Table(["components", "count", "in the top for 50 %", "in the top for 90 %",
+                          "recovered together"], rows))
     if (figs / FIGURES[2]).is_file():
         out.append(Figure(figs / FIGURES[2], "Share of Δ recovered by each top component alone, "
                           "reproduced by it alone, and recovered by the top k together"))
@@ -204,6 +253,15 @@ def mechanism_blocks(run_dir: str | Path) -> list[Block] | None:
          for r in o["loss_rise_top"]],
     ))
     out.append(_highlight(o["tokens"], o["rise"]))
+    if m.get("continuations"):
+        out.append(Heading("What the collapsed model says", 4))
+        out.append(Para("Greedy continuations of a few prompts, clean vs with the set masked "
+                        "(the chat prompt is in the model's chat template)."))
+        out.append(Table(
+            ["prompt", "clean", "masked"],
+            [[repr(c["prompt"][-80:]), repr(c["clean_text"]), repr(c["masked_text"])]
+             for c in m["continuations"]],
+        ))
     return out
 
 
