@@ -21,7 +21,7 @@ from achilles.commands.core import summarize
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
 from achilles.model.loading import load_model
-from achilles.method.pipeline import find
+from achilles.method.pipeline import find, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def run_demo(
     lm = load_model(ModelSpec(model=str(path), dtype="float32"))
     rcfg = RankConfig(samples=samples)
     icfg = IdentifyConfig()
-    ranking, ident = find(lm, text, rcfg, icfg, progress=show_progress)
+    run = prepare(lm, text, rank_config=rcfg)  # tokens, pool, clean forward, environment: once
+    ranking, ident = find(lm, run, rcfg, icfg, progress=show_progress)
     ranking.save(out_dir / "ranking.json")
     ident.save(out_dir / "identification.json")
     t_find = time.perf_counter() - t0
@@ -70,9 +71,10 @@ def run_demo(
         from achilles.commands.explain import run_explain
         from achilles.explain import ExplainConfig
 
-        explained = run_explain(out_dir, lm, ExplainConfig(), show_progress=show_progress, report=False)
+        explained = run_explain(out_dir, lm, ExplainConfig(), show_progress=show_progress,
+                                report=False, prepared=run, ident=ident)
     t_explain = time.perf_counter() - t0 - t_find
-    extra = _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident)
+    extra = _extras(lm, run, heldout, rcfg, out_dir, show_progress, ranking, ident)
     print(f"model: {path}")
     print(summarize(ident, out_dir))
     print(f"find took {t_find:.1f} s" + (f"; explain {t_explain:.1f} s" if explained else ""))
@@ -91,7 +93,7 @@ bundled models' 256-token windows (46 evaluations of 4096 tokens, about a sixth 
 comparison's cost); ``achilles compare`` runs the full one."""
 
 
-def _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident) -> list[str]:  # noqa: ANN001
+def _extras(lm, run, heldout, rcfg, out_dir, show_progress, ranking, ident) -> list[str]:  # noqa: ANN001
     """The baseline comparison and the found set on held-out text, then the report."""
     from achilles.experiments.compare import compare
     from achilles.evaluation.data import load_corpus
@@ -105,7 +107,7 @@ def _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident) -> 
     )
     t0 = time.perf_counter()
     comparison = compare(
-        lm, text, dataclasses.replace(rcfg, keep=max(DEMO_LEVELS)), DEMO_METHODS, DEMO_LEVELS,
+        lm, run, dataclasses.replace(rcfg, keep=max(DEMO_LEVELS)), DEMO_METHODS, DEMO_LEVELS,
         ev, random_runs=DEMO_RANDOM_RUNS, progress=show_progress,
     )
     comparison.save(out_dir / "comparison.json")
@@ -117,7 +119,11 @@ def _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident) -> 
     plot_comparison(comparison.to_dict(), out_dir / "comparison.png")
     t_compare = time.perf_counter() - t0
     t0 = time.perf_counter()
-    files = write_report(out_dir, lm, progress=show_progress)
+    from achilles.analysis.run import analyze_for_report
+
+    analysis = analyze_for_report(out_dir, lm, prepared=run, results=(ranking, ident),
+                                  progress=show_progress)
+    files = write_report(out_dir, analysis)
     t_report = time.perf_counter() - t0
     return [
         f"comparison and held-out check took {t_compare:.1f} s; analyses and report {t_report:.1f} s",
@@ -131,7 +137,7 @@ def write_heldout(path, lm, ev, ranking, ident, data, *, clean=None) -> None:  #
     from achilles.results.files import write_json
     from achilles.results.provenance import environment
     from achilles.results.schema import SCHEMA_VERSION
-    from achilles.method.pipeline import pool_for_ranking
+    from achilles.method.compat import pool_for_ranking
 
     which = "minimal" if ident.minimal_set else "critical"
     units = list(ident.minimal_set or ident.critical_set)

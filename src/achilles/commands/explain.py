@@ -13,9 +13,10 @@ from achilles.errors import AchillesError
 from achilles.explain import MECHANISM_FILE, ExplainConfig, explain_run
 from achilles.explain.run import check_sink_position, run_set
 from achilles.method.identify import Identification
+from achilles.method.prepared import PreparedRun
 from achilles.results.schema import read_json
 from achilles.model.loading import LoadedModel, context_length, inspect_model, load_model, tokenize
-from achilles.method.pipeline import check_same_model
+from achilles.method.compat import check_same_model
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,13 @@ def preflight_explain(
 
 def run_explain(
     run_dir: Path, lm: LoadedModel, config: ExplainConfig, *, text: str | None = None,
-    show_progress: bool, report: bool,
+    show_progress: bool, report: bool, prepared: PreparedRun | None = None,
+    ident: Identification | None = None,
 ) -> list[str]:
-    """Explain a run whose model is loaded; the lines to print."""
-    mech = explain_run(run_dir, lm, config, text=text, progress=show_progress)
+    """Explain a run whose model is loaded; the lines to print (``prepared`` and ``ident``:
+    the run in hand, as ``find --explain`` has it)."""
+    mech = explain_run(run_dir, lm, config, text=text, progress=show_progress,
+                       prepared=prepared, ident=ident)
     lines = [f"mechanism: {mech.summary}", f"written: {run_dir / MECHANISM_FILE}"]
     if report and (run_dir / "ranking.json").is_file():
         from achilles.report import write_report

@@ -14,7 +14,7 @@ from achilles.errors import AchillesError
 from achilles.method.identify import Identification
 from achilles.results.schema import read_json
 from achilles.model.loading import LoadedModel
-from achilles.method.pipeline import check_same_model, pool_for_ranking
+from achilles.method.compat import check_same_model, pool_for_ranking
 from achilles.method.ranking import Ranking
 from achilles.model.units import Unit, UnitPool, build_pool
 

@@ -32,7 +32,8 @@ from achilles.results.provenance import environment
 from achilles.results.schema import SCHEMA_VERSION
 from achilles.model.loading import LoadedModel
 from achilles.experiments.overlap import jaccard
-from achilles.method.pipeline import current_settings, find, refuse_mixed, run_settings, settings_mismatch
+from achilles.method.compat import current_settings, refuse_mixed, run_settings, settings_mismatch
+from achilles.method.pipeline import find
 from achilles.method.ranking import Ranking
 from achilles.model.units import build_pool
 

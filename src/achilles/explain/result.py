@@ -7,20 +7,21 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from achilles.results.files import write_json
-from achilles.results.schema import SCHEMA_VERSION, read_json
+from achilles.results.envelope import Envelope
 
 MECHANISM_FILE = "mechanism.json"
 
 
 @dataclass
-class Mechanism:
+class Mechanism(Envelope):
     """Why masking a set collapses the model, as measured (see ``docs/explain.md``).
 
     ``massive`` lists ``{layer, position, channel, value, ratio}`` (``layer`` -1 is the
     embeddings); ``sink_heads`` ``{layer, head, clean, masked, ...}`` largest drop first;
     ``patching`` ``{component, recovered}`` largest first (fractions of Δ).
     """
+
+    KIND = "mechanism"
 
     summary: str
     set_name: str
@@ -45,16 +46,17 @@ class Mechanism:
     cost: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, "kind": "mechanism", **asdict(self)}
-
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict())
+    def fields(self) -> dict[str, Any]:
+        own = asdict(self)
+        for key in ("config", "env", "run_id"):
+            own.pop(key)
+        return own
 
     @classmethod
     def load(cls, path: str | Path) -> Mechanism:
-        d = read_json(path, kind="mechanism")
+        d = cls.read(path)
         return cls(**{f.name: _decode(d[f.name]) for f in fields(cls) if f.name in d})
 
 
