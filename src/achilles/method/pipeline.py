@@ -125,8 +125,8 @@ def rank(
 ) -> tuple[Ranking, UnitPool]:
     """Stage 1 (or another ranking method): score every unit of the pool and sort them.
 
-    ``run`` is the :func:`prepare`\ d run (its text, token ids and pool are used as they
-    are), or a text to prepare here with ``config``'s pool.
+    ``run`` is the prepared run (:func:`prepare`; its text, token ids and pool are used as
+    they are), or a text to prepare here with ``config``'s pool.
     """
     run = _prepared(lm, run, config)
     warn_if_long(f"stage 1 with --samples {config.samples}", config.samples, run.clean_seconds)
