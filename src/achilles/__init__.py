@@ -16,6 +16,7 @@ from achilles.method.identify import Identification, MaskEvaluator, identify
 from achilles.model.loading import LoadedModel, load_model, tokenize
 from achilles.model.masking import ChannelMasker, masked, zero_weights_
 from achilles.method.pipeline import find, identify_with, rank
+from achilles.method.prepared import PreparedRun, prepare
 from achilles.method.ranking import Ranking, Scores
 from achilles.model.units import Unit, UnitPool, build_pool
 
@@ -28,6 +29,7 @@ __all__ = [
     "LoadedModel",
     "MaskEvaluator",
     "ModelSpec",
+    "PreparedRun",
     "RankConfig",
     "Ranking",
     "Scores",
@@ -41,6 +43,7 @@ __all__ = [
     "identify_with",
     "load_model",
     "masked",
+    "prepare",
     "rank",
     "register_adapter",
     "supported_model_types",
