@@ -30,12 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"smollm2": "/work/cache/smollm2-fp32", "sink": "models/sink"}
 
 
-def run_find(src: Path, model: str, samples: int, out: Path) -> tuple[float, float]:
+def run_find(src: Path, model: str, samples: int, out: Path, extra: list[str]) -> tuple[float, float]:
     """Wall and CPU seconds of one CLI ``find`` (with explain and report) run from ``src``."""
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "achilles", "find", "--model", model, "--text-file",
-           "data/demo.txt", "--samples", str(samples), "--out-dir", str(out), "--quiet"]
+           "data/demo.txt", "--samples", str(samples), "--out-dir", str(out), "--quiet", *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -51,9 +51,13 @@ def main() -> int:
     p.add_argument("--model", default="smollm2", help="the real model (default: smollm2)")
     p.add_argument("--samples", type=int, default=100, help="stage 1 samples K (default: 100)")
     p.add_argument("--repeat", type=int, default=1, help="old/new pairs per model (default: 1)")
+    p.add_argument("--no-explain", action="store_true",
+                   help="find --no-explain (stages 1 and 2 and the report only), both codes")
     a = p.parse_args()
     new = ROOT / "src"
-    print(f"python {sys.version.split()[0]}, one thread, K = {a.samples}, {a.repeat} pair(s)")
+    extra = ["--no-explain"] if a.no_explain else []
+    print(f"python {sys.version.split()[0]}, one thread, K = {a.samples}, {a.repeat} pair(s)"
+          + (", --no-explain" if a.no_explain else ""))
     print(f"{'model':<28} {'code':<4} {'wall s':>8} {'cpu s':>8}")
     for model in ("sink", a.model):
         path = MODELS.get(model, model)
@@ -62,7 +66,7 @@ def main() -> int:
             for label, src in (("old", a.old), ("new", new)):
                 out = Path(tempfile.mkdtemp(prefix="achilles-bench-")) / "run"
                 try:
-                    times[label].append(run_find(src, path, a.samples, out))
+                    times[label].append(run_find(src, path, a.samples, out, extra))
                 finally:
                     shutil.rmtree(out.parent, ignore_errors=True)
                 wall, cpu = times[label][-1]
