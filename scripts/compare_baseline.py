@@ -9,7 +9,7 @@ Usage::
 commands with the code before the change (``find`` on models/sink and models/natural,
 ``compare`` on models/sink); ``OUT_DIR`` (default: a fresh temporary folder) gets this
 checkout's. Keys that are not measurements are excluded: ``env`` (versions, git sha),
-``run_id``, wall times (``seconds``, ``model_seconds``) and paths of the output folder
+``run_id`` and ``ranking_run_id``, wall times (``seconds``, ``model_seconds``) and paths of the output folder
 (``run_dir``). Prints each difference and exits 1 when there is one.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-IGNORED = {"env", "run_id", "seconds", "model_seconds", "run_dir"}
+IGNORED = {"env", "run_id", "ranking_run_id", "seconds", "model_seconds", "run_dir"}
 ENVELOPE = {"config"}
 """Envelope keys a result may gain (an empty ``config`` on ``analysis.json``)."""
 COMMANDS = {

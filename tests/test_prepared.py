@@ -112,7 +112,7 @@ def test_every_result_of_a_find_carries_its_run_id(counted_run) -> None:  # noqa
            for name in ("ranking.json", "identification.json", "mechanism.json", "analysis.json")}
     assert len(set(ids.values())) == 1 and all(ids.values()), ids
     ident = json.loads((out / "identification.json").read_text())
-    assert ident["config"]["ranking"]["run_id"] == ids["ranking.json"]
+    assert ident["ranking_run_id"] == ids["ranking.json"]
 
 
 def _copy(run: Path, tmp: Path) -> Path:

@@ -60,7 +60,7 @@ def check_same_run(ranking: Ranking, ident: Identification, where: str | Path) -
             f"{ranking.pool.get('n_units')} units, and {ident.n_units} units): rerun "
             "`achilles find` into an empty folder"
         )
-    want = (ident.config.get("ranking") or {}).get("run_id")
+    want = ident.ranking_run_id
     if want is not None and ranking.run_id is not None and ranking.run_id != want:
         raise AchillesError(
             f"{where}: ranking.json is not the ranking identification.json was made from "

@@ -204,6 +204,8 @@ class Identification(Envelope):
     fp32_check: dict[str, Any] | None = None
     """Δ of the final set re-measured in float32 when the run was not (see ``pipeline``)."""
     run_id: str | None = None
+    ranking_run_id: str | None = None
+    """The run id of the ranking the prefixes came from (its own run's, or another's)."""
 
     @property
     def found(self) -> bool:
@@ -233,6 +235,7 @@ class Identification(Envelope):
             "curve": self.curve,
             "forward_passes": self.forward_passes,
             "fp32_check": self.fp32_check,
+            "ranking_run_id": self.ranking_run_id,
         }
 
     @classmethod
@@ -285,6 +288,7 @@ class Identification(Envelope):
             curve_complete=bool(d.get("curve_complete", True)),
             fp32_check=_decode_check(d.get("fp32_check")),
             run_id=run_id_of(d),
+            ranking_run_id=d.get("ranking_run_id") if isinstance(d.get("ranking_run_id"), str) else None,
         )
 
 

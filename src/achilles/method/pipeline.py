@@ -245,12 +245,12 @@ def identify_with(
         "model": model_record(lm),
         "text": run.text,
         "identify": dataclasses.asdict(config),
-        "ranking": {"method": ranking.method, **ranking.config.get("rank", {}),
-                    **({"run_id": ranking.run_id} if ranking.run_id else {})},
+        "ranking": {"method": ranking.method, **ranking.config.get("rank", {})},
         "pool": ranking.pool,
     }
     result.env = run.env
     result.run_id = run.run_id
+    result.ranking_run_id = ranking.run_id
     if before_recheck is not None:
         before_recheck(result)
     if config.fp32_check and lm.dtype != torch.float32:
