@@ -364,7 +364,7 @@ def test_upcast_restores_the_layer_when_its_forward_raises(ids) -> None:  # noqa
 def test_identify_saves_before_the_fp32_recheck(tokenizer, tmp_path, monkeypatch) -> None:  # noqa: ANN001
     from achilles.method import recheck
     from achilles.cli import main
-    from test_scale import _strong_bf16_llama
+    from test_batching import _strong_bf16_llama
 
     model_dir = tmp_path / "model"
     _strong_bf16_llama().save_pretrained(model_dir)
@@ -389,7 +389,7 @@ def test_cuda_minimisation_path_reverifies_one_mask_per_pass(ids, monkeypatch) -
 
     from achilles.config import IdentifyConfig
     from achilles.method.ranking import rank_units
-    from test_scale import _strong_bf16_llama
+    from test_batching import _strong_bf16_llama
 
     identify_mod = importlib.import_module("achilles.method.identify")
     model = _strong_bf16_llama().float()
