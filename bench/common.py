@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass

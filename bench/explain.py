@@ -21,15 +21,15 @@ import sys
 from pathlib import Path
 
 import torch
+from common import LLAMA3_8B, build_model, machine, random_ids, small_shape, table, timed2
 
 from achilles.config import ModelSpec
 from achilles.explain import ExplainConfig, explain
 from achilles.explain.trace import Layout, trace
+from achilles.method.metrics import sequence_nll
 from achilles.model.loading import LoadedModel
 from achilles.model.masking import ChannelMasker
-from achilles.method.metrics import sequence_nll
 from achilles.model.units import Unit, build_pool
-from common import LLAMA3_8B, build_model, machine, random_ids, small_shape, table, timed2
 
 
 def main(argv: list[str] | None = None) -> None:

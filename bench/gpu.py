@@ -33,20 +33,28 @@ import gc
 import sys
 
 import torch
+from common import (
+    LLAMA3_8B,
+    QWEN25_7B,
+    build_model,
+    machine,
+    mib,
+    peak_since,
+    random_ids,
+    small_shape,
+    table,
+    timed,
+)
+from stage1 import bare_passes
 
-from achilles.model.batching import choose_batch_size, is_oom
 from achilles.config import IdentifyConfig, RankConfig
 from achilles.method.identify import MaskEvaluator, identify
-from achilles.model.masking import PrefixIndex
 from achilles.method.ranking import rank_units
 from achilles.method.ranking.perturbation import perturbation_scores
 from achilles.method.recheck import float32_forward
+from achilles.model.batching import choose_batch_size, is_oom
+from achilles.model.masking import PrefixIndex
 from achilles.model.units import build_pool
-from common import (
-    LLAMA3_8B, QWEN25_7B, build_model, machine, mib, peak_since, random_ids, small_shape,
-    table, timed,
-)
-from stage1 import bare_passes
 
 SHAPES = {s.name: s for s in (LLAMA3_8B, QWEN25_7B)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -155,9 +163,9 @@ def run_shape(shape, args) -> tuple[list[list[object]], list[list[object]]]:  # 
         rows2.append([shape.label, f"minimisation skipped: Δ of the largest prefix {d_all:.2g} ≤ 0",
                       "-", args.max_neurons, "-", "-", "-", "-", "-"])
 
-    def recheck() -> float:
-        with float32_forward(model):
-            ev32 = MaskEvaluator(model, pool, ids, modules=list({u.module for u in units}), batch_size=1)
+    def recheck(m: torch.nn.Module = model) -> float:  # the model as it is now (del'd below)
+        with float32_forward(m):
+            ev32 = MaskEvaluator(m, pool, ids, modules=list({u.module for u in units}), batch_size=1)
             return ev32.measure([units])[0].delta
 
     recheck()  # warm-up (float32 kernels)

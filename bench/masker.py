@@ -18,10 +18,10 @@ import time
 
 import torch
 import transformers as T
+from common import LLAMA3_8B, machine, table
 
 from achilles.model.masking import ChannelMasker, PrefixIndex
 from achilles.model.units import build_pool
-from common import LLAMA3_8B, machine, table
 
 
 def main(argv: list[str] | None = None) -> int:

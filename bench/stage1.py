@@ -18,15 +18,25 @@ import sys
 from collections.abc import Callable
 
 import torch
+from common import (
+    Shape,
+    build_model,
+    machine,
+    malloc_mode,
+    mib,
+    peak_since,
+    random_ids,
+    reset_peak,
+    small_shape,
+    table,
+    timed,
+    timed2,
+)
 
-from achilles.model.batching import choose_batch_size
 from achilles.config import RankConfig
 from achilles.method.ranking.perturbation import NoiseStream, decoder, perturbation_scores
+from achilles.model.batching import choose_batch_size
 from achilles.model.units import build_pool
-from common import (
-    Shape, build_model, machine, mib, malloc_mode, peak_since, random_ids, reset_peak,
-    small_shape, table, timed, timed2,
-)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

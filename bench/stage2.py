@@ -22,15 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import build_model, machine, small_shape, table
 
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.method.identify import identify
-from achilles.model.loading import load_model, tokenize
 from achilles.method.ranking import rank_units
 from achilles.method.ranking.perturbation import perturbation_scores
 from achilles.method.search import bisect_search, linear_search
+from achilles.model.loading import load_model, tokenize
 from achilles.model.units import build_pool
-from common import build_model, machine, small_shape, table
 
 TEXT = (
     "Bookends is a 2003 film about two sisters who return to the family home after many years "

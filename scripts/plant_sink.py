@@ -66,12 +66,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from _common import (REPO, BatchSampler, load_corpus, lr_at, seed_everything, setup_logging,
-                     token_stream)
+from _common import (
+    REPO,
+    BatchSampler,
+    load_corpus,
+    lr_at,
+    seed_everything,
+    setup_logging,
+    token_stream,
+)
 from check_models import delta, ppl
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 LOG = logging.getLogger("achilles.plant")
 

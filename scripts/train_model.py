@@ -28,11 +28,22 @@ import time
 from pathlib import Path
 
 import torch
+from _common import (
+    BOS,
+    EOS,
+    PAD,
+    REPO,
+    BatchSampler,
+    heldout_excerpt,
+    heldout_ppl,
+    load_corpus,
+    lr_at,
+    seed_everything,
+    setup_logging,
+    token_stream,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from _common import (BOS, EOS, PAD, REPO, BatchSampler, heldout_excerpt, heldout_ppl,
-                     load_corpus, lr_at, seed_everything, setup_logging, token_stream)
 
 LOG = logging.getLogger("achilles.train")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ARCHS, D, FF, HEADS, KV, LAYERS, llama_param_count, make_model
+from tiny import ARCHS, FF, HEADS, KV, LAYERS, D, llama_param_count, make_model
 
 from achilles import AchillesError, ArchAdapter, build_pool, get_adapter, register_adapter
 from achilles.model.adapters import COMPONENT_KINDS

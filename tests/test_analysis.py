@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from tiny import TEXT, make_model, make_tokenizer
 
 from achilles import IdentifyConfig, LoadedModel, ModelSpec, RankConfig, build_pool, find, tokenize
 from achilles.analysis import (
@@ -22,11 +23,10 @@ from achilles.analysis import (
 )
 from achilles.analysis.weights import weight_row
 from achilles.method.identify import MaskEvaluator
-from achilles.results.schema import read_json
-from achilles.model.masking import set_channels
 from achilles.method.metrics import sequence_nll
+from achilles.model.masking import set_channels
 from achilles.model.units import Unit
-from tiny import TEXT, make_model, make_tokenizer
+from achilles.results.schema import read_json
 
 KINDS = ("mlp.down", "attn.o")
 

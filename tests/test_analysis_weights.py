@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
+from tiny import TEXT, make_model, make_tokenizer
 
 from achilles import LoadedModel, ModelSpec, build_pool, tokenize
 from achilles.analysis.weights import unit_weights
 from achilles.method.identify import MaskEvaluator
 from achilles.method.metrics import delta, sequence_nll
-from tiny import TEXT, make_model, make_tokenizer
 
 
 def test_row_and_top_weight_ablation_match_independent_oracles() -> None:

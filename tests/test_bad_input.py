@@ -708,6 +708,7 @@ def test_figures_are_written_atomically(tmp_path: Path) -> None:
 SIGTERM_WRITER = """
 import sys, time
 from pathlib import Path
+from achilles.results.files import write_json
 real = Path.write_bytes
 def slow(self, data):
     real(self, data)

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TEXT, make_model
 
-from achilles.model.batching import choose_batch_size, run_batched
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.method.identify import Identification, MaskEvaluator
-from achilles.model.loading import LoadedModel
 from achilles.method.pipeline import find
 from achilles.method.ranking.perturbation import NoiseStream, noise_draws, perturbation_scores
+from achilles.model.batching import choose_batch_size, run_batched
+from achilles.model.loading import LoadedModel
 from achilles.model.units import build_pool
-from tiny import TEXT, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,8 +166,8 @@ def test_offloaded_model_scores_equal_and_inputs_go_to_the_execution_device(ids)
 
     from accelerate import cpu_offload
 
-    from achilles.model.batching import input_device
     from achilles.method.metrics import sequence_nll
+    from achilles.model.batching import input_device
 
     model = make_model("llama")
     pool = build_pool(model)

@@ -6,18 +6,17 @@ import json
 import math
 
 import pytest
-import torch
+from test_perplexity import DOCS, planted_gpt2
+from tiny import TEXT, make_tokenizer
 
 from achilles.cli import main
-from achilles.experiments.compare import compare, parse_levels
 from achilles.config import RankConfig
 from achilles.errors import AchillesError
 from achilles.evaluation.perplexity import PerplexityEvaluator
+from achilles.experiments.compare import compare, parse_levels
 from achilles.model.loading import LoadedModel
 from achilles.model.masking import masked
 from achilles.model.units import build_pool
-from test_perplexity import DOCS, planted_gpt2
-from tiny import TEXT, make_tokenizer
 
 
 def test_parse_levels():

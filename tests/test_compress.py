@@ -12,13 +12,19 @@ from tiny import ARCHS, TEXT, configs, make_model
 
 from achilles import Unit, build_pool, masked
 from achilles.cli import main
-from achilles.weights.compress import keep_list, parse_method, parse_methods, unit_slices, weights_of
-from achilles.weights.compress.methods import fake_quant
-from achilles.weights.compress.ownership import keep_masks
-from achilles.weights.compress.run import _Compressor, compress_experiment, random_units
 from achilles.errors import AchillesError
 from achilles.evaluation.perplexity import PerplexityEvaluator
 from achilles.report.compression import compression_section
+from achilles.weights.compress import (
+    keep_list,
+    parse_method,
+    parse_methods,
+    unit_slices,
+    weights_of,
+)
+from achilles.weights.compress.methods import fake_quant
+from achilles.weights.compress.ownership import keep_masks
+from achilles.weights.compress.run import _Compressor, compress_experiment, random_units
 
 IDS = torch.tensor([[0, 5, 17, 42, 99, 3, 250, 7, 64, 11, 12, 200]])
 

@@ -9,17 +9,17 @@ import copy
 import pytest
 import torch
 from accelerate import cpu_offload
+from tiny import TEXT, make_model
 
 from achilles.analysis.weights import unit_weights
 from achilles.config import RankConfig
 from achilles.errors import AchillesError
 from achilles.experiments.probe import ProbeConfig, probe
 from achilles.method.identify import Identification, MaskEvaluator
+from achilles.method.ranking import METHODS, get_method
 from achilles.model.loading import LoadedModel
 from achilles.model.masking import zero_weights_
-from achilles.method.ranking import METHODS, get_method
 from achilles.model.units import build_pool
-from tiny import TEXT, make_model
 
 
 def _offloaded(model: torch.nn.Module, to: str = "cpu", folder: str | None = None) -> torch.nn.Module:
@@ -254,8 +254,9 @@ def test_oom_is_recognised_without_the_torch_2_5_alias(monkeypatch) -> None:  # 
 
 
 def test_dependency_floors_cover_the_apis_used() -> None:
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     floors = dict(d.split(">=") for d in deps["dependencies"] if ">=" in d)
@@ -347,8 +348,8 @@ def test_in_place_upcast_is_lossless_and_equals_a_float32_copy(arch: str, low, i
 
 
 def test_upcast_restores_the_layer_when_its_forward_raises(ids) -> None:  # noqa: ANN001
-    from achilles.model.hooks import hooked
     from achilles.method.recheck import float32_forward
+    from achilles.model.hooks import hooked
 
     model = make_model("llama").to(torch.bfloat16)
 
@@ -362,9 +363,10 @@ def test_upcast_restores_the_layer_when_its_forward_raises(ids) -> None:  # noqa
 
 
 def test_identify_saves_before_the_fp32_recheck(tokenizer, tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    from achilles.method import recheck
-    from achilles.cli import main
     from test_batching import _strong_bf16_llama
+
+    from achilles.cli import main
+    from achilles.method import recheck
 
     model_dir = tmp_path / "model"
     _strong_bf16_llama().save_pretrained(model_dir)
@@ -387,9 +389,10 @@ def test_cuda_minimisation_path_reverifies_one_mask_per_pass(ids, monkeypatch) -
     """The CUDA branch of identify (reference rows, timed batch, re-verification), run on CPU."""
     import importlib
 
+    from test_batching import _strong_bf16_llama
+
     from achilles.config import IdentifyConfig
     from achilles.method.ranking import rank_units
-    from test_batching import _strong_bf16_llama
 
     identify_mod = importlib.import_module("achilles.method.identify")
     model = _strong_bf16_llama().float()

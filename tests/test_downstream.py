@@ -7,12 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
+from test_perplexity import planted_gpt2, planted_identification
+from tiny import make_tokenizer
 
 from achilles.cli import main
 from achilles.errors import AchillesError
 from achilles.evaluation.downstream import parse_levels
-from test_perplexity import planted_gpt2, planted_identification
-from tiny import make_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "tests" / "data"
@@ -56,8 +56,8 @@ def test_downstream_masked_vs_unmasked(tmp_path, monkeypatch, capsys):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from achilles.model.loading import load_model
     from achilles.config import ModelSpec
+    from achilles.model.loading import load_model
 
     lm = load_model(ModelSpec(model=str(mdir)))
     plain = lm_eval.simple_evaluate(

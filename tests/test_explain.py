@@ -9,19 +9,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import ARCHS, TEXT, make_model
 
 from achilles import LoadedModel, ModelSpec, load_model, tokenize
 from achilles.cli import main
 from achilles.explain import ExplainConfig, Mechanism, explain, explain_run
-from achilles.explain.patching import ComponentPatcher, all_components, head_contributions, patched_nll
+from achilles.explain.patching import (
+    ComponentPatcher,
+    all_components,
+    head_contributions,
+    patched_nll,
+)
 from achilles.explain.trace import Layout, trace
-from achilles.model.hooks import recorded
 from achilles.method.identify import Identification
-from achilles.model.masking import ChannelMasker, masked
 from achilles.method.metrics import LN10, sequence_nll
-from achilles.report.mechanism import mechanism_section
+from achilles.model.hooks import recorded
+from achilles.model.masking import ChannelMasker, masked
 from achilles.model.units import Unit, build_pool
-from tiny import ARCHS, TEXT, make_model
+from achilles.report.mechanism import mechanism_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SINK = ROOT / "models" / "sink"

@@ -17,10 +17,10 @@ import transformers
 from crafted_gguf import write_gguf
 from tiny import TEXT, configs, make_model
 
-from achilles.model import gguf_source, loading
 from achilles.cli import main
 from achilles.config import ModelSpec
 from achilles.errors import AchillesError
+from achilles.model import gguf_source, loading
 from achilles.model.loading import inspect_model, load_model
 from achilles.model.named_models import NAMED_MODELS, NamedModel
 from achilles.results.provenance import environment

@@ -6,15 +6,16 @@ import math
 import re
 
 import pytest
+from tiny import TEXT, make_model, make_tokenizer
 
 from achilles import IdentifyConfig, LoadedModel, ModelSpec, RankConfig, find
+from achilles.analysis.run import analyze_for_report
 from achilles.cli import main
-from achilles.results.files import write_json
-from achilles.results.schema import read_json
 from achilles.plots.phase import plot_phase
 from achilles.report import write_report
 from achilles.report.document import fmt
-from tiny import TEXT, make_model, make_tokenizer
+from achilles.results.files import write_json
+from achilles.results.schema import read_json
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def report(tmp_path_factory):  # noqa: ANN001, ANN201
         {"level": 0, "results": {"mmlu": {"acc,none": 0.4441, "acc_stderr,none": 0.01}}},
         {"level": 3, "results": {"mmlu": {"acc,none": 0.1075, "acc_stderr,none": 0.01}}},
     ]})
-    files = write_report(d, lm, seeds=3)
+    files = write_report(d, analyze_for_report(d, lm, seeds=3))  # the command runs the analysis
     return d, files
 
 

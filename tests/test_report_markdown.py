@@ -9,12 +9,12 @@ import re
 from pathlib import Path
 
 import pytest
+from test_explain import SINK, _writer, make_run
 
 from achilles import ModelSpec, load_model
 from achilles.explain import ExplainConfig, explain_run
 from achilles.report.document import Table, to_markdown
 from achilles.report.mechanism import mechanism_section
-from test_explain import SINK, _writer, make_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

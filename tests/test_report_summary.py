@@ -7,16 +7,17 @@ import shutil
 import subprocess
 
 import pytest
+from tiny import TEXT, make_model, make_tokenizer
 
 from achilles import IdentifyConfig, LoadedModel, ModelSpec, RankConfig, find
+from achilles.analysis.run import analyze_for_report
 from achilles.explain import ExplainConfig, explain_run
-from achilles.results.files import write_json
-from achilles.results.schema import read_json
 from achilles.model.names import model_name, token_label
 from achilles.report import write_report
 from achilles.report.build import SECTIONS, register_section
 from achilles.report.document import Heading, Para, capped, fmt
-from tiny import TEXT, make_model, make_tokenizer
+from achilles.results.files import write_json
+from achilles.results.schema import read_json
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def run(tmp_path_factory):  # noqa: ANN001, ANN201
         "kind": "heldout", "config": {"data": "/data/held.txt"},
         "clean": {"ppl": 12.5, "tokens": 900}, "masked": {"ppl": 4100.0, "tokens": 900},
     })
-    files = write_report(d, lm, seeds=2)
+    files = write_report(d, analyze_for_report(d, lm, seeds=2))  # the command runs the analysis
     return d, files, ident
 
 

@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_sweep import STAGE_ARGS, save_trained_model
+from tiny import CORPUS, TEXT
 
 from achilles.cli import main
 from achilles.experiments.overlap import compare_runs, jaccard, spearman
-from test_sweep import STAGE_ARGS, save_trained_model
-from tiny import CORPUS, TEXT
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +150,9 @@ def test_overlap_hand_computed_sets(robust: Path, tmp_path: Path,
 
     _edit(a, "identification.json", set_sets([_unit(0, 1), _unit(0, 2), _unit(1, 3)],
                                              [_unit(0, 1), _unit(0, 2), _unit(1, 3), _unit(1, 4)]))
+    # a minimal set lies inside its critical set (a file breaking that is refused on load)
     _edit(b, "identification.json", set_sets([_unit(0, 2), _unit(1, 3), _unit(1, 5)],
-                                             [_unit(0, 2)]))
+                                             [_unit(0, 2), _unit(1, 3), _unit(1, 5)]))
     # B's top-3 is A's top-3 reversed, then different units
     def reorder(d: dict) -> None:
         top = d["neurons"][:3][::-1]
@@ -159,7 +160,7 @@ def test_overlap_hand_computed_sets(robust: Path, tmp_path: Path,
     _edit(b, "ranking.json", reorder)
     ov = compare_runs(a, b, top=5)
     assert ov.jaccard_minimal == pytest.approx(2 / 4)  # {(0,2),(1,3)} of {(0,1),(0,2),(1,3),(1,5)}
-    assert ov.jaccard_critical == pytest.approx(1 / 4)
+    assert ov.jaccard_critical == pytest.approx(2 / 5)  # {(0,2),(1,3)} of 5 units
     assert ov.shared_minimal == [(0, "mlp.down", 2), (1, "mlp.down", 3)]
     assert ov.jaccard_top == pytest.approx(3 / 7)  # 3 shared of 5 + 5 - 3
     assert [(ra, rb) for _, ra, rb in ov.shared_top] == [(1, 3), (2, 2), (3, 1)]

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from tiny import TEXT, make_model
 
-from achilles.scale.census.models import ModelEntry
-from achilles.scale.census.run import CensusSettings, Task, run_task
 from achilles.cli import main
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.explain import ExplainConfig, explain_run
 from achilles.method.identify import Identification
 from achilles.model.loading import inspect_model, load_model
 from achilles.model.units import Unit
+from achilles.scale.census.models import ModelEntry
+from achilles.scale.census.run import CensusSettings, Task, run_task
 
 UNITS = [Unit("model.layers.0.mlp.down_proj", c, 0, "mlp.down") for c in (1, 5, 9)]
 

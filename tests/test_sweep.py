@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TEXT, make_model, make_tokenizer
 
 from achilles.cli import main
+from achilles.config import parse_numbers
 from achilles.errors import AchillesError
 from achilles.experiments.overlap import jaccard
-from achilles.config import parse_numbers
 from achilles.experiments.sweep import SweepConfig, point_name
-from tiny import TEXT, make_model, make_tokenizer
 
 # small enough for CPU, large enough that stage 2 finds a set on the memorised text
 STAGE_ARGS = ["--epsilon", "0.05", "--max-neurons", "12", "--quiet"]

@@ -11,6 +11,7 @@ from achilles.config import IdentifyConfig, ModelSpec, RankConfig, TextSpec
 from achilles.errors import AchillesError
 from achilles.method.identify import Identification, MaskEvaluator, identify
 from achilles.method.pipeline import find, identify_with, rank
+from achilles.method.prepared import PreparedRun, prepare
 from achilles.method.ranking import Ranking, Scores
 from achilles.model.adapters import ArchAdapter, register_adapter, supported_model_types
 from achilles.model.derive import get_adapter
@@ -28,6 +29,7 @@ __all__ = [
     "LoadedModel",
     "MaskEvaluator",
     "ModelSpec",
+    "PreparedRun",
     "RankConfig",
     "Ranking",
     "Scores",
@@ -41,6 +43,7 @@ __all__ = [
     "identify_with",
     "load_model",
     "masked",
+    "prepare",
     "rank",
     "register_adapter",
     "supported_model_types",

@@ -13,15 +13,13 @@ import contextlib
 import importlib
 import logging
 import os
-import signal
 import sys
-import threading
 import typing
 from collections.abc import Sequence
 
-from achilles import __version__
 from achilles.errors import AchillesError
 from achilles.model.checks import argv_model, argv_value, model_path_problem
+from achilles.results.signals import Terminated, sigterm_unwinds
 from achilles.version import __version__
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -116,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("achilles: interrupted", file=sys.stderr)
         return 130
-    except _Terminated:
+    except Terminated:
         print("achilles: terminated", file=sys.stderr)
         return 143
     except (RuntimeError, MemoryError) as e:
@@ -132,24 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-class _Terminated(BaseException):
-    """SIGTERM: unwind like Ctrl-C, so temp files and claimed folders are cleaned up."""
-
-
-@contextlib.contextmanager
 def _sigterm_as_exit():  # noqa: ANN202
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    """SIGTERM unwinds the command like Ctrl-C (see :mod:`achilles.results.signals`)."""
+    return sigterm_unwinds(die=False)
 
 
 def entry() -> None:

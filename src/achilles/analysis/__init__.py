@@ -8,7 +8,6 @@ Pure computation; the figures are in :mod:`achilles.plots`, the report in
 from __future__ import annotations
 
 from achilles.analysis.controls import (
-    Fp32Check,
     MeanAblation,
     RandomSets,
     fp32_delta,
@@ -26,6 +25,7 @@ from achilles.analysis.locations import (
 from achilles.analysis.phase import PhaseTransition, phase_transition
 from achilles.analysis.run import ANALYSIS_FILE, analyze_run, load_run
 from achilles.analysis.weights import MASSIVE_RATIO, UnitWeights, unit_weights
+from achilles.method.recheck import Fp32Check
 
 __all__ = [
     "ANALYSIS_FILE",

@@ -34,7 +34,6 @@ from achilles.config import ModelSpec
 from achilles.method.identify import MaskEvaluator
 from achilles.method.metrics import delta, sequence_nll
 from achilles.method.recheck import (  # re-exported: the core owns the re-check
-    Fp32Check,
     recheck_fp32,
 )
 from achilles.model.batching import input_device
@@ -108,11 +107,13 @@ def channel_traces(
 
 
 def mean_ablation(
-    model: torch.nn.Module, pool: UnitPool, input_ids: torch.Tensor, units: Sequence[Unit]
+    model: torch.nn.Module, pool: UnitPool, input_ids: torch.Tensor, units: Sequence[Unit],
+    *, clean_nll: float | None = None,
 ) -> MeanAblation:
-    """Δ of ``units`` zeroed and set to their clean mean over positions (same text)."""
+    """Δ of ``units`` zeroed and set to their clean mean over positions (same text);
+    ``clean_nll``: the text's clean summed NLL when a prepared run has it."""
     units = list(units)
-    ev = MaskEvaluator(model, pool, input_ids, batch_size=1)
+    ev = MaskEvaluator(model, pool, input_ids, batch_size=1, clean_nll=clean_nll)
     d_zero = ev.measure([units])[0].delta if units else 0.0
     means = _channel_means(model, input_ids, units) if units else []
     with set_channels(model, dict(zip(units, means, strict=True))):
@@ -197,12 +198,14 @@ def random_sets(
     *,
     seeds: int | Sequence[int] = 10,
     keep_sets: bool = True,
+    clean_nll: float | None = None,
 ) -> RandomSets:
-    """Δ of random same-module sets of ``len(units)`` units, one per seed (batched)."""
+    """Δ of random same-module sets of ``len(units)`` units, one per seed (batched);
+    ``clean_nll``: the text's clean summed NLL when a prepared run has it."""
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     units = list(units)
     sets = [random_like(units, pool, random.Random(s)) for s in seed_list]
-    ev = MaskEvaluator(model, pool, input_ids, rows_hint=len(sets) + 1)
+    ev = MaskEvaluator(model, pool, input_ids, rows_hint=len(sets) + 1, clean_nll=clean_nll)
     ms = ev.measure([units, *sets])
     return RandomSets(
         n_units=len(units),

@@ -17,14 +17,17 @@ from achilles.analysis.controls import channel_traces, mean_ablation, random_set
 from achilles.analysis.locations import locations, n_layers_of
 from achilles.analysis.phase import DEFAULT_TOLERANCE, phase_transition
 from achilles.analysis.weights import MASSIVE_RATIO, WEIGHT_KINDS, unit_weights
+from achilles.errors import AchillesError
+from achilles.method.compat import pool_for_ranking
 from achilles.method.identify import Identification
+from achilles.method.prepared import PreparedRun
 from achilles.method.ranking import Ranking
-from achilles.model.loading import LoadedModel, tokenize
+from achilles.model.loading import LoadedModel, context_length, tokenize
 from achilles.model.names import token_text
 from achilles.model.units import Unit, UnitPool
+from achilles.results.envelope import envelope, run_id_of
 from achilles.results.files import write_json
 from achilles.results.provenance import environment
-from achilles.results.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,39 @@ def load_run(run_dir: str | Path) -> tuple[Ranking, Identification]:
     return Ranking.load(str(run_dir / "ranking.json")), Identification.load(
         str(run_dir / "identification.json")
     )
+
+
+def check_same_run(ranking: Ranking, ident: Identification, where: str | Path) -> None:
+    """Refuse a ranking and an identification of different runs, without the model.
+
+    The identification records the fingerprint of the pool it was made over and the run id
+    of its ranking: a ranking.json of another model or run beside it is refused.
+    """
+    made = (ident.config.get("pool") or {}).get("fingerprint")
+    have = ranking.pool.get("fingerprint")
+    if made is not None and have is not None and made != have:
+        raise AchillesError(
+            f"{where}: ranking.json and identification.json were made over different unit "
+            f"pools (another model or pool: {ranking.pool.get('model_type')} with "
+            f"{ranking.pool.get('n_units')} units, and {ident.n_units} units): rerun "
+            "`achilles find` into an empty folder"
+        )
+    want = ident.ranking_run_id
+    if want is not None and ranking.run_id is not None and ranking.run_id != want:
+        raise AchillesError(
+            f"{where}: ranking.json is not the ranking identification.json was made from "
+            f"(run {ranking.run_id}, not {want}): rerun `achilles find` into an empty folder"
+        )
+
+
+def check_context(lm: LoadedModel, ids: Any) -> None:
+    """Refuse to measure past the model's context (as explain and find do)."""
+    limit = context_length(lm.model)
+    if limit is not None and int(ids.shape[1]) > limit:
+        raise AchillesError(
+            f"the run's text is {int(ids.shape[1])} tokens, longer than this model's context "
+            f"of {limit}: the controls would be measured past it (give the run's own --model)"
+        )
 
 
 def final_set(ident: Identification) -> tuple[str, list[Unit]]:
@@ -87,6 +123,8 @@ def analyze_run(
     fp32: bool | None = None,
     write: bool = True,
     pool: UnitPool | None = None,
+    prepared: PreparedRun | None = None,
+    results: tuple[Ranking, Identification] | None = None,
 ) -> dict[str, Any]:
     """Analyse a run folder and (by default) write ``RUN_DIR/analysis.json``.
 
@@ -103,14 +141,18 @@ def analyze_run(
         fp32: recheck the final set in float32 (default: when the run's dtype is bf16/fp16).
         write: write ``analysis.json``.
         pool: the run's unit pool, when the caller has it (default: rebuilt from the ranking).
+        prepared: the run prepared on the identification's text (token ids, pool, clean NLL
+            and environment used as they are; default: recomputed).
+        results: the run's ranking and identification in hand (default: read from the folder).
     """
     run_dir = Path(run_dir)
-    ranking, ident = load_run(run_dir)
+    ranking, ident = results if results is not None else load_run(run_dir)
+    check_same_run(ranking, ident, run_dir)
     n_layers = n_layers_of(ranking.pool, ranking.units)
     which, final = final_set(ident)
+    env = prepared.env if prepared is not None else environment(lm.model if lm is not None else None)
     out: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "analysis",
+        **envelope("analysis", env=env, run_id=ident.run_id),
         "run": {
             "model": ident.config.get("model", {}).get("model"),
             "epsilon": ident.epsilon,
@@ -123,17 +165,18 @@ def analyze_run(
         "health": health(ident),
         "weights": None,
         "controls": None,
-        "env": environment(lm.model if lm is not None else None),
     }
     if lm is not None:
         t0 = time.perf_counter()
-        from achilles.method.pipeline import pool_for_ranking
-
         text = ident.config.get("text")
         if not isinstance(text, str):
             raise ValueError(f"{run_dir}/identification.json has no config.text to analyse on")
-        pool = pool or pool_for_ranking(lm, ranking)
-        ids = tokenize(lm.tokenizer, text)
+        if prepared is not None and prepared.text != text:
+            prepared = None  # prepared on another text: of no use here
+        pool = pool or (prepared.pool if prepared is not None else pool_for_ranking(lm, ranking))
+        ids = prepared.input_ids if prepared is not None else tokenize(lm.tokenizer, text)
+        check_context(lm, ids)
+        clean = prepared.clean_nll if prepared is not None else None
         out["tokens"] = [token_text(lm.tokenizer, int(i)) for i in ids[0].tolist()]
         crit = pool.validate(ident.critical_set, source="the critical set")[:max_weight_units]
         final = pool.validate(final, source="the final set")
@@ -145,7 +188,7 @@ def analyze_run(
                 w.to_dict()
                 for w in unit_weights(
                     lm.model, ids, crit, top_k=top_k, massive_ratio=massive_ratio, ablate=True,
-                    progress=progress,
+                    progress=progress, clean_nll=clean,
                 )
             ],
         }
@@ -164,15 +207,52 @@ def analyze_run(
             "units": [u.to_dict() for u in shown],
             "values": channel_traces(lm.model, ids, shown) if shown else [],
         }
-        controls["mean_ablation"] = mean_ablation(lm.model, pool, ids, final).to_dict()
+        controls["mean_ablation"] = mean_ablation(lm.model, pool, ids, final, clean_nll=clean).to_dict()
         controls["random_sets"] = (
-            random_sets(lm.model, pool, ids, final, seeds=seeds).to_dict() if final else None
+            random_sets(lm.model, pool, ids, final, seeds=seeds, clean_nll=clean).to_dict()
+            if final else None
         )
         controls["fp32"] = (
-            recheck_fp32(lm, text, final, pool=pool).to_dict() if do_fp32 and final else None
+            recheck_fp32(lm, text, final, pool=pool, input_ids=ids).to_dict()
+            if do_fp32 and final else None
         )
         out["controls"] = controls
         out["model_seconds"] = time.perf_counter() - t0
     if write:
         write_json(run_dir / ANALYSIS_FILE, out)
     return out
+
+
+def analyze_for_report(
+    run_dir: str | Path,
+    lm: LoadedModel | None = None,
+    *,
+    prepared: PreparedRun | None = None,
+    results: tuple[Ranking, Identification] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """The analysis a report renders, written to ``RUN_DIR/analysis.json``.
+
+    Runs in the command, before :func:`~achilles.report.write_report`. The model-free parts
+    are always recomputed; with ``lm`` the model parts too, else those of an existing
+    ``analysis.json`` of this same run (same run id) are kept. ``options`` go to
+    :func:`analyze_run`.
+    """
+    import json
+
+    run_dir = Path(run_dir)
+    previous: dict[str, Any] | None = None
+    try:
+        data = json.loads((run_dir / ANALYSIS_FILE).read_text(encoding="utf-8"))
+        previous = data if isinstance(data, dict) else None
+    except (OSError, ValueError, RecursionError):
+        previous = None
+    analysis = analyze_run(run_dir, lm, write=False, prepared=prepared, results=results, **options)
+    if lm is None and previous and run_id_of(previous) == analysis.get("run_id"):
+        analysis = {**analysis, **{k: previous.get(k) for k in MODEL_PARTS}}
+    write_json(run_dir / ANALYSIS_FILE, analysis)
+    return analysis
+
+
+MODEL_PARTS = ("weights", "controls", "tokens", "activations")
+"""The sections of ``analysis.json`` only a loaded model can compute."""

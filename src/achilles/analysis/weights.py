@@ -96,13 +96,15 @@ def unit_weights(
     massive_ratio: float = MASSIVE_RATIO,
     ablate: bool = False,
     progress: bool = False,
+    clean_nll: float | None = None,
 ) -> list[UnitWeights]:
     """Weight rows, driving inputs and massive-activation ratios of ``units`` of ``kinds``.
 
     Units of other kinds, or whose module is not a ``Linear``/``Conv1D``, are skipped (logged).
     One clean forward pass over ``input_ids`` ``[1, T]`` records the modules' inputs/outputs.
     With ``ablate``, two more passes per unit measure Δ with its weight row zeroed and with
-    only the row's largest |w| zeroed (weights restored after each).
+    only the row's largest |w| zeroed (weights restored after each), against ``clean_nll``
+    (the text's clean summed NLL, when a prepared run has it; default: one pass measures it).
     """
     chosen = []
     for u in units:
@@ -153,37 +155,39 @@ def unit_weights(
     if ablate:
         from tqdm.auto import tqdm
 
-        out = [_with_ablations(model, input_ids, w)
+        from achilles.method.metrics import sequence_nll
+
+        if clean_nll is None:  # measured once, not once per unit
+            clean_nll = float(sequence_nll(model, input_ids.to(input_device(model)))[0])
+        out = [_with_ablations(model, input_ids, w, clean_nll)
                for w in tqdm(out, desc="weights: row and top-weight ablations", disable=not progress)]
     return out
 
 
-def _with_ablations(model: torch.nn.Module, input_ids: torch.Tensor, w: UnitWeights) -> UnitWeights:
-    """``w`` with :attr:`UnitWeights.delta_row` and :attr:`UnitWeights.delta_top_weight`."""
+def _with_ablations(
+    model: torch.nn.Module, input_ids: torch.Tensor, w: UnitWeights, base: float
+) -> UnitWeights:
+    """``w`` with :attr:`UnitWeights.delta_row` and :attr:`UnitWeights.delta_top_weight`,
+    against the clean summed NLL ``base``; the weights are edited through
+    :mod:`achilles.model.masking` and restored bit for bit."""
     import dataclasses
 
     from achilles.method.metrics import delta, sequence_nll
-    from achilles.model.masking import restore_weights_, zero_weights_
+    from achilles.model.masking import restore_weights_, zero_weight_entry_, zero_weights_
 
     ids = input_ids.to(input_device(model))
     tokens = int(ids.shape[1]) - 1
-    base = float(sequence_nll(model, ids)[0])
     saved = zero_weights_(model, [w.unit])
     try:
         d_row = delta(float(sequence_nll(model, ids)[0]), base, tokens)
     finally:
         restore_weights_(model, saved)
-    module = model.get_submodule(w.unit.module)
-
     def zeroed(j: int) -> float:
-        index = (w.unit.channel, j) if isinstance(module, torch.nn.Linear) else (j, w.unit.channel)
-        with torch.no_grad():
-            keep = module.weight[index].clone()
-            module.weight[index] = 0
-            try:
-                return delta(float(sequence_nll(model, ids)[0]), base, tokens)
-            finally:
-                module.weight[index] = keep
+        saved = zero_weight_entry_(model, w.unit, j)
+        try:
+            return delta(float(sequence_nll(model, ids)[0]), base, tokens)
+        finally:
+            restore_weights_(model, saved)
 
     d_one = zeroed(w.top_inputs[0])
     d_driver = d_one if w.driver_input == w.top_inputs[0] else zeroed(w.driver_input)

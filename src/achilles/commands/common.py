@@ -133,3 +133,19 @@ def fitted_text(args: argparse.Namespace, skeleton: object, text: str) -> str:
 
     return fit_text(skeleton.tokenizer, skeleton.model, text,  # type: ignore[attr-defined]
                     truncate=getattr(args, "truncate", False))
+
+
+def load_checked(
+    args: argparse.Namespace, spec: ModelSpec, text: str, *, rank_config: RankConfig | None = None,
+    ranking: object = None, force: bool = False,
+) -> tuple[object, object]:
+    """The command boilerplate after the config and the claimed out-dir: check the inputs
+    before the weights load (text fitted to the context with ``--truncate``, pool, a
+    ranking from disk), then load the model. Returns ``(LoadedModel, CheckedInputs)``;
+    pass both to :func:`achilles.method.pipeline.prepare`."""
+    from achilles.method.pipeline import preflight
+    from achilles.model.loading import load_model
+
+    checked = preflight(spec, text=text, rank_config=rank_config, ranking=ranking,  # type: ignore[arg-type]
+                        force=force, truncate=bool(getattr(args, "truncate", False)))
+    return load_model(spec, tokenizer=checked.skeleton.tokenizer), checked

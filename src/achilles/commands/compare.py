@@ -10,7 +10,6 @@ from achilles.commands.common import (
     add_deprecated_alias,
     add_rank_options,
     claim_out_dir,
-    fitted_text,
     model_spec,
     progress,
     rank_config,
@@ -21,8 +20,9 @@ from achilles.errors import AchillesError
 from achilles.evaluation.data import load_corpus
 from achilles.evaluation.perplexity import PerplexityConfig, evaluator_from_config
 from achilles.experiments.compare import RANDOM, compare, parse_levels
+from achilles.method.pipeline import check_inputs, prepare
 from achilles.method.ranking import METHODS
-from achilles.model.loading import load_model, tokenize
+from achilles.model.loading import load_model
 from achilles.plots.comparison import plot_comparison
 
 logger = logging.getLogger(__name__)
@@ -53,13 +53,13 @@ def _run_compare(args: argparse.Namespace) -> int:
     out_dir = claim_out_dir(args, args.out_dir)
     corpus = load_corpus(pcfg.data, max_documents=pcfg.max_samples)
     lm = load_model(spec)
-    tokenize(lm.tokenizer, text)  # refuse a short ranking text before any work
-    text = fitted_text(args, lm, text)
+    # a short or too long ranking text is refused before any work; then prepared once
+    checked = check_inputs(lm, text, rank_config=rcfg, truncate=bool(getattr(args, "truncate", False)))
     ev = evaluator_from_config(
         lm.model, lm.tokenizer, corpus.documents, pcfg, progress=False
     )
-    result = compare(lm, text, rcfg, methods, levels, ev, random_runs=args.random_runs,
-                     progress=progress(args))
+    result = compare(lm, prepare(lm, checked), rcfg, methods, levels, ev,
+                     random_runs=args.random_runs, progress=progress(args))
     result.config["perplexity"] = {**result.config["perplexity"], "data": pcfg.data}
     result.save(str(out_dir / "comparison.json"))
     plot_comparison(result.to_dict(), out_dir / "comparison.png")

@@ -12,8 +12,8 @@ from achilles.commands.common import (
     add_rank_options,
     check_destination,
     claim_out_dir,
-    fitted_text,
     identify_config,
+    load_checked,
     model_spec,
     progress,
     rank_config,
@@ -21,9 +21,9 @@ from achilles.commands.common import (
     texts_of,
 )
 from achilles.method.identify import Identification
-from achilles.method.pipeline import identify_with, preflight, rank
+from achilles.method.pipeline import check_inputs, identify_with, prepare, rank
 from achilles.method.ranking import Ranking
-from achilles.model.loading import load_model
+from achilles.results.runs import clear_other_runs
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +56,19 @@ def summarize(ident: Identification, out: str | Path) -> str:
 
 def _run_rank(args: argparse.Namespace) -> int:
     from achilles.method.pipeline import rank_texts
-    from achilles.model.loading import tokenize
 
     cfg = rank_config(args)
     spec = model_spec(args)
     texts = texts_of(args)
     out = check_destination(args.out, "file")
-    skeleton = preflight(spec, text=texts[0], rank_config=cfg)
-    texts = [fitted_text(args, skeleton, t) for t in texts]
-    for t in texts[1:]:
-        tokenize(skeleton.tokenizer, t)  # refuse a short text before the weights load
-    lm = load_model(spec, tokenizer=skeleton.tokenizer)
-    ranking, _ = rank_texts(lm, texts, cfg, progress=progress(args))
+    lm, checked = load_checked(args, spec, texts[0], rank_config=cfg)
+    first = prepare(lm, checked)
+    runs = [first] + [  # every text checked before the weights load
+        check_inputs(checked.skeleton, t, pool=checked.pool, truncate=bool(getattr(args, "truncate", False)))
+        for t in texts[1:]
+    ]
+    runs[1:] = [prepare(lm, c, run_id=first.run_id) for c in runs[1:]]
+    ranking, _ = rank_texts(lm, runs, cfg, progress=progress(args))
     ranking.save(out)
     top = ", ".join(f"{r.unit} ({r.score:.3g})" for r in ranking.neurons[:5])
     print(f"top units: {top}\nwritten: {out}")
@@ -80,12 +81,11 @@ def _run_identify(args: argparse.Namespace) -> int:
     text = text_of(args)
     out = check_destination(args.out, "file")
     ranking = Ranking.load(args.ranking)
-    skeleton = preflight(spec, text=text, ranking=ranking, force=args.force)
-    text = fitted_text(args, skeleton, text)
-    lm = load_model(spec, tokenizer=skeleton.tokenizer)
+    # the ranking enters from disk: its pool and weights are checked here, once
+    lm, checked = load_checked(args, spec, text, ranking=ranking, force=args.force)
+    run = prepare(lm, checked)
     ident = identify_with(  # saved before the fp32 re-check, and again with it
-        lm, text, ranking, cfg, progress=progress(args), force=args.force,
-        before_recheck=lambda r: r.save(out),
+        lm, run, ranking, cfg, progress=progress(args), before_recheck=lambda r: r.save(out),
     )
     ident.save(out)
     print(summarize(ident, out))
@@ -98,15 +98,15 @@ def _run_find(args: argparse.Namespace) -> int:
     spec = model_spec(args)
     text = text_of(args)
     out_dir = claim_out_dir(args, args.out_dir)
-    skeleton = preflight(spec, text=text, rank_config=rcfg)
-    text = fitted_text(args, skeleton, text)
-    lm = load_model(spec, tokenizer=skeleton.tokenizer)
+    lm, checked = load_checked(args, spec, text, rank_config=rcfg)
+    run = prepare(lm, checked)  # tokens, pool, clean forward and environment: once
+    clear_other_runs(out_dir, run.run_id)  # the run owns its folder
     # each result is saved as soon as it exists: a failing fp32 re-check loses nothing
-    ranking, pool = rank(lm, text, rcfg, progress=progress(args))
+    ranking, _ = rank(lm, run, rcfg, progress=progress(args))
     ranking.save(out_dir / "ranking.json")
     ident_path = out_dir / "identification.json"
     ident = identify_with(
-        lm, text, ranking, icfg, pool=pool, progress=progress(args),
+        lm, run, ranking, icfg, progress=progress(args),
         before_recheck=lambda r: r.save(ident_path),
     )
     ident.save(ident_path)
@@ -115,13 +115,17 @@ def _run_find(args: argparse.Namespace) -> int:
         from achilles.commands.explain import run_explain
         from achilles.explain import ExplainConfig
 
-        for line in run_explain(out_dir, lm, ExplainConfig(), show_progress=progress(args), report=False):
+        for line in run_explain(out_dir, lm, ExplainConfig(), show_progress=progress(args),
+                                report=False, prepared=run, ident=ident):
             print(line)
     if args.report:
+        from achilles.analysis.run import analyze_for_report
         from achilles.report import write_report
 
-        # identify already re-checked in fp32; the run's pool is passed along, not rebuilt
-        files = write_report(out_dir, lm, fp32=False, pool=pool)
+        # identify already re-checked in fp32; the model analysis runs here, the report renders it
+        analysis = analyze_for_report(out_dir, lm, prepared=run, results=(ranking, ident),
+                                      fp32=False, progress=progress(args))
+        files = write_report(out_dir, analysis)
         print(f"report: {files.html}")
     return 0
 

@@ -24,7 +24,7 @@ from achilles.commands.common import claim_out_dir, progress
 from achilles.commands.core import summarize
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig, parse_int
 from achilles.errors import AchillesError
-from achilles.method.pipeline import find
+from achilles.method.pipeline import find, prepare
 from achilles.model.loading import load_model
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ def run_demo(
     t_load = time.perf_counter() - t0
     rcfg = RankConfig(samples=samples)
     icfg = IdentifyConfig(batch_size=plan.prefix_batch)
-    ranking, ident = find(lm, text, rcfg, icfg, progress=show_progress)
+    run = prepare(lm, text, rank_config=rcfg)  # tokens, pool, clean forward, environment: once
+    ranking, ident = find(lm, run, rcfg, icfg, progress=show_progress)
     ranking.save(out_dir / "ranking.json")
     ident.save(out_dir / "identification.json")
     t_find = time.perf_counter() - t0 - t_load
@@ -98,9 +99,10 @@ def run_demo(
         from achilles.commands.explain import run_explain
         from achilles.explain import ExplainConfig
 
-        explained = run_explain(out_dir, lm, ExplainConfig(), show_progress=show_progress, report=False)
+        explained = run_explain(out_dir, lm, ExplainConfig(), show_progress=show_progress,
+                                report=False, prepared=run, ident=ident)
     t_explain = time.perf_counter() - t0 - t_load - t_find
-    extra = _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident, plan)
+    extra = _extras(lm, run, heldout, rcfg, out_dir, show_progress, ranking, ident, plan)
     print(f"model: {path}")
     print(summarize(ident, out_dir))
     print(f"load took {t_load:.1f} s; find {t_find:.1f} s"
@@ -133,7 +135,7 @@ bundled models' 256-token windows (46 evaluations of 4096 tokens, about a sixth 
 comparison's cost); ``achilles compare`` runs the full one."""
 
 
-def _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident, plan) -> list[str]:  # noqa: ANN001
+def _extras(lm, run, heldout, rcfg, out_dir, show_progress, ranking, ident, plan) -> list[str]:  # noqa: ANN001
     """The baseline comparison and the found set on held-out text, then the report."""
     from achilles.evaluation.data import load_corpus
     from achilles.evaluation.perplexity import PerplexityEvaluator
@@ -149,7 +151,7 @@ def _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident, pla
     lines, comparison = [], None
     if plan.compare:
         comparison = compare(
-            lm, text, dataclasses.replace(rcfg, keep=max(DEMO_LEVELS)), DEMO_METHODS, DEMO_LEVELS,
+            lm, run, dataclasses.replace(rcfg, keep=max(DEMO_LEVELS)), DEMO_METHODS, DEMO_LEVELS,
             ev, random_runs=DEMO_RANDOM_RUNS, progress=show_progress,
         )
         comparison.save(out_dir / "comparison.json")
@@ -167,7 +169,11 @@ def _extras(lm, text, heldout, rcfg, out_dir, show_progress, ranking, ident, pla
         )
     t_compare = time.perf_counter() - t0
     t0 = time.perf_counter()
-    files = write_report(out_dir, lm, progress=show_progress)
+    from achilles.analysis.run import analyze_for_report
+
+    analysis = analyze_for_report(out_dir, lm, prepared=run, results=(ranking, ident),
+                                  progress=show_progress)
+    files = write_report(out_dir, analysis)
     t_report = time.perf_counter() - t0
     what = "comparison and held-out check" if plan.compare else "held-out check"
     return [
@@ -186,7 +192,7 @@ def _ppl(summary: dict) -> str:
 
 def write_heldout(path, lm, ev, ranking, ident, data, *, clean=None) -> dict:  # noqa: ANN001
     """``heldout.json``: perplexity of the evaluation data clean and with the final set masked."""
-    from achilles.method.pipeline import pool_for_ranking
+    from achilles.method.compat import pool_for_ranking
     from achilles.results.files import write_json
     from achilles.results.provenance import environment
     from achilles.results.schema import SCHEMA_VERSION

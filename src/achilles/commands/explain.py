@@ -12,8 +12,9 @@ from achilles.config import ModelSpec, add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.explain import MECHANISM_FILE, ExplainConfig, explain_run
 from achilles.explain.run import check_sink_position, run_set
+from achilles.method.compat import check_same_model
 from achilles.method.identify import Identification
-from achilles.method.pipeline import check_same_model
+from achilles.method.prepared import PreparedRun
 from achilles.model.loading import LoadedModel, context_length, inspect_model, load_model, tokenize
 from achilles.results.inputs import read_text_input
 from achilles.results.schema import read_json
@@ -45,10 +46,13 @@ def preflight_explain(
 
 def run_explain(
     run_dir: Path, lm: LoadedModel, config: ExplainConfig, *, text: str | None = None,
-    show_progress: bool, report: bool,
+    show_progress: bool, report: bool, prepared: PreparedRun | None = None,
+    ident: Identification | None = None,
 ) -> list[str]:
-    """Explain a run whose model is loaded; the lines to print."""
-    mech = explain_run(run_dir, lm, config, text=text, progress=show_progress)
+    """Explain a run whose model is loaded; the lines to print (``prepared`` and ``ident``:
+    the run in hand, as ``find --explain`` has it)."""
+    mech = explain_run(run_dir, lm, config, text=text, progress=show_progress,
+                       prepared=prepared, ident=ident)
     c = mech.cost
     lines = [
         f"mechanism: {mech.summary}",

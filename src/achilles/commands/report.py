@@ -31,6 +31,7 @@ def _recorded_model(run_dir: Path) -> str | None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    from achilles.analysis.run import analyze_for_report, check_same_run, load_run
     from achilles.report import write_report
 
     run_dir = Path(args.run_dir)
@@ -43,15 +44,17 @@ def _run_report(args: argparse.Namespace) -> int:
     for name in ("ranking.json", "identification.json"):
         if not (run_dir / name).is_file():
             raise AchillesError(f"{run_dir} has no {name}: point at a folder written by `achilles find`")
+    check_same_run(*load_run(run_dir), run_dir)  # files of two runs mixed: refused, no model loaded
     lm = None
     if not args.no_model:
         model = args.model or _recorded_model(run_dir)
         if model is not None:
             lm = load_model(from_args(ModelSpec, args, model=model))
-    files = write_report(
+    analysis = analyze_for_report(  # the model analysis runs here; the report renders it
         run_dir, lm, top_n=args.top_n, seeds=args.seeds, tolerance=args.tolerance,
         fp32=args.fp32, progress=not args.quiet,
     )
+    files = write_report(run_dir, analysis)
     print(f"written: {files.markdown}\nwritten: {files.html}\nwritten: {files.analysis}")
     return 0
 
@@ -91,7 +94,7 @@ def _check_run_model(args: argparse.Namespace, run_dir: Path) -> None:
     """Refuse ``--model`` naming other weights than the run's, unless ``--force``."""
     if not getattr(args, "model", None) or not (run_dir / "identification.json").is_file():
         return
-    from achilles.method.pipeline import check_same_model
+    from achilles.method.compat import check_same_model
     from achilles.results.schema import read_json
 
     ident = read_json(run_dir / "identification.json", kind="identification")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from achilles.errors import AchillesError
+from achilles.method.compat import check_same_model, pool_for_ranking
 from achilles.method.identify import Identification
-from achilles.method.pipeline import check_same_model, pool_for_ranking
 from achilles.method.ranking import Ranking
 from achilles.model.loading import LoadedModel
 from achilles.model.units import Unit, UnitPool, build_pool

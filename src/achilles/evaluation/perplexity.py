@@ -23,6 +23,7 @@ is reported separately as ``nll_finite_windows_only``). ``ppl = exp(nll)`` overf
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -415,12 +416,14 @@ def evaluator_from_config(
     *,
     progress: bool = False,
 ) -> PerplexityEvaluator:
-    """A :class:`PerplexityEvaluator` with every option taken from ``cfg``."""
-    return PerplexityEvaluator(
-        model, tokenizer, texts, protocol=cfg.protocol, max_length=cfg.max_length,
-        stride=cfg.stride, batch_size=cfg.batch_size, max_samples=cfg.max_samples,
-        max_tokens=cfg.max_tokens, window_bos=cfg.window_bos, progress=progress,
-    )
+    """A :class:`PerplexityEvaluator` with every option taken from ``cfg`` (all its fields but
+    ``data``: the options are the config's, listed nowhere else)."""
+    return PerplexityEvaluator(model, tokenizer, texts, progress=progress, **evaluator_options(cfg))
+
+
+def evaluator_options(cfg: PerplexityConfig) -> dict[str, Any]:
+    """The :class:`PerplexityEvaluator` options of ``cfg``: every field but ``data``."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "data"}
 
 
 def evaluate_perplexity(
@@ -428,21 +431,12 @@ def evaluate_perplexity(
     tokenizer: Any,
     texts: Sequence[str],
     *,
-    protocol: Protocol = "standard",
-    max_length: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 4,
-    max_samples: int | None = None,
-    max_tokens: int | None = None,
-    window_bos: bool = True,
     pool: UnitPool | None = None,
     units: Sequence[Unit] = (),
     progress: bool = False,
+    **options: Any,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on ``texts`` (see the module docstring for the protocols)."""
-    ev = PerplexityEvaluator(
-        model, tokenizer, texts, protocol=protocol, max_length=max_length, stride=stride,
-        batch_size=batch_size, max_samples=max_samples, max_tokens=max_tokens,
-        window_bos=window_bos, progress=progress,
-    )
+    """Perplexity of ``model`` on ``texts`` (see the module docstring for the protocols);
+    ``options``: :class:`PerplexityEvaluator`'s (``protocol``, ``max_length``, ...)."""
+    ev = PerplexityEvaluator(model, tokenizer, texts, progress=progress, **options)
     return ev.evaluate(pool, units)

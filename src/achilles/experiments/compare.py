@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from achilles.config import RankConfig, parse_numbers
 from achilles.errors import AchillesError
 from achilles.evaluation.perplexity import PerplexityEvaluator, PerplexityResult
-from achilles.method.pipeline import rank
+from achilles.method.pipeline import PreparedRun, prepare, rank
 from achilles.method.ranking import Ranking
 from achilles.model.loading import LoadedModel
 from achilles.model.units import UnitPool
@@ -99,7 +99,7 @@ def parse_levels(s: str) -> list[int]:
 
 def compare(
     lm: LoadedModel,
-    text: str,
+    text: str | PreparedRun,
     rank_config: RankConfig,
     methods: Sequence[str],
     levels: Sequence[int],
@@ -108,11 +108,16 @@ def compare(
     random_runs: int = 10,
     progress: bool = False,
 ) -> Comparison:
-    """Rank with each method, mask its top-n at each level, and measure perplexity."""
+    """Rank with each method, mask its top-n at each level, and measure perplexity.
+
+    The text is prepared once (``text`` may be the prepared run): every method and seed
+    ranks on the same token ids, pool and clean forward pass.
+    """
     if not methods:
         raise AchillesError("--methods is empty: name at least one ranking method")
     if random_runs < 1:
         raise AchillesError("--random-runs must be >= 1")
+    run = text if isinstance(text, PreparedRun) else prepare(lm, text, rank_config=rank_config)
     rankings: dict[str, list[Ranking]] = {}
     pools: list[UnitPool] = []
     for m in methods:
@@ -122,7 +127,7 @@ def compare(
         rankings[m] = []
         for s in seeds:
             logger.debug("ranking with %s (seed %d)", m, s)
-            ranking, pool = rank(lm, text, dataclasses.replace(rank_config, method=m, seed=s),
+            ranking, pool = rank(lm, run, dataclasses.replace(rank_config, method=m, seed=s),
                                  progress=progress)
             rankings[m].append(ranking)
             pools.append(pool)
@@ -187,7 +192,7 @@ def compare(
         ranked=ranked,
         config={
             "model": dataclasses.asdict(lm.spec),
-            "text": text,
+            "text": run.text,
             "rank": dataclasses.asdict(rank_config),
             "methods": list(methods),
             "random_runs": random_runs,

@@ -25,16 +25,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from achilles.config import IdentifyConfig, RankConfig
-from achilles.errors import AchillesError, require
+from achilles.errors import require
 from achilles.experiments.overlap import jaccard
+from achilles.method.compat import current_settings, refuse_mixed, run_settings, settings_mismatch
 from achilles.method.identify import Identification
-from achilles.method.pipeline import (
-    current_settings,
-    find,
-    refuse_mixed,
-    run_settings,
-    settings_mismatch,
-)
+from achilles.method.pipeline import find
 from achilles.method.ranking import Ranking
 from achilles.model.loading import LoadedModel
 from achilles.model.units import build_pool

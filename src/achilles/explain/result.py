@@ -7,14 +7,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from achilles.results.files import write_json
-from achilles.results.schema import SCHEMA_VERSION, read_json
+from achilles.results.envelope import Envelope
 
 MECHANISM_FILE = "mechanism.json"
 
 
 @dataclass
-class Mechanism:
+class Mechanism(Envelope):
     """Why masking a set collapses the model, as measured (see ``docs/explain.md``).
 
     ``massive`` lists ``{layer, position, channel, value, ratio}`` (``layer`` -1 is the
@@ -23,6 +22,8 @@ class Mechanism:
     how many components it takes to recover 50 % and 90 % of Δ; ``drivers`` the input
     driving each ``mlp.down`` / ``attn.o`` unit; ``continuations`` greedy text, clean vs masked.
     """
+
+    KIND = "mechanism"
 
     summary: str
     set_name: str
@@ -50,16 +51,17 @@ class Mechanism:
     continuations: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, "kind": "mechanism", **asdict(self)}
-
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict())
+    def fields(self) -> dict[str, Any]:
+        own = asdict(self)
+        for key in ("config", "env", "run_id"):
+            own.pop(key)
+        return own
 
     @classmethod
     def load(cls, path: str | Path) -> Mechanism:
-        d = read_json(path, kind="mechanism")
+        d = cls.read(path)
         return cls(**{f.name: _decode(d[f.name]) for f in fields(cls) if f.name in d})
 
 

@@ -40,7 +40,9 @@ from achilles.explain.trace import (
     residual_profile,
     trace,
 )
+from achilles.method.identify import Identification
 from achilles.method.metrics import LN10, sequence_nll
+from achilles.method.prepared import PreparedRun, check_clean_forward
 from achilles.model.batching import choose_batch_size, run_batched
 from achilles.model.hooks import hooked
 from achilles.model.loading import LoadedModel, tokenize
@@ -75,19 +77,27 @@ def explain(
     *,
     set_name: str = "minimal",
     progress: bool = False,
+    prepared: PreparedRun | None = None,
 ) -> Mechanism:
-    """Measure how masking ``units`` collapses ``lm`` on ``text`` (see ``docs/explain.md``)."""
+    """Measure how masking ``units`` collapses ``lm`` on ``text`` (see ``docs/explain.md``).
+
+    ``prepared``: the run prepared on this text (its token ids and clean-forward check are
+    used as they are); default: tokenized and checked here.
+    """
     t0 = time.perf_counter()
     model = lm.model
     if not units:
         raise AchillesError("the set to explain is empty: there is nothing to mask")
     layout = Layout.of(model)
-    ids = tokenize(lm.tokenizer, text)
+    if prepared is not None and prepared.text == text:
+        ids = prepared.input_ids
+    else:
+        prepared = None
+        ids = tokenize(lm.tokenizer, text)
     T = int(ids.shape[1])
     check_sink_position(config.sink_position, T)
-    from achilles.method.pipeline import check_clean_forward
-
-    check_clean_forward(lm, ids, pool)  # a broken model (NaN weights) or a text past the context
+    if prepared is None:  # a broken model (NaN weights) or a text past the context
+        check_clean_forward(lm, ids, pool)
     p = config.sink_position
     modules = list(dict.fromkeys(u.module for u in units))
 
@@ -239,7 +249,7 @@ def explain(
         continuations=continuations,
         config={"model": dataclasses.asdict(lm.spec), "text": text,
                 "explain": dataclasses.asdict(config)},
-        env=environment(model),
+        env=prepared.env if prepared is not None else environment(model),
     )
     mech.summary = summarize(mech)
     logger.debug("explain: %s", mech.summary)
@@ -743,13 +753,26 @@ def explain_run(
     text: str | None = None,
     progress: bool = False,
     figures: bool = True,
+    prepared: PreparedRun | None = None,
+    ident: Identification | None = None,
 ) -> Mechanism:
-    """Explain the set of a run folder and write ``RUN_DIR/mechanism.json`` (and figures)."""
+    """Explain the set of a run folder and write ``RUN_DIR/mechanism.json`` (and figures).
+
+    With the run's ``ident`` and ``prepared`` run in hand (``find --explain``), the set, pool
+    and text are theirs: nothing is read back from the folder or checked again.
+    """
     run_dir = Path(run_dir)
-    units, pool, run_text = run_set(run_dir, lm, config)
+    if ident is not None and prepared is not None:
+        units = _chosen(ident, config, run_dir / "identification.json")
+        pool, run_text = prepared.pool, prepared.text
+    else:
+        units, pool, run_text = run_set(run_dir, lm, config)
+        if ident is None:
+            ident = Identification.load(str(run_dir / "identification.json"))
     mech = explain(lm, text if text is not None else run_text, units, pool, config,
-                   set_name=config.set, progress=progress)
+                   set_name=config.set, progress=progress, prepared=prepared)
     mech.config["run_dir"] = str(run_dir)
+    mech.run_id = ident.run_id  # the mechanism belongs to the run it explains
     if not figures:
         mech.save(run_dir / MECHANISM_FILE)
         return mech
@@ -773,7 +796,6 @@ def explain_run(
 def run_set(run_dir: str | Path, lm: LoadedModel, config: ExplainConfig) -> tuple[list[Unit], UnitPool, str]:
     """The set (``config.set``) of a run folder, checked against ``lm``, and the run's text."""
     from achilles.evaluation.masks import load_mask
-    from achilles.method.identify import Identification
 
     path = Path(run_dir) / "identification.json"
     if not path.is_file():
@@ -781,13 +803,19 @@ def run_set(run_dir: str | Path, lm: LoadedModel, config: ExplainConfig) -> tupl
             f"{run_dir} has no identification.json: point at a folder written by `achilles find`"
         )
     ident = Identification.load(str(path))
-    chosen = ident.minimal_set if config.set == "minimal" else ident.critical_set
-    if not chosen:
-        raise AchillesError(
-            f"{path} has no {config.set} set (no critical set was found): there is nothing to explain"
-        )
+    _chosen(ident, config, path)
     mask = load_mask(lm, str(path), set_name=config.set)
     text = ident.config.get("text")
     if not isinstance(text, str):
         raise AchillesError(f"{path} records no text: pass --text-file")
     return mask.units, mask.pool, text
+
+
+def _chosen(ident: Identification, config: ExplainConfig, path: Path) -> list[Unit]:
+    """The set ``config.set`` of ``ident``, refused when empty."""
+    chosen = ident.minimal_set if config.set == "minimal" else ident.critical_set
+    if not chosen:
+        raise AchillesError(
+            f"{path} has no {config.set} set (no critical set was found): there is nothing to explain"
+        )
+    return list(chosen)

@@ -26,8 +26,9 @@ from achilles.method.search import bisect_search, first_crossing, linear_search,
 from achilles.model.batching import choose_batch_size, input_device, run_batched
 from achilles.model.masking import ChannelMasker, PrefixIndex
 from achilles.model.units import Unit, UnitPool
-from achilles.results.files import decode_float, write_json
-from achilles.results.schema import SCHEMA_VERSION, read_json, require_fields
+from achilles.results.envelope import Envelope, run_id_of
+from achilles.results.files import decode_float
+from achilles.results.schema import require_fields
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class MaskEvaluator:
             against it, so that Δ does not depend on the batch's shape (bf16 kernels on a GPU
             pick different reduction orders for different batch sizes). Default: on CUDA.
             A pass of one row is measured against the clean NLL of the first pass.
+        clean_nll: the text's clean summed NLL when the caller has it (a prepared run's);
+            default: measured here, one pass.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class MaskEvaluator:
         batch_size: int | None = None,
         rows_hint: int = 64,
         reference_row: bool | None = None,
+        clean_nll: float | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -88,7 +92,10 @@ class MaskEvaluator:
         self.modules = modules
         self.forward_passes = 0
         self.rows_evaluated = 0
-        self.baseline_nll = float(sequence_nll(model, input_ids)[0])
+        # the clean pass is counted whether it runs here or ran once in ``prepare``
+        self.baseline_nll = (
+            float(sequence_nll(model, input_ids)[0]) if clean_nll is None else float(clean_nll)
+        )
         self.forward_passes += 1
         if not math.isfinite(self.baseline_nll):
             raise AchillesError(
@@ -173,8 +180,10 @@ class MaskEvaluator:
 
 
 @dataclass
-class Identification:
+class Identification(Envelope):
     """Result of stage 2 (saved as ``identification.json``)."""
+
+    KIND = "identification"
 
     epsilon: float
     n_star: int | None
@@ -194,18 +203,17 @@ class Identification:
     curve_complete: bool = True
     fp32_check: dict[str, Any] | None = None
     """Δ of the final set re-measured in float32 when the run was not (see ``pipeline``)."""
+    run_id: str | None = None
+    ranking_run_id: str | None = None
+    """The run id of the ranking the prefixes came from (its own run's, or another's)."""
 
     @property
     def found(self) -> bool:
         return self.n_star is not None
 
-    def to_dict(self) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
         n = self.n_star
         return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "identification",
-            "config": self.config,
-            "env": self.env,
             "epsilon": self.epsilon,
             "found": self.found,
             "n_star": n,
@@ -227,15 +235,12 @@ class Identification:
             "curve": self.curve,
             "forward_passes": self.forward_passes,
             "fp32_check": self.fp32_check,
+            "ranking_run_id": self.ranking_run_id,
         }
-
-    def save(self, path: str) -> None:
-        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str) -> Identification:
-        d = read_json(path, kind="identification")
-        require_fields(d, path, {
+        d = cls.read(path, {
             "epsilon": float, "n_star": (int, type(None)), "critical_set": list,
             "tokens": int, "baseline_nll_sum": float, "n_units": int, "curve": list,
         })
@@ -250,9 +255,18 @@ class Identification:
                 "rerun `achilles identify` (or `find`) to rewrite it"
             )
         try:
-            return cls._from_dict(d)
+            ident = cls._from_dict(d)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise AchillesError(f"{path} is not a valid identification file (bad entry: {e})") from None
+        critical = {u.key for u in ident.critical_set}
+        stray = [u for u in ident.minimal_set if u.key not in critical]
+        if stray:
+            raise AchillesError(
+                f"{path}: its minimal set holds {stray[0]}, which is not in its critical set "
+                "(the minimal set is a subset of the critical set): the file is damaged or "
+                "mixed from two runs; identify again"
+            )
+        return ident
 
     @classmethod
     def _from_dict(cls, d: dict[str, Any]) -> Identification:
@@ -279,6 +293,8 @@ class Identification:
             env=d.get("env", {}),
             curve_complete=bool(d.get("curve_complete", True)),
             fp32_check=_decode_check(d.get("fp32_check")),
+            run_id=run_id_of(d),
+            ranking_run_id=d.get("ranking_run_id") if isinstance(d.get("ranking_run_id"), str) else None,
         )
 
 
@@ -305,8 +321,12 @@ def identify(
     config: IdentifyConfig,
     *,
     progress: bool = False,
+    clean_nll: float | None = None,
 ) -> Identification:
-    """Find the smallest prefix of ``ranking`` whose masking gives Δ ≥ ε, then minimise it."""
+    """Find the smallest prefix of ``ranking`` whose masking gives Δ ≥ ε, then minimise it.
+
+    ``clean_nll``: the text's clean summed NLL, when a prepared run measured it.
+    """
     n_max = min(config.max_neurons, len(ranking))
     if n_max < 1:
         raise AchillesError("the ranking holds no units: nothing to mask (rank again)")
@@ -317,7 +337,7 @@ def identify(
     modules = list(dict.fromkeys(u.module for u in candidates))
     ev = MaskEvaluator(
         model, pool, input_ids, modules=modules, batch_size=config.batch_size,
-        rows_hint=max(1, n_max // config.step),
+        rows_hint=max(1, n_max // config.step), clean_nll=clean_nll,
     )
     seen: dict[int, Measurement] = {}
     bar = tqdm(total=n_max, desc="stage 2: masking prefixes", disable=not progress)

@@ -147,6 +147,7 @@ def recheck_fp32(
     units: Sequence[Unit],
     *,
     pool: UnitPool | None = None,
+    input_ids: torch.Tensor | None = None,
 ) -> Fp32Check:
     """Δ of ``units`` on ``text`` with float32 weights.
 
@@ -157,6 +158,7 @@ def recheck_fp32(
         text: the text Δ is measured on.
         units: the set to mask.
         pool: the unit pool (default: built from the units' component kinds).
+        input_ids: the text's token ids, when a prepared run has them (default: tokenized).
     """
     if isinstance(lm_or_spec, ModelSpec):
         dtype_run = lm_or_spec.dtype
@@ -176,7 +178,7 @@ def recheck_fp32(
         kinds = sorted({u.component for u in units}) or None
         pool = build_pool(lm32.model, components=kinds)
     units = pool.validate(list(units), source="the unit set")
-    ids = tokenize(lm32.tokenizer, text)
+    ids = tokenize(lm32.tokenizer, text) if input_ids is None else input_ids
     with ctx:
         ev = MaskEvaluator(lm32.model, pool, ids, batch_size=1)
         m = ev.measure([units])[0]
@@ -185,7 +187,8 @@ def recheck_fp32(
 
 
 def fp32_check(
-    lm: LoadedModel, text: str, pool: UnitPool, result: Identification
+    lm: LoadedModel, text: str, pool: UnitPool, result: Identification, *,
+    input_ids: torch.Tensor | None = None,
 ) -> dict[str, Any] | None:
     """Δ of the final set (minimal, else critical) of a non-float32 run, re-measured in float32.
 
@@ -206,7 +209,7 @@ def fp32_check(
         "delta_run": delta_run,
     }
     try:
-        check = recheck_fp32(lm, text, units, pool=pool)
+        check = recheck_fp32(lm, text, units, pool=pool, input_ids=input_ids)
     except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded, the rest raises
         if not is_oom(e):
             raise

@@ -345,6 +345,28 @@ def restore_weights_(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> 
             model.get_parameter(key).copy_(value)
 
 
+def zero_weight_entry_(model: torch.nn.Module, unit: Unit, input_channel: int) -> dict[str, torch.Tensor]:
+    """Zero the one weight linking ``input_channel`` to ``unit``'s output channel, in place.
+
+    ``Linear`` weights are ``[out, in]``, GPT-2's ``Conv1D`` ``[in, out]``. Returns what
+    :func:`restore_weights_` needs to undo it (the one saved value).
+    """
+    module = model.get_submodule(unit.module)
+    param = f"{unit.module}.weight"
+    weight = model.get_parameter(param)
+    if weight.device.type == "meta":
+        raise AchillesError(
+            f"cannot edit the weights of {unit.module!r}: they are offloaded (on 'meta'); "
+            "load the model without CPU/disk offloading to edit weights"
+        )
+    index = (unit.channel, input_channel) if isinstance(module, torch.nn.Linear) else (
+        input_channel, unit.channel)
+    with torch.no_grad():
+        saved = {param: weight.detach().clone()}
+        weight[index] = 0
+    return saved
+
+
 @contextmanager
 def set_channels(
     model: torch.nn.Module, values: Mapping[Unit, float | torch.Tensor]

@@ -1,52 +1,50 @@
 """``write_report``: ``RUN_DIR/report.md`` and a self-contained ``RUN_DIR/report.html``.
 
-The report reads the run's result files (``ranking.json``, ``identification.json``,
-``analysis.json``, and ``comparison.json`` / ``downstream.json`` / ``heldout.json`` /
-``mechanism.json`` when another command wrote them) and renders every number with
-:func:`~achilles.report.document.fmt` from those files, so the report and the JSON agree at
-the printed precision.
+The report renders the results it is given: the run's ``ranking.json`` and
+``identification.json``, the analysis (computed before it, in the command, by
+:func:`~achilles.analysis.run.analyze_for_report`; read from ``analysis.json`` when not
+given), and ``comparison.json`` / ``downstream.json`` / ``heldout.json`` /
+``mechanism.json`` of the same run when another command wrote them. Every number is
+rendered with :func:`~achilles.report.document.fmt` from those files, so the report and
+the JSON agree at the printed precision.
 
 It reads finding first: a summary paragraph, then the evidence, then the provenance. The
-sections are the ordered list :data:`SECTIONS` of builders, each a function of a
-:class:`ReportContext` that returns its blocks (or ``None`` to leave the section out);
-:func:`register_section` adds one, before the provenance by default.
+sections are the ordered list :data:`SECTIONS` of builders (:mod:`achilles.report.sections`),
+each a function of a :class:`ReportContext` that returns its blocks (or ``None`` to leave
+the section out); :func:`register_section` adds one, before the provenance by default.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from achilles.analysis.run import ANALYSIS_FILE, analyze_run
-from achilles.model.gguf_source import describe_gguf
-from achilles.model.loading import LoadedModel
+from achilles.analysis.run import ANALYSIS_FILE, analyze_for_report, check_same_run, load_run
 from achilles.model.names import model_name as display_name
-from achilles.plots.activations import plot_activations
-from achilles.plots.controls import plot_controls
-from achilles.plots.layers import plot_layers
-from achilles.plots.phase import plot_phase
-from achilles.report.compression import compression_section
-from achilles.report.document import (
-    Block,
-    Figure,
-    Heading,
-    Para,
-    Table,
-    capped,
-    fmt,
-    to_html,
-    to_markdown,
+from achilles.report.document import Block, to_html, to_markdown
+from achilles.report.sections import (  # noqa: F401 - ReportContext, SectionBuilder re-exported
+    ReportContext,
+    SectionBuilder,
+    activations_section,
+    comparison_section,
+    compression_section_of,
+    controls_section,
+    downstream_section,
+    locations_section,
+    mechanism_section,
+    phase_section,
+    provenance_section,
+    sets_section,
+    summary_section,
+    weights_section,
 )
-from achilles.results.schema import read_json
+from achilles.results.envelope import run_id_of
+from achilles.results.files import atomic_write
 
 logger = logging.getLogger(__name__)
-
-FIGURES_DIR = "figures"
 
 
 @dataclass(frozen=True)
@@ -59,420 +57,10 @@ class ReportFiles:
     figures: list[Path]
 
 
-def _read_optional(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
-        logger.warning("ignoring %s: %s", path, e)
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _unit_row(rank: int, u: Mapping[str, Any], score: Any, extra: Any) -> list[Any]:
-    return [rank, u["module"], u["layer"], u["component"], u["channel"], score, extra]
-
-
-def _provenance(ident: Mapping[str, Any], ranking: Mapping[str, Any]) -> list[Block]:
-    cfg, env = ident.get("config", {}), ident.get("env", {})
-    model = cfg.get("model", {})
-    rank_cfg = cfg.get("ranking", {})
-    rows = [
-        ["model", model.get("model")],
-        ["revision", env.get("model_revision") or model.get("revision")],
-        *([["weights", describe_gguf(env["gguf"])]] if env.get("gguf") else []),
-        ["dtype", env.get("dtype")],
-        ["device", env.get("device")],
-        ["ranking method", ranking.get("method")],
-        ["seed", rank_cfg.get("seed")],
-        ["α (alpha)", rank_cfg.get("alpha")],
-        ["K (samples)", rank_cfg.get("samples")],
-        ["pool components", ", ".join(ranking.get("pool", {}).get("components", []))],
-        ["units in pool", ranking.get("pool", {}).get("n_units")],
-        ["tokens (incl. BOS)", ranking.get("tokens")],
-        ["ε (epsilon)", ident.get("epsilon")],
-        ["search", cfg.get("identify", {}).get("search")],
-    ]
-    rows += [[k, env.get(k)] for k in ("achilles", "achilles_git", "python", "torch", "transformers", "accelerate", "cuda")]
-    return [
-        Heading("Provenance"),
-        Table(["field", "value"], rows),
-        Para("Text:"),
-        Para(str(cfg.get("text", "")), code=True),
-    ]
-
-
-def _position(pos: Any, tokens: Sequence[str] | None) -> Any:
-    """A token position with its token string: ``12 'Paris'``."""
-    if isinstance(pos, int) and tokens and 0 <= pos < len(tokens):
-        return f"{pos} {tokens[pos]!r}"
-    return pos
-
-
-def _sets(ident: Mapping[str, Any], scores: Mapping[tuple[str, int], Any],
-          tokens: Sequence[str] | None = None) -> list[Block]:
-    out: list[Block] = [Heading("Critical and minimal sets")]
-    if not ident.get("found"):
-        out.append(Para(f"No critical set: Δ never reached ε = {fmt(ident.get('epsilon'))}."))
-        return out
-    out.append(Para(
-        f"n* = {fmt(ident['n_star'])} at ε = {fmt(ident['epsilon'])} "
-        f"(Δ = {fmt(ident.get('delta_critical'))}); minimal set: {fmt(ident.get('n_minimal'))} "
-        f"unit(s), Δ = {fmt(ident.get('delta_minimal'))}. "
-        f"n*(ε): " + ", ".join(f"ε={k}: {fmt(v)}" for k, v in ident.get("n_star_by_epsilon", {}).items())
-    ))
-    out.append(Heading("Minimal set", 3))
-    out.append(Para("rank: position in the ranking; Δ without: Δ of the minimal set with that "
-                    "unit left unmasked."))
-    out.append(capped(
-        ["rank", "module", "layer", "component", "channel", "score", "Δ without"],
-        [_unit_row(scores.get(("rank", u["module"], u["channel"])), u,
-                   scores.get((u["module"], u["channel"])), u.get("delta_without"))
-         for u in ident.get("minimal_set", [])],
-        more="in identification.json",
-    ))
-    out.append(Heading("Critical set (prefix of the ranking)", 3))
-    rows = []
-    for i, u in enumerate(ident.get("critical_set", [])):
-        score, pos = scores.get(("pos", u["module"], u["channel"]), (None, None))
-        rows.append(_unit_row(i + 1, u, score, _position(pos, tokens)))
-    out.append(capped(
-        ["rank", "module", "layer", "component", "channel", "score", "position"], rows,
-        more="in identification.json",
-    ))
-    out.append(Para(
-        "position: the token (0 = first, the BOS where the tokenizer adds one) at which the "
-        "unit's score peaks, with the token; inf: a perplexity that overflowed (non-finite)."
-    ))
-    return out
-
-
-def _weights(weights: Mapping[str, Any] | None, tokens: Sequence[str] | None = None) -> list[Block]:
-    out: list[Block] = [Heading("Weights behind the critical units")]
-    if weights is None:
-        return out + [Para("Not computed: rerun `achilles report RUN_DIR --model MODEL`.")]
-    out.append(Para(
-        f"For each critical {' / '.join(weights['kinds'])} unit: the largest |w| of the weight "
-        f"row writing it (super-weight check: max|w| / median|w|), the input channel driving it "
-        f"at its peak position on the text, and its peak |output| over the module's median "
-        f"|output| (massive if ≥ {fmt(weights['massive_threshold'])}×)."
-    ))
-    rows = [
-        [w["module"], w["layer"], w["channel"],
-         ", ".join(f"{i}:{fmt(v, 3)}" for i, v in zip(w["top_inputs"], w["top_weights"])),
-         w["max_over_median_weight"], w["driver_input"], w["driver_share"],
-         _position(w["peak_position"], tokens),
-         w["peak_output"], w["massive_ratio"], w["massive"], w.get("delta_row"),
-         w.get("delta_top_weight"), w.get("delta_driver_weight")]
-        for w in weights["units"]
-    ]
-    if not rows:
-        return out + [Para("No critical unit of these kinds.")]
-    out.append(capped(
-        ["module", "layer", "channel", "top |w| (input:w)", "max/median |w|", "driver input",
-         "driver share", "peak pos", "peak output", "massive ratio", "massive", "Δ row zeroed",
-         "Δ top weight zeroed",
-         "Δ driver weight zeroed"],
-        rows, more="in analysis.json",
-    ))
-    out.append(Para(
-        "input:w: input channel and its weight in the unit's row; driver input: the input "
-        "channel contributing most to the unit's output at its peak position (peak pos), with "
-        "its share of that output; Δ row zeroed / Δ top weight zeroed: Δ on the text with the "
-        "unit's whole weight row zeroed, and with only its largest weight zeroed (a super "
-        "weight carries the row when the two agree); inf in max/median |w|: the row's median "
-        "|w| is 0; Δ driver weight zeroed: with only the driver input's weight zeroed."
-    ))
-    return out
-
-
-def _controls(controls: Mapping[str, Any] | None, fig: Path | None) -> list[Block]:
-    out: list[Block] = [Heading("Controls")]
-    if controls is None:
-        return out + [Para("Not computed: rerun `achilles report RUN_DIR --model MODEL`.")]
-    ma, rs, fp = controls.get("mean_ablation") or {}, controls.get("random_sets"), controls.get("fp32")
-    rows = [
-        ["zero-ablation (the set)", ma.get("delta_zero"), "-"],
-        ["mean-ablation (the set)", ma.get("delta_mean"), "channel set to its mean over positions"],
-    ]
-    if rs:
-        drawn = rs.get("drawn", "same-module")
-        rows.append(["random sets: mean", rs.get("mean"), f"{len(rs['deltas'])} seeds, {drawn}"])
-        rows.append(["random sets: sd", rs.get("sd"), ""])
-        rows.append(["random sets: max |Δ|", rs.get("max_abs"), ""])
-    rows.append(["zero-ablation in fp32", fp.get("delta_fp32") if fp else None,
-                 f"run dtype {fp['dtype_run']}, {fp['method']}" if fp else "not needed (run in fp32) or not run"])
-    out.append(Para(f"On the {controls.get('set')} set ({fmt(controls.get('n_units'))} unit(s))."))
-    for d in controls.get("dense_modules") or []:
-        out.append(Para(
-            f"Note: the set covers {d['count']} of the {d['width']} channels of {d['module']}: "
-            "most of the module rather than a few units in it; random sets of that size are "
-            "completed from other modules (see the note column)."
-        ))
-    out.append(Table(["control", "Δ", "note"], rows))
-    if fig:
-        what = "in fp32, " if fp else ""
-        out.append(Figure(fig, f"Controls: Δ of the set zeroed, mean-ablated, {what}and of random "
-                               f"sets ({(rs or {}).get('drawn', 'same-module')})"))
-    return out
-
-
-def _flatten(d: Any, prefix: str = "", depth: int = 3) -> list[tuple[str, Any]]:
-    if isinstance(d, Mapping) and depth > 0:
-        out: list[tuple[str, Any]] = []
-        for k, v in d.items():
-            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k), depth - 1)
-        return out
-    if isinstance(d, list) and d and all(isinstance(x, (int, float, str)) for x in d):
-        return [(prefix, ", ".join(fmt(x) for x in d))]
-    return [(prefix, d if isinstance(d, (int, float, str, bool)) or d is None else json.dumps(d)[:200])]
-
-
-def _comparison(run_dir: Path) -> list[Block]:
-    """Perplexity per level (rows) and ranking method (columns) from ``comparison.json``."""
-    data = _read_optional(run_dir / "comparison.json")
-    png = run_dir / "comparison.png"
-    if data is None or not isinstance(data.get("methods"), Mapping):
-        return _external(run_dir, "comparison", "Baseline comparison", ("methods",))
-    methods = {m: {p["n"]: p for p in pts} for m, pts in data["methods"].items()}
-    rand = {p["n"]: p for p in (data.get("random") or {}).get("levels", [])}
-    runs = (data.get("random") or {}).get("runs")
-    levels = sorted({n for pts in methods.values() for n in pts} | set(rand))
-    header = ["n masked", *methods]
-    if rand:
-        header.append(f"random (mean ± sd, {runs} runs)")
-    rows = []
-    for n in levels:
-        row: list[Any] = [n, *(fmt(methods[m][n]["ppl"]) if n in methods[m] else "-" for m in methods)]
-        if rand:
-            r = rand.get(n)
-            row.append(f"{fmt(r['ppl_mean'])} ± {fmt(r['ppl_sd'])}" if r else "-")
-        rows.append(row)
-    base = (data.get("baseline") or {}).get("ppl")
-    out: list[Block] = [
-        Heading("Baseline comparison"),
-        Para(f"Perplexity on the evaluation data with the top-n units of each ranking masked "
-             f"(from comparison.json; unmasked: {fmt(base)})."),
-        Table(header, rows),
-    ]
-    for skip in data.get("skipped") or []:
-        out.append(Para(f"skipped: {skip}"))
-    if png.is_file():
-        out.append(Figure(png, "Perplexity against the number of masked units (comparison.png)"))
-    return out
-
-
-def _downstream(run_dir: Path) -> list[Block]:
-    """One row per (level, task) with the task's metrics from ``downstream.json``."""
-    data = _read_optional(run_dir / "downstream.json")
-    if data is None or not isinstance(data.get("levels"), list):
-        return _external(run_dir, "downstream", "Downstream results", ("results", "tasks"))
-    rows = []
-    for lv in data["levels"]:
-        for task, res in (lv.get("results") or {}).items():
-            metrics = ", ".join(
-                f"{k.split(',')[0]}={fmt(v)}" for k, v in res.items()
-                if "," in k and "stderr" not in k and isinstance(v, (int, float))
-            )
-            rows.append([lv.get("level"), task, metrics])
-    return [Heading("Downstream results"), Para("lm-evaluation-harness, from downstream.json."),
-            capped(["units masked", "task", "metrics"], rows, limit=40, more="in downstream.json")]
-
-
-def _external(run_dir: Path, name: str, title: str, keys: tuple[str, ...]) -> list[Block]:
-    data = _read_optional(run_dir / f"{name}.json")
-    png = run_dir / f"{name}.png"
-    if data is None and not png.is_file():
-        return []
-    out: list[Block] = [Heading(title)]
-    if data is not None:
-        body = next((data[k] for k in keys if isinstance(data.get(k), Mapping)), None)
-        if body is None:
-            body = {k: v for k, v in data.items() if k not in ("config", "env", "schema_version", "kind")}
-        rows = [[k, v] for k, v in _flatten(body)]
-        out.append(Para(f"From {name}.json."))
-        out.append(capped(["key", "value"], rows, limit=40, more=f"in {name}.json"))
-    if png.is_file():
-        out.append(Figure(png, f"{title} ({name}.png)"))
-    return out
-
-
-def _mechanism(run_dir: Path) -> list[Block]:
-    """The Mechanism section (``achilles explain``), when the run has a mechanism.json."""
-    from achilles.report.mechanism import mechanism_blocks
-
-    return mechanism_blocks(run_dir) or []
-
-
-@dataclass
-class ReportContext:
-    """What a section builder sees: the run's result files, loaded once."""
-
-    run_dir: Path
-    analysis: Mapping[str, Any]
-    ranking: Mapping[str, Any]
-    identification: Mapping[str, Any]
-    model_name: str
-    tokens: list[str] | None = None
-    """The text's tokens as display strings, when known (``analysis.json`` ``tokens``)."""
-    figures: list[Path] = field(default_factory=list)
-    """Figures drawn so far (builders append theirs)."""
-
-    @property
-    def figures_dir(self) -> Path:
-        return self.run_dir / FIGURES_DIR
-
-    def read(self, name: str) -> dict[str, Any] | None:
-        """``RUN_DIR/name`` as a dict, or ``None`` when missing or unreadable."""
-        return _read_optional(self.run_dir / name)
-
-    def scores(self) -> dict[Any, Any]:
-        scores: dict[Any, Any] = {}
-        for i, n in enumerate(self.ranking["neurons"]):
-            scores.setdefault(("rank", n["module"], n["channel"]), i + 1)
-            scores.setdefault((n["module"], n["channel"]), n["score"])
-            scores.setdefault(("pos", n["module"], n["channel"]), (n["score"], n.get("position")))
-        return scores
-
-
-SectionBuilder = Callable[[ReportContext], Sequence[Block] | None]
-
-
-def _units_phrase(units: Sequence[Mapping[str, Any]], limit: int = 5) -> str:
-    names = [f"L{u['layer']}.{u['component']}[{u['channel']}]" for u in units[:limit]]
-    more = f" and {len(units) - limit} more" if len(units) > limit else ""
-    return ", ".join(names) + more
-
-
-def summary_section(ctx: ReportContext) -> list[Block]:
-    """The finding in one paragraph: how many units, which, perplexity clean -> masked."""
-    ident = ctx.identification
-    blocks: list[Block] = [Heading(f"achilles report: {ctx.model_name}", 1)]
-    clean = math.exp(ident["baseline_nll"]) if isinstance(ident.get("baseline_nll"), (int, float)) else None
-    if not ident.get("found"):
-        curve = ident.get("curve") or []
-        top = max((p["delta"] for p in curve), default=None)
-        last = curve[-1]["n"] if curve else None
-        text = (f"No critical set in {ctx.model_name}: masking up to the top {fmt(last)} units "
-                f"of the ranking raised the perplexity of the text by Δ = {fmt(top)} orders of "
-                f"magnitude at most, short of ε = {fmt(ident.get('epsilon'))}.")
-        return blocks + [Para(text)]
-    minimal = ident.get("minimal_set") or ident.get("critical_set") or []
-    which = "minimal" if ident.get("minimal_set") else "critical"
-    d = ident.get("delta_minimal") if which == "minimal" else ident.get("delta_critical")
-    masked = clean * 10 ** d if clean is not None and isinstance(d, (int, float)) else None
-    text = (f"Masking {len(minimal)} unit(s) of {ctx.model_name} ({_units_phrase(minimal)}: the "
-            f"{which} set, out of {fmt(ctx.ranking.get('pool', {}).get('n_units'))} in the pool) "
-            f"raises the perplexity of the text from {fmt(clean)} to {fmt(masked)} "
-            f"(Δ = {fmt(d)} orders of magnitude; ε = {fmt(ident.get('epsilon'))}, "
-            f"first reached with the top n* = {fmt(ident.get('n_star'))} units of the ranking).")
-    held = ctx.read("heldout.json")
-    if held and isinstance(held.get("clean"), Mapping) and isinstance(held.get("masked"), Mapping):
-        text += (f" On held-out data ({display_name(held.get('config', {}).get('data'))}, "
-                 f"{fmt(held['clean'].get('tokens'))} tokens) the same units take the perplexity "
-                 f"from {fmt(held['clean'].get('ppl'))} to {fmt(held['masked'].get('ppl'))}.")
-    else:
-        text += (" Held-out perplexity with the set masked is not part of this run; "
-                 "`achilles ppl --data FILE --mask RUN_DIR/identification.json` measures it.")
-    from achilles.report.mechanism import read_mechanism
-
-    mech = read_mechanism(ctx.run_dir)
-    if mech and isinstance(mech.get("summary"), str) and mech["summary"].strip():
-        text += f" Mechanism: {mech['summary'].strip()}"
-    dense = (ctx.analysis.get("controls") or {}).get("dense_modules") or []
-    for dm in dense:
-        text += (f" Note: the set covers {dm['count']} of the {dm['width']} channels of "
-                 f"{dm['module']}, most of that module.")
-    return blocks + [Para(text)]
-
-
-def sets_section(ctx: ReportContext) -> list[Block]:
-    return _sets(ctx.identification, ctx.scores(), ctx.tokens)
-
-
-def locations_section(ctx: ReportContext) -> list[Block]:
-    loc = ctx.analysis["locations"]
-    f_layers = plot_layers(loc, ctx.figures_dir / "layers.png", title=ctx.model_name)
-    ctx.figures.append(f_layers)
-    return [Heading("Where the critical units live"), Table(
-        ["set", "units", "mlp.down share", "outer-layer share"],
-        [[d["label"], d["n_units"], d["down_share"], d["outer_share"]] for d in (loc["critical"], loc["ranking"])],
-    ), Para(
-        f"{fmt(loc['n_layers'])} layers; outer layers: first {len(loc['outer_layers']['first'])} "
-        f"and last {len(loc['outer_layers']['last'])} (a quarter each)."
-    ), Figure(f_layers, "Units per layer, stacked by component kind: critical set (top), top of the ranking (bottom)")]
-
-
-def phase_section(ctx: ReportContext) -> list[Block]:
-    ph, ident = ctx.analysis["phase"], ctx.identification
-    f_phase = plot_phase(ident["curve"], ctx.figures_dir / "phase.png", epsilon=ident["epsilon"],
-                         n_star=ident.get("n_star"), phase=ph, title=ctx.model_name)
-    ctx.figures.append(f_phase)
-    return [Heading("Phase transition"), Table(
-        ["quantity", "value"],
-        [["largest jump", ph["jump"]], ["at n", ph["n_jump"]], ["from n", ph["n_before"]],
-         ["sharpness (jump / range)", ph["sharpness"]], ["max Δ", ph["max_delta"]],
-         ["at n (max Δ)", ph["n_max_delta"]], ["non-monotone", ph["non_monotone"]],
-         ["largest drawdown", (ph["max_drawdown"] or {}).get("size")],
-         ["drawdown from n", (ph["max_drawdown"] or {}).get("from_n")],
-         ["drawdown to n", (ph["max_drawdown"] or {}).get("n")],
-         ["tolerance", ph["tolerance"]], ["non-finite points", len(ph["nonfinite_n"])]],
-    ), Figure(f_phase, "Δ vs number of masked units (log x): ε dashed, n* dotted, the largest "
-                       "jump arrowed when it is a real transition, non-finite points as red crosses")]
-
-
-def activations_section(ctx: ReportContext) -> list[Block] | None:
-    """The traced critical channels' activation at every token (Massive Activations style)."""
-    acts = ctx.analysis.get("activations")
-    if not acts or not acts.get("units"):
-        return None
-    fig = plot_activations(acts, ctx.tokens, ctx.figures_dir / "activations.png",
-                           title=f"{ctx.model_name}: the {acts.get('set', 'final')} set's "
-                                 "channels, activation per token")
-    ctx.figures.append(fig)
-    return [Heading("Activation per token"), Para(
-        f"The first {len(acts['units'])} unit(s) of the {acts.get('set', 'final')} set on the "
-        "text, clean pass: a massive activation is one token (often the first) far above "
-        "all others."
-    ), Figure(fig, "Activation of each unit at every token position (x: the tokens)")]
-
-
-def weights_section(ctx: ReportContext) -> list[Block]:
-    return _weights(ctx.analysis.get("weights"), ctx.tokens)
-
-
-def controls_section(ctx: ReportContext) -> list[Block]:
-    controls = ctx.analysis.get("controls")
-    fig = None
-    if controls:
-        fig = plot_controls(controls, ctx.figures_dir / "controls.png",
-                            epsilon=ctx.identification["epsilon"])
-        ctx.figures.append(fig)
-    return _controls(controls, fig)
-
-
-def comparison_section(ctx: ReportContext) -> list[Block]:
-    return _comparison(ctx.run_dir)
-
-
-def downstream_section(ctx: ReportContext) -> list[Block]:
-    return _downstream(ctx.run_dir)
-
-
-def provenance_section(ctx: ReportContext) -> list[Block]:
-    hl = ctx.analysis["health"]
-    return _provenance(ctx.identification, ctx.ranking) + [Para(
-        f"Numerical health: dtype {fmt(hl['dtype'])}, {fmt(hl['nonfinite_points'])} non-finite "
-        f"of {fmt(hl['curve_points'])} curve points"
-        + (f" (n = {', '.join(map(str, hl['nonfinite_n']))})" if hl["nonfinite_n"] else "") + "."
-    )]
-
-
 SECTIONS: list[tuple[str, SectionBuilder]] = [
     ("summary", summary_section),
     ("sets", sets_section),
-    ("mechanism", lambda ctx: _mechanism(ctx.run_dir) or None),
+    ("mechanism", mechanism_section),
     ("locations", locations_section),
     ("phase", phase_section),
     ("activations", activations_section),
@@ -480,7 +68,7 @@ SECTIONS: list[tuple[str, SectionBuilder]] = [
     ("controls", controls_section),
     ("comparison", comparison_section),
     ("downstream", downstream_section),
-    ("compression", lambda ctx: compression_section(ctx.run_dir) or None),
+    ("compression", compression_section_of),
     ("provenance", provenance_section),
 ]
 """The report's sections in order: ``(name, builder)``. The summary stays first and the
@@ -502,33 +90,26 @@ def register_section(name: str, builder: SectionBuilder, *, before: str = "prove
 
 def write_report(
     run_dir: str | Path,
-    lm: LoadedModel | None = None,
-    *,
     analysis: Mapping[str, Any] | None = None,
-    **analysis_options: Any,
 ) -> ReportFiles:
-    """Analyse ``run_dir`` (with ``lm`` for the model-needing parts) and write the report.
+    """Write ``RUN_DIR/report.md`` and ``report.html`` from the run's results.
 
-    Without ``lm``, the model-needing sections of an existing ``analysis.json`` are kept;
-    the model-free sections are always recomputed. ``analysis_options`` go to
-    :func:`~achilles.analysis.run.analyze_run`.
+    ``analysis``: what :func:`~achilles.analysis.run.analyze_for_report` returned (the
+    command runs it first, with the model when it has one); default: the model-free
+    analysis, with the model parts of an ``analysis.json`` of this same run kept.
     """
     run_dir = Path(run_dir)
     check_run_inputs(run_dir)
-    previous = _read_optional(run_dir / ANALYSIS_FILE)
+    ranking, ident = load_run(run_dir)
+    check_same_run(ranking, ident, run_dir)
     if analysis is None:
-        analysis = analyze_run(run_dir, lm, write=False, **analysis_options)
-        if lm is None and previous:
-            analysis = {**analysis, "weights": previous.get("weights"),
-                        "controls": previous.get("controls"), "tokens": previous.get("tokens"),
-                        "activations": previous.get("activations")}
-        from achilles.results.files import write_json
-
-        write_json(run_dir / ANALYSIS_FILE, analysis)
-    ranking_d = read_json(run_dir / "ranking.json", kind="ranking")
-    ident_d = read_json(run_dir / "identification.json", kind="identification")
-    name = display_name(ident_d.get("config", {}).get("model", {}).get("model"))
-    ctx = ReportContext(run_dir, analysis, ranking_d, ident_d, name, analysis.get("tokens"))
+        analysis = analyze_for_report(run_dir, results=(ranking, ident))
+    elif run_id_of(dict(analysis)) != ident.run_id:
+        raise ValueError("the analysis given is of another run than the folder's identification")
+    ranking_d, ident_d = ranking.to_dict(), ident.to_dict()
+    name = display_name(ident.config.get("model", {}).get("model"))
+    ctx = ReportContext(run_dir, analysis, ranking_d, ident_d, name, analysis.get("tokens"),
+                        run_id=ident.run_id)
     blocks: list[Block] = []
     for section, builder in SECTIONS:
         part = builder(ctx)
@@ -537,16 +118,10 @@ def write_report(
         logger.debug("report section %s: %d block(s)", section, len(part or ()))
 
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    _atomic_text(md_path, to_markdown(blocks, run_dir))
-    _atomic_text(html_path, to_html(blocks, f"achilles report: {name}"))
+    atomic_write(md_path, to_markdown(blocks, run_dir))
+    atomic_write(html_path, to_html(blocks, f"achilles report: {name}"))
     logger.info("report written: %s, %s", md_path, html_path)
     return ReportFiles(md_path, html_path, run_dir / ANALYSIS_FILE, list(ctx.figures))
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    from achilles.results.files import atomic_write
-
-    atomic_write(path, text)
 
 
 def check_run_inputs(run_dir: Path) -> None:

@@ -20,14 +20,13 @@ import errno
 import json
 import math
 import os
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from achilles.errors import AchillesError
+from achilles.results.signals import sigterm_unwinds
 
 
 def encode_float(x: float) -> float | str:
@@ -63,10 +62,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-class _Terminated(BaseException):
-    """SIGTERM arrived during an atomic write: unwind (removing the temp file), then exit."""
-
-
 def _umask() -> int:
     """The process umask (read from /proc where possible: ``os.umask`` alone must set it)."""
     try:
@@ -79,31 +74,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """Turn SIGTERM into an exception for the duration (main thread, default handler only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous not in (signal.SIG_DFL, None):
-        yield  # someone (the CLI, a test runner) already handles SIGTERM
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise _Terminated
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    except _Terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)  # die of SIGTERM as the sender expects
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _created_parents(folder: Path) -> list[Path]:
@@ -145,7 +115,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise AchillesError(f"cannot write {path}: it is a folder (name a file)")
     created = _created_parents(path.parent)
     tmp: Path | None = None
-    with _sigterm_unwinds():
+    with sigterm_unwinds():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(

@@ -16,8 +16,9 @@ import torch
 
 from achilles.errors import AchillesError
 from achilles.model.units import Unit, UnitPool
-from achilles.results.files import decode_float, write_json
-from achilles.results.schema import SCHEMA_VERSION, read_json, require_fields
+from achilles.results.envelope import Envelope, run_id_of
+from achilles.results.files import decode_float
+from achilles.results.schema import require_fields
 
 
 def reduce_positions(per_pos: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +81,10 @@ class RankedUnit:
 
 
 @dataclass
-class Ranking:
+class Ranking(Envelope):
     """Units of a pool, best first, with the config and provenance that produced them."""
+
+    KIND = "ranking"
 
     method: str
     neurons: list[RankedUnit]
@@ -91,18 +94,15 @@ class Ranking:
     env: dict[str, Any] = field(default_factory=dict)
     nonfinite: dict[str, int] | None = None
     """Counts of NaN/inf/-inf scores over the whole pool (before ``keep`` cut the list)."""
+    run_id: str | None = None
 
     @property
     def units(self) -> list[Unit]:
         return [r.unit for r in self.neurons]
 
-    def to_dict(self) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
         return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "ranking",
             "method": self.method,
-            "config": self.config,
-            "env": self.env,
             "pool": self.pool,
             "tokens": self.tokens,
             # the reference code's |N|: per-token channels × positions
@@ -111,13 +111,9 @@ class Ranking:
             "neurons": [r.to_dict() for r in self.neurons],
         }
 
-    def save(self, path: str) -> None:
-        write_json(path, self.to_dict())
-
     @classmethod
     def load(cls, path: str) -> Ranking:
-        d = read_json(path, kind="ranking")
-        require_fields(d, path, {"method": str, "pool": dict, "tokens": int, "neurons": list})
+        d = cls.read(path, {"method": str, "pool": dict, "tokens": int, "neurons": list})
         if not d["neurons"]:
             raise AchillesError(f"{path} ranks no units: rank again (check --keep)")
         try:
@@ -137,7 +133,7 @@ class Ranking:
             seen.add(r.unit.key)
         return cls(
             d["method"], neurons, d["pool"], d["tokens"], d.get("config", {}), d.get("env", {}),
-            d.get("nonfinite"),
+            d.get("nonfinite"), run_id_of(d),
         )
 
 

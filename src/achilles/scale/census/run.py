@@ -193,7 +193,7 @@ def failed_row(entry: ModelEntry, status: str, error: str | None) -> dict[str, A
 def run_task(task: Task, settings: CensusSettings, progress: bool = False) -> dict[str, Any]:
     """Run (or skip, if done) one model of a census; never raises for a failing model."""
     from achilles.errors import AchillesError
-    from achilles.method.pipeline import find, preflight
+    from achilles.method.pipeline import find, preflight, prepare
     from achilles.model.loading import load_model
     from achilles.results.guard import make_dir, remove_made
 
@@ -218,19 +218,24 @@ def run_task(task: Task, settings: CensusSettings, progress: bool = False) -> di
     start = time.perf_counter()
     lm = None
     try:
-        skeleton = preflight(entry.spec, text=settings.text, rank_config=settings.rank)
-        lm = load_model(entry.spec, tokenizer=skeleton.tokenizer)
-        ranking, ident = find(lm, settings.text, settings.rank, settings.identify, progress=progress)
+        checked = preflight(entry.spec, text=settings.text, rank_config=settings.rank,
+                            truncate=False)
+        lm = load_model(entry.spec, tokenizer=checked.skeleton.tokenizer)
+        run = prepare(lm, checked)
+        ranking, ident = find(lm, run, settings.rank, settings.identify, progress=progress)
         ranking.save(run_dir / "ranking.json")
         ident.save(str(run_dir / "identification.json"))
         if settings.explain and ident.found:
             from achilles.explain import ExplainConfig, explain_run
 
-            explain_run(run_dir, lm, ExplainConfig(), progress=progress)
+            explain_run(run_dir, lm, ExplainConfig(), progress=progress, prepared=run, ident=ident)
         if settings.report:
+            from achilles.analysis.run import analyze_for_report
             from achilles.report import write_report
 
-            write_report(run_dir, lm, fp32=False)  # identify already re-checked in float32
+            # identify already re-checked in float32; the report renders the analysis
+            write_report(run_dir, analyze_for_report(run_dir, lm, prepared=run,
+                                                     results=(ranking, ident), fp32=False))
         row = summary_row(entry, lm, ranking, ident, time.perf_counter() - start)
         row["report"] = "report.html" if settings.report else None
         write_json(run_dir / DONE_FILE, {

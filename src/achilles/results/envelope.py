@@ -1,0 +1,66 @@
+"""The envelope every result file shares: schema version, kind, run id, config and env.
+
+A result type subclasses :class:`Envelope`, names its ``KIND`` and states only its own
+fields in :meth:`Envelope.fields`; the envelope owns the common keys, the atomic save and
+the checked read (:meth:`Envelope.read`: schema, kind, the envelope's own field types).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from achilles.errors import AchillesError
+from achilles.results.files import write_json
+from achilles.results.schema import SCHEMA_VERSION, read_json, require_fields
+
+RUN_ID = "run_id"
+
+
+def envelope(kind: str, *, config: dict[str, Any] | None = None, env: dict[str, Any] | None = None,
+             run_id: str | None = None) -> dict[str, Any]:
+    """The common keys of a result file of ``kind`` (for results kept as plain dicts)."""
+    return {"schema_version": SCHEMA_VERSION, "kind": kind, RUN_ID: run_id,
+            "config": config if config is not None else {},
+            "env": env if env is not None else {}}
+
+
+def run_id_of(data: dict[str, Any]) -> str | None:
+    """The run id a result file records (``None`` for files made before run ids)."""
+    rid = data.get(RUN_ID)
+    return rid if isinstance(rid, str) and rid else None
+
+
+class Envelope:
+    """Base of a typed result: subclasses are dataclasses with ``config``, ``env`` and
+    ``run_id`` fields and implement :meth:`fields`."""
+
+    KIND: ClassVar[str] = ""
+    config: dict[str, Any]
+    env: dict[str, Any]
+    run_id: str | None
+
+    def fields(self) -> dict[str, Any]:
+        """The result's own keys (everything but the envelope's)."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**envelope(self.KIND, config=self.config, env=self.env, run_id=self.run_id),
+                **self.fields()}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the result atomically (a crash leaves the old file or the new, never half)."""
+        write_json(path, self.to_dict())
+        return Path(path)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], fields: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The file's JSON, checked: schema version, ``KIND``, the envelope's and ``fields``' types."""
+        d = read_json(path, kind=cls.KIND)
+        rid = d.get(RUN_ID)
+        if rid is not None and (not isinstance(rid, str) or not rid):
+            raise AchillesError(f"{path}: field {RUN_ID!r} must be a non-empty string, not {rid!r:.40}")
+        if fields:
+            require_fields(d, path, fields)
+        return d
