@@ -221,7 +221,7 @@ def check(folder: Path, heldout: str, demo: str, k: int, n_random: int, prefix_m
     else:
         # stage 2: prefix masking over the stage-1 ranking (unique (module, channel) entries)
         curve, seen, chosen = [], set(), []
-        for s, n, c, p in ranking:
+        for _s, n, c, _p in ranking:
             if (n, c) in seen:
                 continue
             seen.add((n, c))

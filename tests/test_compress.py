@@ -129,16 +129,13 @@ def test_zeroing_a_neurons_weights_equals_masking_it(arch: str) -> None:
     pool = build_pool(model, "all")
     site = next(s for s in pool.sites if s.component == "mlp.neuron")
     unit = Unit(site.module, 5, site.layer, "mlp.neuron")
-    with masked(model, pool, [unit]):
-        with torch.no_grad():
-            want = model(IDS).logits
+    with masked(model, pool, [unit]), torch.no_grad():
+        want = model(IDS).logits
     slices = unit_slices(model, unit)
     with torch.no_grad():
         for s in slices:
             if s.param.endswith("weight") and "down" not in s.param and "c_proj" not in s.param \
-                    and "4h_to_h" not in s.param:  # zero the producers only
-                model.get_parameter(s.param).narrow(s.dim, s.index, 1).zero_()
-            elif not s.param.endswith("weight"):
+                    and "4h_to_h" not in s.param or not s.param.endswith("weight"):  # zero the producers only
                 model.get_parameter(s.param).narrow(s.dim, s.index, 1).zero_()
         got = model(IDS).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -18,8 +18,8 @@ from tiny import TEXT, VOCAB, make_model
 from achilles import LoadedModel, ModelSpec, tokenize
 from achilles.analysis.weights import zeroed_weight_nll
 from achilles.explain import ExplainConfig, explain
+from achilles.explain.mediation import layer_bands, mediation_profile
 from achilles.explain.patching import Component
-from achilles.explain.run import layer_bands, mediation_profile
 from achilles.explain.trace import massive_groups
 from achilles.method.metrics import sequence_nll
 from achilles.model.units import Unit, build_pool

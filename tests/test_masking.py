@@ -55,9 +55,8 @@ def test_masked_channel_is_zero_at_every_position_and_row() -> None:
         lambda m, i: seen.__setitem__("o", i[0])
     )
     try:
-        with masked(model, pool, [Unit(name, 7)]):
-            with torch.no_grad():
-                model(IDS.repeat(3, 1))
+        with masked(model, pool, [Unit(name, 7)]), torch.no_grad():
+            model(IDS.repeat(3, 1))
     finally:
         handle.remove()
     out = seen["o"]

@@ -21,6 +21,7 @@ from achilles.model.units import Unit, UnitPool, build_pool
 from achilles.version import __version__
 
 __all__ = [
+    "__version__",
     "AchillesError",
     "ArchAdapter",
     "ChannelMasker",

@@ -177,9 +177,8 @@ class ChannelMasker:
             if mask is None:
                 return None
             b, r = out.shape[0], mask.shape[0]
-            if r != b:
-                if r != 1:
-                    raise ValueError(f"a batch of {b} rows under {r} masks at {module}")
+            if r != b and r != 1:
+                raise ValueError(f"a batch of {b} rows under {r} masks at {module}")
             # out [b, T, C]; mask [b or 1, C] -> broadcast over positions
             return out.masked_fill(mask.unsqueeze(1), 0)
 

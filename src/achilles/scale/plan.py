@@ -266,11 +266,11 @@ def plan_model(config: Any, settings: PlanConfig, *, name: str = "", truncate: b
     notes: list[str] = []
     plan_name = name or str(getattr(cfg, "_name_or_path", "") or cfg.model_type)
     limit = _context(config, cfg)
-    if limit is not None and T > limit and truncate:
+    if limit is not None and limit < T and truncate:
         notes.append(f"--truncate: T = {T:,} tokens cut to the model's context of {limit:,}")
         settings = dataclasses.replace(settings, tokens=limit)
         T = limit
-    elif limit is not None and T > limit:
+    elif limit is not None and limit < T:
         raise AchillesError(
             f"{plan_name}: T = {T:,} tokens is past the model's context of {limit:,} tokens "
             f"(a run refuses such a text): give --tokens {limit} or fewer, or a shorter text"

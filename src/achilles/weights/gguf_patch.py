@@ -6,6 +6,7 @@ exact in which tensor type and how the header is kept.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -193,7 +194,7 @@ def _block(t: Any) -> tuple[int, int]:
     return GGML_QUANT_SIZES[t.tensor_type]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def zero_block(qtype: Any) -> bytes:
     """One block of ``qtype`` that dequantizes to exactly 0.0 everywhere, or an error.
 
@@ -207,10 +208,8 @@ def zero_block(qtype: Any) -> bytes:
     if qtype.name in ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"):
         return bytes(size)  # IEEE and two's complement zero
     candidates = []
-    try:
+    with contextlib.suppress(Exception):  # no Python quantizer for this type: try zero bytes
         candidates.append(quants.quantize(np.zeros((1, block), np.float32), qtype).tobytes())
-    except Exception:  # noqa: BLE001, S110 - no Python quantizer for this type: try zero bytes
-        pass
     candidates.append(bytes(size))
     zeros = []
     for c in candidates:

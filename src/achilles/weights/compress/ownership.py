@@ -50,9 +50,7 @@ def _out_slices(model: torch.nn.Module, path: str, c: int) -> list[WeightSlice]:
     w = getattr(mod, "weight", None)
     if not isinstance(w, torch.Tensor):
         raise AchillesError(f"{path} has no weight: no weights belong to its channels")
-    if w.dim() == 1:
-        dim = 0
-    elif isinstance(mod, torch.nn.Linear):
+    if w.dim() == 1 or isinstance(mod, torch.nn.Linear):
         dim = 0
     elif _is_conv1d(mod):
         dim = 1
