@@ -113,20 +113,14 @@ def render_dialogue(model: str, out: Path) -> Path:
 def run_study(s: Study) -> None:
     m, out, q = s.model, s.out, s.quick
     demo, held = str(ROOT / "data" / "demo.txt"), str(ROOT / "data" / "heldout.txt")
-    ppl = ["--data", held, "--max-tokens", "512" if q else "4096"]
+    ppl = ["--data", held, "--max-tokens", "512" if q else "1024"]
     find = out / "find"
     s.run("find", ["find", "--model", m, "--text-file", demo, "--out-dir", str(find), "--no-explain",
                    *s.samples()], find / "report.md")
-    s.run("explain", ["explain", str(find), "--model", m, "--patch-scope", "after"],
-          find / "mechanism.json")
     levels = "1,2,3,5,10,20" if q else "1,2,3,5,10,20,50,100"
     s.run("compare", ["compare", "--model", m, "--text-file", demo, "--methods", METHODS,
                       "--levels", levels, "--random-runs", "2" if q else "5", *ppl, *s.samples(),
                       "--out-dir", str(out / "compare")], out / "compare" / "comparison.json")
-    grid = ["--alpha", "1,5", "--samples", "4,8"] if q else ["--alpha", "1,3,5,7", "--samples", "25,50,100"]
-    s.run("sweep", ["sweep", "--model", m, "--text-file", demo, *grid, "--grid", "full",
-                    "--anchor-samples", "8" if q else "100", "--out-dir", str(out / "sweep")],
-          out / "sweep" / "sweep.json")
     texts = [demo] + [str(ROOT / "data" / "robustness" / t) for t in TEXTS if t.endswith(".txt")]
     texts.insert(3, str(render_dialogue(m, out)))
     s.run("robustness", ["robustness", "--model", m, *[a for t in texts for a in ("--text-file", t)],
@@ -141,6 +135,12 @@ def run_study(s: Study) -> None:
     s.run("compress", ["compress", "--model", m, "--mask", str(find / "identification.json"),
                        *ppl, "--methods", COMPRESS, "--seeds", "1" if q else "3",
                        "--out-dir", str(out / "compress")], out / "compress" / "compression.json")
+    grid = ["--alpha", "1,5", "--samples", "4,8"] if q else ["--alpha", "1,3,5,7", "--samples", "25,50,100"]
+    s.run("sweep", ["sweep", "--model", m, "--text-file", demo, *grid, "--grid", "full",
+                    "--anchor-samples", "8" if q else "100", "--out-dir", str(out / "sweep")],
+          out / "sweep" / "sweep.json")
+    s.run("explain", ["explain", str(find), "--model", m, "--patch-scope", "after"],
+          find / "mechanism.json")
 
 
 def main(argv: list[str] | None = None) -> int:
