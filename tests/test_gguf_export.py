@@ -23,7 +23,7 @@ import transformers as T
 from gguf import GGMLQuantizationType as Q
 from tiny import make_model
 
-from achilles import build_pool, masked
+from achilles import LoadedModel, build_pool, masked
 from achilles.cli import main
 from achilles.errors import AchillesError
 from achilles.method.identify import Identification
