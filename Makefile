@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo lint test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/achilles demo --out-dir runs/demo
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/mypy
+
+test: lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 
 test-slow: setup
