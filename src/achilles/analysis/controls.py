@@ -164,9 +164,9 @@ def random_like(units: Sequence[Unit], pool: UnitPool, rng: random.Random) -> li
             for c in range(s.width)
             if (s.module, c) not in chosen
         ]
-        pick = rng.sample(spare, min(short, len(spare)))
-        out += pick
-        short -= len(pick)
+        drawn = rng.sample(spare, min(short, len(spare)))
+        out += drawn
+        short -= len(drawn)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from achilles.config import (
     IdentifyConfig,
@@ -18,6 +19,11 @@ from achilles.errors import AchillesError
 from achilles.method.ranking import METHODS
 from achilles.results.files import check_destination
 from achilles.results.lock import claim_dir
+
+if TYPE_CHECKING:
+    from achilles.method.prepared import CheckedInputs
+    from achilles.method.ranking.base import Ranking
+    from achilles.model.loading import LoadedModel
 
 
 def add_common(p: argparse.ArgumentParser, *, text: bool = True, texts: bool = False) -> None:
@@ -49,7 +55,7 @@ class _DeprecatedAlias(argparse.Action):
 
 
 def add_deprecated_alias(p: argparse.ArgumentParser, old: str, new: str, dest: str,
-                         **kw: object) -> None:
+                         **kw: Any) -> None:
     """Accept ``old`` as a hidden spelling of ``new`` (same ``dest``), with a warning."""
     p.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, help=argparse.SUPPRESS,
                    default=argparse.SUPPRESS, **kw)
@@ -137,8 +143,8 @@ def fitted_text(args: argparse.Namespace, skeleton: object, text: str) -> str:
 
 def load_checked(
     args: argparse.Namespace, spec: ModelSpec, text: str, *, rank_config: RankConfig | None = None,
-    ranking: object = None, force: bool = False,
-) -> tuple[object, object]:
+    ranking: Ranking | None = None, force: bool = False,
+) -> tuple[LoadedModel, CheckedInputs]:
     """The command boilerplate after the config and the claimed out-dir: check the inputs
     before the weights load (text fitted to the context with ``--truncate``, pool, a
     ranking from disk), then load the model. Returns ``(LoadedModel, CheckedInputs)``;
@@ -146,6 +152,6 @@ def load_checked(
     from achilles.method.pipeline import preflight
     from achilles.model.loading import load_model
 
-    checked = preflight(spec, text=text, rank_config=rank_config, ranking=ranking,  # type: ignore[arg-type]
+    checked = preflight(spec, text=text, rank_config=rank_config, ranking=ranking,
                         force=force, truncate=bool(getattr(args, "truncate", False)))
     return load_model(spec, tokenizer=checked.skeleton.tokenizer), checked

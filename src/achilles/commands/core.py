@@ -63,11 +63,11 @@ def _run_rank(args: argparse.Namespace) -> int:
     out = check_destination(args.out, "file")
     lm, checked = load_checked(args, spec, texts[0], rank_config=cfg)
     first = prepare(lm, checked)
-    runs = [first] + [  # every text checked before the weights load
+    rest = [  # every text checked before the weights load
         check_inputs(checked.skeleton, t, pool=checked.pool, truncate=bool(getattr(args, "truncate", False)))
         for t in texts[1:]
     ]
-    runs[1:] = [prepare(lm, c, run_id=first.run_id) for c in runs[1:]]
+    runs = [first] + [prepare(lm, c, run_id=first.run_id) for c in rest]
     ranking, _ = rank_texts(lm, runs, cfg, progress=progress(args))
     ranking.save(out)
     top = ", ".join(f"{r.unit} ({r.score:.3g})" for r in ranking.neurons[:5])

@@ -115,7 +115,7 @@ def _load_named(name: str, max_documents: int | None) -> list[str]:
         raise AchillesError(f"the datasets package is missing: pip install datasets, or {_fix_hint()}") from None
     _check_hub(name, streaming=bool(kwargs.get("streaming")), offline=bool(datasets.config.HF_HUB_OFFLINE))
     try:
-        ds = datasets.load_dataset(**kwargs)  # type: ignore[arg-type]
+        ds = datasets.load_dataset(**kwargs)
         if kwargs.get("streaming"):
             limit = max_documents if max_documents is not None else C4_DEFAULT_DOCUMENTS
             if max_documents is None:

@@ -260,6 +260,7 @@ class PerplexityEvaluator:
             if max_tokens is not None:
                 ids = ids[:max_tokens]
             bos = leading_bos(tokenizer) if window_bos else None
+            assert self.stride is not None  # set above for every protocol but "paper"
             self.windows = sliding_windows(
                 torch.tensor(ids, dtype=torch.long), length, self.stride, bos=bos
             )

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -195,7 +195,7 @@ def _level(
         pad = getattr(tok, "pad_token_id", None)
         if pad is None:
             pad = getattr(tok, "eos_token_id", None)
-        out = model.generate(
+        out = cast(Any, model).generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
             do_sample=False,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -215,7 +215,7 @@ def greedy_continuations(
         return []
     from achilles.model.batching import input_device
 
-    model, tok = lm.model, lm.tokenizer
+    model, tok = lm.model, cast(Any, lm.tokenizer)  # a transformers tokenizer (untyped: object)
     masker = ChannelMasker(model, pool, rows=2)
     masker.set_rows([[], list(units)])
     dev = input_device(model)

@@ -176,12 +176,12 @@ def explain(
     tokens = T - 1
     delta = (nll_masked - nll_clean) / (tokens * LN10) if math.isfinite(nll_masked) else math.inf
     gap = nll_masked - nll_clean
-    patching = [
+    patching: list[dict[str, Any]] = [
         {"component": c.name, "recovered": _fraction(nll_masked - n, gap), "holds_set": c in touched}
         for c, n in zip(comps, restore[1:], strict=True)
     ]
     patching.sort(key=lambda d: finite_first_key(d["recovered"]))
-    reverse = [
+    reverse: list[dict[str, Any]] = [
         {"component": c.name, "reproduced": _fraction(n - nll_clean, gap), "holds_set": c in touched}
         for c, n in zip(comps, noise[1:], strict=True)
     ]

@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -85,12 +86,12 @@ def eager_attention(model: torch.nn.Module) -> Iterator[bool]:
     before = getattr(model.config, "_attn_implementation", None)
     switch = before not in (None, "eager")
     if switch:
-        model.set_attn_implementation("eager")
+        cast(Any, model).set_attn_implementation("eager")
     try:
         yield switch
     finally:
         if switch:
-            model.set_attn_implementation(before)
+            cast(Any, model).set_attn_implementation(before)
 
 
 @dataclass

@@ -191,7 +191,8 @@ class Identification(Envelope):
     minimal_set: list[Unit]
     delta_critical: float | None
     delta_minimal: float | None
-    necessity: list[float]
+    necessity: Sequence[float | None]
+    """Δ without each minimal-set member; ``None`` where a file read back lacks it."""
     curve: list[dict[str, Any]]
     n_star_by_epsilon: dict[str, int | None]
     baseline_nll: float
@@ -248,8 +249,8 @@ class Identification(Envelope):
                           ("fp32_check", dict), ("forward_passes", int)):
             if d.get(key) is not None:
                 require_fields(d, path, {key: kind})
-        eps = decode_float(d["epsilon"])
-        if not (math.isfinite(eps) and eps > 0):  # type: ignore[arg-type]
+        eps = float(d["epsilon"])  # required non-null above; decode_float would only pass None through
+        if not (math.isfinite(eps) and eps > 0):
             raise AchillesError(
                 f"{path}: its epsilon is {d['epsilon']!r}, not a number > 0: the file is damaged; "
                 "rerun `achilles identify` (or `find`) to rewrite it"
@@ -373,7 +374,7 @@ def identify(
     if not seen:
         raise AchillesError("stage 2 evaluated no prefix: nothing was measured (check --step and --max-neurons)")
 
-    curve = [
+    curve: list[dict[str, Any]] = [
         {"n": n, "delta": seen[n].delta if seen[n].finite else math.inf, "nll": seen[n].nll,
          "finite": seen[n].finite}
         for n in sorted(seen)

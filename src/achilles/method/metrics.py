@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ def _split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Modul
     """``(decoder stack, LM head)`` when the logits are ``head(last_hidden_state)`` (Gemma-2's
     final soft-capping included), else ``None``."""
     body = getattr(model, "base_model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = cast(Any, model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if body is None or body is model or head is None:
         return None
     cfg = getattr(model, "config", None)

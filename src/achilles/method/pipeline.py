@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -137,7 +137,7 @@ def rank(
 
 
 def rank_texts(
-    lm: LoadedModel, texts: list[str | PreparedRun], config: RankConfig, *, progress: bool = False
+    lm: LoadedModel, texts: Sequence[str | PreparedRun], config: RankConfig, *, progress: bool = False
 ) -> tuple[Ranking, UnitPool]:
     """One ranking pooled over several texts: each unit's scores summed over the texts.
 
@@ -213,7 +213,7 @@ def identify_with(
     pool: UnitPool | None = None,
     force: bool = False,  # apply a ranking made on other weights of the same shapes
     progress: bool = False,
-    before_recheck: Callable[[Identification], None] | None = None,
+    before_recheck: Callable[[Identification], object] | None = None,
 ) -> Identification:
     """Stage 2 on the prepared run (or a text) over the prefixes of ``ranking``.
 

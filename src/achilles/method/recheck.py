@@ -19,7 +19,7 @@ import gc
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +45,8 @@ class Fp32Check:
     """Δ of a set recomputed with float32 weights."""
 
     n_units: int
-    dtype_run: str
+    dtype_run: str | None
+    """The run's dtype; ``None`` for a spec that named none (the device default)."""
     delta_fp32: float
     finite: bool
     baseline_nll_fp32: float
@@ -163,6 +164,7 @@ def recheck_fp32(
     if isinstance(lm_or_spec, ModelSpec):
         dtype_run = lm_or_spec.dtype
         lm32 = load_model(dataclasses.replace(lm_or_spec, dtype="float32"))
+        ctx: AbstractContextManager[None]
         how, ctx = "reloaded", nullcontext()
     else:
         lm = lm_or_spec

@@ -13,7 +13,7 @@ import gc
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -44,7 +44,7 @@ def input_device(model: torch.nn.Module) -> torch.device:
     Under an accelerate ``device_map`` with offloading, the embedding weight may sit on the
     ``meta`` device; its ``AlignDevicesHook`` then names the device it executes on.
     """
-    embed = model.get_input_embeddings()
+    embed = cast(Any, model).get_input_embeddings()
     device = embed.weight.device
     if device.type == "meta":
         hook = getattr(embed, "_hf_hook", None)
@@ -165,7 +165,7 @@ def run_batched(
     fn: Callable[[Sequence[T]], None],
     batch_size: int,
     *,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], object] | None = None,
 ) -> int:
     """Call ``fn`` on consecutive slices of ``items``; halve the slice on out-of-memory.
 

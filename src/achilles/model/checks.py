@@ -7,7 +7,7 @@ A typo in a local model path must fail in well under a second, not after importi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from achilles.errors import AchillesError
@@ -88,13 +88,13 @@ def argv_model(argv: Sequence[str]) -> str | None:
     return argv_value(argv, "--model")
 
 
-def check_loading_info(name: str, info: dict[str, object]) -> None:
+def check_loading_info(name: str, info: Mapping[str, Collection[object] | None]) -> None:
     """Refuse a checkpoint whose weights do not match its config (one line, first offender)."""
     def first(key: str) -> object | None:
-        items = sorted(info.get(key) or (), key=str)  # type: ignore[arg-type]
+        items = sorted(info.get(key) or (), key=str)
         return items[0] if items else None
 
-    n = {k: len(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}  # type: ignore[arg-type]
+    n = {k: len(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if n["mismatched_keys"]:
         raise AchillesError(
             f"{name}: {n['mismatched_keys']} weight(s) do not match the config's shapes "

@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import torch
 
@@ -367,10 +367,11 @@ def dequantized(src: GGUFSource) -> Path:
         with temp_dir(parent, f".{src.sha256[:16]}.", CACHE_COMMAND) as tmp:
             try:
                 with _quiet_transformers():
-                    model, info = AutoModelForCausalLM.from_pretrained(
+                    # output_loading_info=True: (model, info), which its annotation omits
+                    model, info = cast("tuple[Any, dict[str, Any]]", AutoModelForCausalLM.from_pretrained(
                         str(src.path.parent), gguf_file=src.path.name, config=config,
                         dtype=torch.float32, output_loading_info=True,
-                    )
+                    ))
             except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
                 raise _read_error(src, e) from None
             check_loading_info(str(src.path), info)  # a weight it lacks would be random, not zero

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -220,7 +220,7 @@ def inspect_model(spec: ModelSpec) -> LoadedModel:
         model.gguf_provenance = gguf.provenance()
         return LoadedModel(model.eval(), tokenizer, spec)
     source, local = _source(spec)
-    remote = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    remote: dict[str, object] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if not local.exists():
         remote.update(_hub_options(spec))
     config = load_config(source, spec.model, local, **remote)
@@ -302,7 +302,7 @@ def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedMod
         folder = dequantized(gguf)
         plain = dataclasses.replace(spec, model=str(folder), gguf_file=None, revision=None)
         lm = load_model(plain, tokenizer=tokenizer)
-        lm.model.gguf_provenance = gguf.provenance()
+        cast(Any, lm.model).gguf_provenance = gguf.provenance()
         return LoadedModel(lm.model, lm.tokenizer, spec)
     source, local = _source(spec)
     if spec.device_map and not torch.cuda.is_available():
@@ -335,7 +335,10 @@ def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedMod
                 trust_remote_code=spec.trust_remote_code, **hub,
             )
         with _quiet_transformers():  # its load-report table is replaced by one line below
-            model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            # with output_loading_info=True it returns (model, info), which its annotation omits
+            model, info = cast(
+                "tuple[Any, dict[str, Any]]", AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            )
     except _LOAD_ERRORS as e:
         if is_oom(e):
             raise AchillesError(
@@ -378,7 +381,7 @@ _LOAD_ERRORS = _load_errors()
 
 def check_token_ids(input_ids: torch.Tensor, model: torch.nn.Module) -> None:
     """Refuse token ids the model's embedding table does not have (a tokenizer/model mismatch)."""
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = cast(Any, model).get_input_embeddings().num_embeddings
     top = int(input_ids.max()) if input_ids.numel() else -1
     if top >= vocab or (input_ids.numel() and int(input_ids.min()) < 0):
         raise AchillesError(

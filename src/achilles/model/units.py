@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -200,7 +200,7 @@ def _input_width(module: torch.nn.Module) -> int | None:
     if isinstance(module, torch.nn.Linear):
         return module.in_features
     if type(module).__name__ == "Conv1D":
-        return int(module.weight.shape[0])
+        return int(cast(torch.Tensor, module.weight).shape[0])
     return None
 
 
@@ -243,4 +243,4 @@ def build_pool(
             if width is None:
                 raise AchillesError(f"cannot tell the width of {rel!r} ({kind})")
             sites.append(Site(f"{prefix}.{li}.{rel}", li, kind, width))
-    return UnitPool(model.config.model_type, tuple(sites), kinds)
+    return UnitPool(cast(Any, model.config).model_type, tuple(sites), kinds)

@@ -42,6 +42,7 @@ def plot_robustness(result: Robustness, path: str | Path) -> Path:
                     txt = "n/a" if np.isnan(v) else f"{v:.2f}"
                     ax.text(j, i, txt, ha="center", va="center", fontsize=8,
                             color="black" if (np.isnan(v) or v > 0.6) else "white")
+    assert im is not None  # set by each of the three panels
     fig.colorbar(im, ax=axes, shrink=0.8, label="Jaccard index |A∩B| / |A∪B|")
     fig.suptitle("Overlap of identified units across input texts, by (module, channel)")
     if np.isnan(np.array(result.jaccard_minimal, dtype=float)).any():

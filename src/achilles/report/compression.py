@@ -38,7 +38,8 @@ def compression_section(run_dir: str | Path) -> list[Block]:
         return []
     prot = data.get("protected", {})
     base = data.get("baseline", {})
-    seeds = len(next(iter(data["methods"].values()), {}).get("random", []))
+    first_method: dict[str, Any] = next(iter(data["methods"].values()), {})
+    seeds = len(first_method.get("random", []))
     out: list[Block] = [
         Heading("Compression"),
         Para(f"Δ = change in log10 perplexity on the evaluation data against the original "

@@ -45,7 +45,7 @@ def _read_optional(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _unit_row(rank: int, u: Mapping[str, Any], score: Any, extra: Any) -> list[Any]:
+def _unit_row(rank: int | None, u: Mapping[str, Any], score: Any, extra: Any) -> list[Any]:
     return [rank, u["module"], u["layer"], u["component"], u["channel"], score, extra]
 
 
@@ -85,7 +85,7 @@ def _position(pos: Any, tokens: Sequence[str] | None) -> Any:
     return pos
 
 
-def _sets(ident: Mapping[str, Any], scores: Mapping[tuple[str, int], Any],
+def _sets(ident: Mapping[str, Any], scores: Mapping[tuple[Any, ...], Any],
           tokens: Sequence[str] | None = None) -> list[Block]:
     out: list[Block] = [Heading("Critical and minimal sets")]
     if not ident.get("found"):

@@ -24,7 +24,7 @@ import math
 import types
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -245,12 +245,12 @@ def plan_model(config: Any, settings: PlanConfig, *, name: str = "", truncate: b
     ``truncate`` cut to the context with a note (as a run's ``--truncate`` does).
     """
     model = meta_model(config, settings.dtype)
-    cfg = model.config
+    cfg = cast(Any, model.config)
     pool = build_pool(model, settings.pool)
     summary = pool.summary()
     params = sum(p.numel() for p in model.parameters())  # tied weights counted once
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
+    embed = cast(Any, model).get_input_embeddings().weight
+    head = cast(Any, model).get_output_embeddings()
     head_params = head.weight.numel() if head is not None else 0
     tied = head is not None and head.weight is embed
     # weights of matrix products: 2-D parameters outside embedding tables (lookups: tokens,

@@ -163,7 +163,7 @@ def tensor_edits(reader: Any, edits: Sequence[Any], path: Path) -> list[TensorEd
     for e in edits:
         name = gguf_tensor_name(e.param, arch)
         t = by_name.get(name) if name else None
-        if t is None:
+        if name is None or t is None:  # t is None whenever name is
             raise AchillesError(f"{path} has no tensor for {e.param} ({e.unit}; expected "
                                 f"{name or 'a mapped name'}): the GGUF does not match the mask's model")
         shape = [int(n) for n in t.shape]  # ne: row length first

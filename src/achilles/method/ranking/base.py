@@ -69,7 +69,7 @@ class Scores:
 @dataclass(frozen=True)
 class RankedUnit:
     unit: Unit
-    score: float
+    score: float | None
     position: int | None = None
 
     def to_dict(self) -> dict[str, Any]:

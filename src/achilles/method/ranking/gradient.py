@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ def activations_and_grads(
 
     A site whose output does not reach the loss (never the case in a decoder) gets zeros.
     """
-    embed = model.get_input_embeddings()
+    embed = cast(Any, model).get_input_embeddings()
     input_ids = input_ids.to(input_device(model))
     live: dict[str, torch.Tensor] = {}
 

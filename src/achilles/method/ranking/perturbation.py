@@ -24,8 +24,10 @@ GPU (they are made from the hooked output); the noise goes to the embedding's de
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -145,9 +147,9 @@ def inputs_embeds_scale(model: torch.nn.Module) -> float:
     multiplies ``inputs_embeds`` too) into the embedding module (5.x, where it does not).
     """
     cfg = getattr(model, "config", None)
-    if getattr(cfg, "model_type", None) not in SCALES_INPUTS_EMBEDS:
+    if cfg is None or getattr(cfg, "model_type", None) not in SCALES_INPUTS_EMBEDS:
         return 1.0
-    if hasattr(model.get_input_embeddings(), "embed_scale"):
+    if hasattr(cast(Any, model).get_input_embeddings(), "embed_scale"):
         return 1.0  # already in the embedding's output
     return float(cfg.hidden_size) ** 0.5
 
@@ -174,7 +176,7 @@ def perturbation_scores(
     are the same either way.
     """
     body = decoder(model)
-    embed = model.get_input_embeddings()
+    embed = cast(Any, model).get_input_embeddings()
     input_ids = input_ids.to(input_device(model))
     emb = embed(input_ids)  # [1, T, d], model dtype, on the embedding's (execution) device
     _, n_tok, d_model = emb.shape
@@ -241,7 +243,8 @@ def perturbation_scores(
         model, n_tok, config.samples, widest, config.batch_size, logits=False
     )
 
-    def run(chunk: range) -> None:
+    def run(chunk: Sequence[int]) -> None:
+        assert isinstance(chunk, range)  # run_batched slices range(config.samples) into ranges
         staged.clear()
         eps = noise.take(chunk.start, len(chunk))  # [b, T, d] float32, pinned on CUDA
         eps = eps.to(emb.device, non_blocking=True)

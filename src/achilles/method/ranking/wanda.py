@@ -24,6 +24,7 @@ position reported is where ``|a_c|`` peaks, for reports.
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 
@@ -37,7 +38,7 @@ from achilles.model.units import UnitPool
 logger = logging.getLogger(__name__)
 
 
-def _is_conv1d(module: torch.nn.Module) -> bool:
+def _is_conv1d(module: torch.nn.Module | None) -> bool:
     """transformers' ``Conv1D``: a linear map whose weight is stored ``[d_in, d_out]``."""
     w = getattr(module, "weight", None)
     nf = getattr(module, "nf", None)
@@ -54,9 +55,9 @@ def channel_scores(module: torch.nn.Module | None, x: torch.Tensor, a: torch.Ten
     """
     w = getattr(module, "weight", None)
     if isinstance(module, torch.nn.Linear):
-        return w.detach().float().abs() @ x.norm(dim=0)  # [C, d_in] @ [d_in]
+        return cast(torch.Tensor, w).detach().float().abs() @ x.norm(dim=0)  # [C, d_in] @ [d_in]
     if _is_conv1d(module):
-        return x.norm(dim=0) @ w.detach().float().abs()  # [d_in] @ [d_in, C]
+        return x.norm(dim=0) @ cast(torch.Tensor, w).detach().float().abs()  # [d_in] @ [d_in, C]
     if isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] == a.shape[-1]:
         b = getattr(module, "bias", None)
         if isinstance(b, torch.Tensor) and b.shape == w.shape:

@@ -12,7 +12,7 @@ table, llama.cpp's ``llama-quantize --tensor-type`` overrides for the same tenso
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -23,7 +23,7 @@ from achilles.weights.compress.ownership import unit_slices
 
 
 def _output_embedding_name(model: torch.nn.Module) -> str | None:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = cast(Any, model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
@@ -53,11 +53,11 @@ def keep_list(model: torch.nn.Module, units: Sequence[Unit], *, gguf_type: str =
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "keep_list",
-        "model_type": model.config.model_type,
+        "model_type": cast(Any, model.config).model_type,
         "n_units": len(units),
         "units": entries,
         "modules": sorted(modules),
         "llm_int8_skip_modules": skip,
         "modules_to_not_convert": skip,
-        "llama_quantize": tensor_type_overrides(sorted(modules), model.config.model_type, gguf_type),
+        "llama_quantize": tensor_type_overrides(sorted(modules), cast(Any, model.config).model_type, gguf_type),
     }

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -82,7 +83,7 @@ def _neuron_slices(model: torch.nn.Module, layer: int, c: int) -> list[WeightSli
             out += _out_slices(model, at + comp[kind], c)
     if "mlp.gate_up" in comp:  # Phi-3: gate is the first half, up the second
         path = at + comp["mlp.gate_up"]
-        half = model.get_submodule(path).out_features // 2
+        half = cast(int, model.get_submodule(path).out_features) // 2
         out += _out_slices(model, path, c) + _out_slices(model, path, half + c)
     out.append(_in_slice(model, at + split_site(comp["mlp.down"])[0], c))
     return out

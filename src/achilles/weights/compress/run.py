@@ -18,7 +18,7 @@ import random
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -95,7 +95,7 @@ def input_norms(
 
         return fn
 
-    embed = model.get_input_embeddings()
+    embed = cast(Any, model).get_input_embeddings()
     with observed_io(model, {n: acc(n) for n in modules}):
         decoder(model)(input_ids=calib_ids.to(embed.weight.device), use_cache=False)
     return {n: v.sqrt() for n, v in sq.items()}
@@ -132,7 +132,7 @@ class _Compressor:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.modules = compressible(model)
-        self.originals = {n: m.weight.detach().clone() for n, m in self.modules.items()}
+        self.originals = {n: cast(torch.Tensor, m.weight).detach().clone() for n, m in self.modules.items()}
 
     @torch.no_grad()
     def apply(self, method: Method, keep: dict[str, torch.Tensor],
@@ -148,7 +148,7 @@ class _Compressor:
             new = torch.where(k, orig, new)  # protected: the source bits, whatever the cast did
             if not torch.equal(new[k], orig[k]):
                 raise RuntimeError(f"protected weights of {name} changed")  # pragma: no cover
-            mod.weight.copy_(new)
+            cast(torch.Tensor, mod.weight).copy_(new)
             changed += int((new != orig).sum())
             total += orig.numel()
             kept += int(k.sum())
@@ -158,7 +158,7 @@ class _Compressor:
     @torch.no_grad()
     def restore(self) -> None:
         for name, mod in self.modules.items():
-            mod.weight.copy_(self.originals[name])
+            cast(torch.Tensor, mod.weight).copy_(self.originals[name])
 
 
 def _ppl(res: Any) -> dict[str, Any]:
