@@ -72,7 +72,10 @@ def test_unknown_or_missing_component_is_a_clear_error() -> None:
         build_pool(model, "everything")
 
 
-def test_unknown_architecture_lists_modules_and_how_to_register() -> None:
+def test_unknown_architecture_lists_modules_and_how_to_register(monkeypatch: pytest.MonkeyPatch) -> None:
+    from achilles.model import adapters
+
+    monkeypatch.setattr(adapters, "_ADAPTERS", dict(adapters._ADAPTERS))  # registered for this test only
     model = make_model("llama")
     model.config.model_type = "mystery"
     for layer in model.model.layers:  # without it, the tree fits no known layout

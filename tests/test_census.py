@@ -4,6 +4,7 @@ a model failing mid-census."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -144,7 +145,9 @@ def test_slurm_launcher_through_submitit_local_executor(zoo, tmp_path) -> None: 
         for job in jobs:
             if not job.done():
                 job.cancel()
-    with pytest.raises(Exception):  # noqa: B017 - submitit's own error for a cancelled job
+    # submitit raises for a job killed outright; a run stopped by SIGTERM ends cleanly
+    # unfinished (no completion marker): either way the cancelled model is not done
+    with contextlib.suppress(Exception):
         jobs[0].result()
     assert not (sink_dir / DONE_FILE).exists()
     done = _markers(out)

@@ -288,7 +288,7 @@ def test_full_disk_is_refused_before_writing_and_a_failed_write_leaves_nothing(
     import shutil
     from collections import namedtuple
 
-    import achilles.weights.gguf_export as ge
+    import achilles.weights.gguf_patch as ge
 
     units = [Unit("model.layers.0.mlp.down_proj", 3, 0, "mlp.down")]
     usage, real = namedtuple("usage", "total used free"), shutil.disk_usage
@@ -403,7 +403,7 @@ def _bad(ws: Path, tiny_gguf: Path, case: str) -> tuple[list[str], str]:
         (ws / "m.gguf").write_bytes(b"x")
         out, msg = str(ws / "m.gguf"), "exists: remove it or pass --force"
     elif case == "out-is-source":
-        model, msg = str(ws / "src.gguf"), "is the source GGUF"
+        model, msg = str(ws / "src.gguf"), "is the input --model"
         (ws / "src.gguf").write_bytes(tiny_gguf.read_bytes())
         out = model
         return (["export", "--format", "gguf", "--model", model, "--mask", str(ident), "--out", out,

@@ -68,8 +68,12 @@ def counted_run(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     counts: Counter = Counter()
     tok_call = transformers.PreTrainedTokenizerBase.__call__
 
+    run_text = TEXT.read_text(encoding="utf-8")
+
     def counting_call(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
-        counts["tokenize"] += 1
+        text = a[0] if a else k.get("text")
+        # the run's text; explain also tokenizes its own short prompts for the continuations
+        counts["tokenize" if text == run_text else "tokenize other texts"] += 1
         return tok_call(self, *a, **k)
 
     mp.setattr(transformers.PreTrainedTokenizerBase, "__call__", counting_call)
@@ -98,6 +102,7 @@ def test_find_tokenizes_builds_the_pool_and_runs_the_clean_forward_once(counted_
     out, counts = counted_run
     assert (out / "report.md").is_file() and (out / "mechanism.json").is_file()
     assert counts["tokenize"] == 1
+    assert counts["tokenize other texts"] <= 4, counts  # explain's continuation prompts
     assert counts["build_pool"] == 1
     assert counts["clean_forward"] == 1
     assert counts["environment"] == 1
