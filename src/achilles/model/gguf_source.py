@@ -330,7 +330,7 @@ def gguf_metadata(src: GGUFSource) -> tuple[Any, Any]:
                     src.cache_dir)
         folder, name = str(src.path.parent), src.path.name
         try:
-            with _quiet_transformers():  # its guesses about missing fields: the error says it
+            with quiet_transformers():  # its guesses about missing fields: the error says it
                 config = AutoConfig.from_pretrained(folder, gguf_file=name)
                 tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
@@ -366,7 +366,7 @@ def dequantized(src: GGUFSource) -> Path:
     try:
         with temp_dir(parent, f".{src.sha256[:16]}.", CACHE_COMMAND) as tmp:
             try:
-                with _quiet_transformers():
+                with quiet_transformers():
                     # output_loading_info=True: (model, info), which its annotation omits
                     model, info = cast("tuple[Any, dict[str, Any]]", AutoModelForCausalLM.from_pretrained(
                         str(src.path.parent), gguf_file=src.path.name, config=config,
@@ -401,7 +401,8 @@ def dequantized(src: GGUFSource) -> Path:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own logging at error level for the block (its load-report tables)."""
     import transformers
 
     before = transformers.utils.logging.get_verbosity()

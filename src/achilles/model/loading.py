@@ -7,10 +7,8 @@ with a local folder or a hub id), so a user with hub access runs exactly this co
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -21,7 +19,7 @@ from achilles.config import ModelSpec
 from achilles.errors import AchillesError
 from achilles.model.batching import is_oom
 from achilles.model.checks import check_loading_info, model_path_problem
-from achilles.model.gguf_source import dequantized, gguf_metadata, source_of
+from achilles.model.gguf_source import dequantized, gguf_metadata, quiet_transformers, source_of
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +242,7 @@ def load_config(source: str, name: str, local: Path, **kwargs: object) -> object
     from transformers import AutoConfig
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             config = AutoConfig.from_pretrained(source, **kwargs)
     except CONFIG_ERRORS as e:
         raise _load_error(name, local, e) from None
@@ -334,7 +332,7 @@ def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedMod
                 source, spec.model, local, revision=spec.revision,
                 trust_remote_code=spec.trust_remote_code, **hub,
             )
-        with _quiet_transformers():  # its load-report table is replaced by one line below
+        with quiet_transformers():  # its load-report table is replaced by one line below
             # with output_loading_info=True it returns (model, info), which its annotation omits
             model, info = cast(
                 "tuple[Any, dict[str, Any]]", AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -352,18 +350,6 @@ def load_model(spec: ModelSpec, *, tokenizer: object | None = None) -> LoadedMod
     model.eval()
     logger.info("loaded %s (%s, %s)", spec.model, model.config.model_type, next(model.parameters()).dtype)
     return LoadedModel(model, tokenizer, spec)
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    import transformers
-
-    before = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers.utils.logging.set_verbosity(before)
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:
@@ -420,7 +406,7 @@ def fit_text(tokenizer: object, model: object, text: str, *, truncate: bool = Fa
     prefix of the text whose tokens fit, and says so in a warning.
     """
     limit = context_length(model)
-    with _quiet_transformers():
+    with quiet_transformers():
         n = len(encode(tokenizer, text))
     if limit is None or n <= limit:
         return text
@@ -429,7 +415,7 @@ def fit_text(tokenizer: object, model: object, text: str, *, truncate: bool = Fa
             f"the text is {n} tokens, longer than the model's context of {limit} tokens "
             f"(max_position_embeddings): shorten it, or pass --truncate to keep the first {limit}"
         )
-    with _quiet_transformers():
+    with quiet_transformers():
         lo, hi = 0, len(text)  # bisect for the longest prefix text[:lo] that fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -451,7 +437,7 @@ def tokenize(tokenizer: object, text: str, *, min_tokens: int = MIN_TOKENS) -> t
     This is what the reference code feeds the model (``tokenizer.encode``); Qwen tokenizers
     add no BOS. Texts shorter than ``min_tokens`` are refused.
     """
-    with _quiet_transformers():  # its "longer than the maximum" warning: see fit_text
+    with quiet_transformers():  # its "longer than the maximum" warning: see fit_text
         ids = encode(tokenizer, text, return_tensors="pt")
     n = int(ids.shape[1])
     if n < min_tokens:
