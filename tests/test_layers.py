@@ -33,8 +33,6 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # The longest files, each with the reason it is one file.
 LONG_FILES: dict[str, str] = {
     "explain/run.py": "explain() is one measured pass whose steps share its trace and rows",
-    "model/loading.py": "every way a checkpoint, config or tokenizer can fail is refused here, "
-                        "in one place, before and during the load",
 }
 MAX_LINES = 450
 
