@@ -21,6 +21,7 @@ from achilles.explain.trace import (
     Layout,
 )
 from achilles.method.metrics import LN10
+from achilles.model.batching import input_device
 from achilles.model.loading import LoadedModel
 from achilles.model.masking import ChannelMasker
 from achilles.model.units import Unit, UnitPool
@@ -191,10 +192,12 @@ CHAT_PROMPT = "What is the boiling point of water at sea level?"
 PLAIN_PROMPTS = ("The capital of France is", "def fibonacci(n):\n")
 
 
-def continuation_prompts(tokenizer: Any, text: str, head_tokens: int = 12) -> list[dict[str, Any]]:
-    """The prompts whose greedy continuations are compared: the text's first tokens, two
-    fixed ones, and a chat turn in the model's chat template when it has one."""
-    first = tokenizer(text, add_special_tokens=False).input_ids[:head_tokens]
+def continuation_prompts(tokenizer: Any, ids: Sequence[int], head_tokens: int = 12) -> list[dict[str, Any]]:
+    """The prompts whose greedy continuations are compared: the first tokens of the run's text
+    (``ids``, its token ids, special tokens left out), two fixed ones, and a chat turn in the
+    model's chat template when it has one."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    first = [t for t in ids if t not in special][:head_tokens]
     plain = [tokenizer.decode(first), *PLAIN_PROMPTS]
     out = [{"prompt": p, "chat": False, "ids": tokenizer(p, return_tensors="pt").input_ids} for p in plain]
     if getattr(tokenizer, "chat_template", None):
@@ -207,20 +210,19 @@ def continuation_prompts(tokenizer: Any, text: str, head_tokens: int = 12) -> li
 
 @torch.no_grad()
 def greedy_continuations(
-    lm: LoadedModel, pool: UnitPool, units: Sequence[Unit], modules: list[str], n: int, text: str,
-    progress: bool = False,
+    lm: LoadedModel, pool: UnitPool, units: Sequence[Unit], modules: list[str], n: int,
+    ids: Sequence[int], progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Greedy continuations, clean (row 0) and masked (row 1), ``n`` tokens each."""
+    """Greedy continuations, clean (row 0) and masked (row 1), ``n`` tokens each; ``ids``: the
+    run's token ids, whose first tokens are one of the prompts."""
     if n <= 0:
         return []
-    from achilles.model.batching import input_device
-
     model, tok = lm.model, cast(Any, lm.tokenizer)  # a transformers tokenizer (untyped: object)
     masker = ChannelMasker(model, pool, rows=2)
     masker.set_rows([[], list(units)])
     dev = input_device(model)
     out = []
-    prompts = continuation_prompts(tok, text)
+    prompts = continuation_prompts(tok, ids)
     bar = tqdm(total=len(prompts) * n, desc="explain: greedy text", unit="token", disable=not progress)
     for p in prompts:
         ids = p["ids"].to(dev).expand(2, -1)

@@ -224,7 +224,8 @@ def explain(
     }
     output = _collapsed_output(lm.tokenizer, ids, tr)
     t_gen = time.perf_counter()
-    continuations = greedy_continuations(lm, pool, units, modules, config.generate_tokens, text, progress)
+    continuations = greedy_continuations(lm, pool, units, modules, config.generate_tokens,
+                                         ids[0].tolist(), progress)
     seconds = time.perf_counter() - t0
     mech = Mechanism(
         summary="",
