@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -338,3 +339,20 @@ def test_a_finished_run_from_before_the_markers_is_reused_never_deleted(tmp_path
     (natural,) = read_model_list(str(_list(tmp_path / "b.txt", f"{NATURAL} --name s")))
     assert run_task(Task(natural, str(run_dir)), _settings())["status"] == "failed"
     assert _files(run_dir) == before
+
+
+def test_a_copied_marker_is_not_a_folder_achilles_made(tmp_path: Path) -> None:
+    """A marked folder copied elsewhere (marker and all) is not made there: never deleted."""
+    made = guard.make_dir(tmp_path / "made", "export")
+    copy = tmp_path / "copy"
+    shutil.copytree(made, copy)
+    (copy / "precious.txt").write_text("mine")
+    assert guard.made_by(made, "export") and not guard.made_by(copy, "export")
+    with pytest.raises(AchillesError, match="was not made by"):
+        guard.remove_made(copy, "export")
+    with pytest.raises(AchillesError, match="was not made by"):
+        guard.replace_dir(guard.make_dir(tmp_path / "new", "export"), copy, "export")
+    assert (copy / "precious.txt").read_text() == "mine"
+    # a folder achilles moved into place itself is still its own
+    guard.replace_dir(guard.make_dir(tmp_path / "new2", "export"), made, "export")
+    assert guard.made_by(made, "export")

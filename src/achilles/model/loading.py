@@ -241,6 +241,7 @@ def load_config(source: str, name: str, local: Path, **kwargs: object) -> object
     shown: what would break a run is refused here instead."""
     from transformers import AutoConfig
 
+    kwargs.setdefault("trust_remote_code", False)  # never None: transformers would ask on stdin
     try:
         with quiet_transformers():
             config = AutoConfig.from_pretrained(source, **kwargs)
@@ -259,6 +260,7 @@ def load_tokenizer(source: str, name: str, local: Path, **kwargs: object) -> obj
     """
     from transformers import AutoTokenizer
 
+    kwargs.setdefault("trust_remote_code", False)  # never None: transformers would ask on stdin
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except CONFIG_ERRORS as e:

@@ -180,6 +180,15 @@ def check_destination(
     Returns:
         ``path`` as a :class:`~pathlib.Path` (``~`` expanded).
     """
+    try:
+        return _check_destination(path, kind, force=force, flag=flag)
+    except OSError as e:  # a name too long for the file system, a loop of links, ...
+        raise AchillesError(f"cannot write {os.fspath(path)}: {e.strerror or e} (check {flag})") from None
+
+
+def _check_destination(
+    path: str | os.PathLike[str], kind: str = "file", *, force: bool = True, flag: str = "--out"
+) -> Path:
     if kind not in ("file", "dir"):
         raise ValueError(f"kind must be 'file' or 'dir', not {kind!r}")
     raw = os.fspath(path)
@@ -213,3 +222,4 @@ def check_destination(
         hint = "free some space" if e.errno == errno.ENOSPC else "choose a writable place"
         raise AchillesError(f"cannot write {raw}: {e.strerror or e} in {probe_in} ({flag}: {hint})") from None
     return p
+

@@ -44,8 +44,20 @@ MARKER = ".achilles-made"
 _KIND = "achilles-made"
 
 
+def _where(folder: str | os.PathLike[str]) -> str:
+    """The absolute path a marker names (the folder's parent resolved, its own name kept)."""
+    f = Path(folder)
+    return str(f.parent.resolve() / f.name)
+
+
 def mark(folder: str | os.PathLike[str], command: str, **facts: Any) -> dict[str, Any]:
-    """Write the marker into ``folder`` (just created by this process); return its content."""
+    """Write the marker into ``folder`` (just created by this process); return its content.
+
+    The marker names the folder it was made as (``path``, or ``facts["path"]`` for a folder
+    made under a temporary name and renamed into place): a copy of the folder elsewhere, marker
+    and all, is not a folder achilles made there, and is never deleted.
+    """
+    where = str(facts.pop("path", None) or _where(folder))
     record = {
         "kind": _KIND,
         "command": command,
@@ -54,6 +66,7 @@ def mark(folder: str | os.PathLike[str], command: str, **facts: Any) -> dict[str
         "pid": os.getpid(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **facts,
+        "path": where,
     }
     atomic_write(Path(folder) / MARKER, json.dumps(record, indent=1) + "\n")
     return record
@@ -70,7 +83,7 @@ def make_dir(path: str | os.PathLike[str], command: str, **facts: Any) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{p.name}.achilles-new-"
     clean_stale(p.parent, prefix, command)
-    with temp_dir(p.parent, prefix, command, **facts) as tmp:
+    with temp_dir(p.parent, prefix, command, **facts, path=_where(p)) as tmp:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a made folder is like any other
@@ -94,7 +107,29 @@ def read_mark(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
     if not isinstance(record, dict) or record.get("kind") != _KIND or not record.get("id"):
         return None
+    if record.get("path") != _where(p):  # copied or moved here: not made here
+        return None
     return record
+
+
+def _repath(folder: Path) -> None:
+    """Rewrite ``folder``'s marker to name where it is now (after achilles itself moved it)."""
+    record = read_mark_anywhere(folder)
+    if record is not None:
+        record["path"] = _where(folder)
+        atomic_write(folder / MARKER, json.dumps(record, indent=1) + "\n")
+
+
+def read_mark_anywhere(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The marker of ``path`` whatever folder it names (for achilles' own moves only)."""
+    m = Path(path) / MARKER
+    if Path(path).is_symlink() or m.is_symlink() or not m.is_file():
+        return None
+    try:
+        record = json.loads(m.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return record if isinstance(record, dict) and record.get("kind") == _KIND else None
 
 
 def made_by(path: str | os.PathLike[str], command: str | None = None) -> bool:
@@ -168,15 +203,19 @@ def replace_dir(new: str | os.PathLike[str], dest: str | os.PathLike[str], comma
         raise AchillesError(f"{dest} is a symbolic link: name the real folder")
     if not dest.exists():
         os.rename(new, dest)
+        _repath(dest)
         return
     if dest.is_dir() and not any(dest.iterdir()):
         os.rename(new, dest)  # replaces an empty folder
+        _repath(dest)
         return
     if not made_by(dest, command):
         raise AchillesError(f"{dest} was not made by `achilles {command}` (no {MARKER} marker): "
                             "achilles replaces only folders it made; remove it yourself or choose another")
     if _exchange(new, dest):
-        remove_made(new, command)  # ``new`` now names the old folder
+        _repath(dest)
+        _repath(new)  # ``new`` now names the old folder
+        remove_made(new, command)
         return
     aside = new.with_name(new.name + ".old")
     blocked = {signal.SIGTERM, signal.SIGINT}
@@ -186,6 +225,8 @@ def replace_dir(new: str | os.PathLike[str], dest: str | os.PathLike[str], comma
         os.rename(new, dest)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    _repath(dest)
+    _repath(aside)
     remove_made(aside, command)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from achilles.errors import AchillesError
@@ -39,6 +39,25 @@ INPUT_OPTIONS: dict[str, str] = {
 
 OUTPUT_OPTIONS: dict[str, str] = {"out": "--out", "out_dir": "--out-dir", "plot": "--plot"}
 """Parsed-argument names that are written."""
+
+WRITTEN_INTO: dict[str, str] = {"run_dir": "RUN_DIR"}
+"""Parsed-argument names of folders a command reads and also writes its results into
+(``explain RUN_DIR``, ``report RUN_DIR``): only the names below may not be inputs there."""
+
+RESULT_NAMES: frozenset[str] = frozenset({
+    "ranking.json", "identification.json", "analysis.json", "mechanism.json", "comparison.json",
+    "heldout.json", "downstream.json", "compression.json", "keep_list.json", "sweep.json",
+    "robustness.json", "summary.json", "summary.md", "summary.csv", "report.md", "report.html",
+    "census_run.json", "census_error.json", "achilles_mask.json", "comparison.png",
+    "compression.png", "downstream.png", "robustness.png", "sweep.png",
+})
+"""File names achilles writes into an output folder: an input file of that name inside the
+folder would be overwritten, so it is refused (another input in the folder is fine)."""
+
+MASK_OPTIONS: frozenset[str] = frozenset({"--mask", "--ranking"})
+"""Inputs naming a run's set: the commands that take them (ppl, compress, export, keep-list,
+probe, downstream, identify) never write a ranking or identification into an output folder,
+so ``compress --mask RUN/identification.json --out-dir RUN`` stays allowed."""
 
 
 def _real(path: str | os.PathLike[str]) -> Path:
@@ -97,6 +116,23 @@ def check_apart(inputs: Iterable[tuple[str, object]], outputs: Iterable[tuple[st
                 continue
             raise AchillesError(f"{olabel} {oraw} {why}: an output never overwrites an input; "
                                 f"choose another {olabel}")
+        _refuse_result_names(ins, olabel, oraw, out)
+
+
+def _refuse_result_names(ins: Sequence[tuple[str, object, Path]], olabel: str, oraw: object,
+                         folder: Path) -> None:
+    """Refuse an input file inside the output folder ``folder`` named like a result achilles
+    writes there (``find --text-file RUN/identification.json --out-dir RUN``)."""
+    for ilabel, iraw, inp in ins:
+        if ilabel in MASK_OPTIONS and inp.name in ("ranking.json", "identification.json"):
+            continue  # a run's set, read by a command that writes other results beside it
+        if inp.name in RESULT_NAMES and inp.parent == folder or (
+                inp.name in RESULT_NAMES and inp.parent.parent == folder
+                and inp.parent.name in ("runs", "figures")):
+            raise AchillesError(
+                f"{ilabel} {iraw} lies in {olabel} {oraw} under a name achilles writes there "
+                f"({inp.name}): an output never overwrites an input; copy it elsewhere or "
+                f"choose another {olabel}")
 
 
 def _values(value: object) -> list[object]:
@@ -111,3 +147,10 @@ def check_args_apart(args: argparse.Namespace,
     inputs += list((extra_inputs or {}).items())
     outputs = [(label, ns.get(dest)) for dest, label in OUTPUT_OPTIONS.items()]
     check_apart(inputs, outputs, replaced=ns.get("command") in REPLACING_COMMANDS)
+    ins = [(label, raw, _real(raw)) for label, raw in inputs
+           if isinstance(raw, (str, os.PathLike)) and os.fspath(raw).strip()
+           and os.path.lexists(Path(raw).expanduser())]
+    for dest, label in WRITTEN_INTO.items():
+        raw = ns.get(dest)
+        if isinstance(raw, (str, os.PathLike)) and os.fspath(raw).strip():
+            _refuse_result_names(ins, label, raw, _real(raw))
