@@ -356,7 +356,8 @@ CASES: dict[str, tuple[Case, str]] = {
                                            "under a name achilles writes there (summary.md)"),
     "out-name-too-long": (lambda z, w: ["ppl", "--model", z.tiny, "--data", _plant(w, "d.txt", TEXT.encode()),
                                         "--out", w / ("x" * 300 + ".json")], "File name too long"),
-    "plan-never-asks-to-run-remote-code": (lambda z, w: ["plan", "--model", _remote_code_model(z, w)], None),
+    "plan-never-asks-to-run-remote-code": (lambda z, w: ["plan", "--model", _remote_code_model(z, w, own_type=True)],
+                                           "contains custom code"),
     # issue 21, items 8, 10, 11
     "config-context-null": (lambda z, w: _rank(z, w, model=_broken(w, config={"max_position_embeddings": None})),
                             "field 'max_position_embeddings'"),
@@ -467,13 +468,16 @@ def _model_copy(zoo: Zoo, ws: Path) -> Path:
     return m
 
 
-def _remote_code_model(zoo: Zoo, ws: Path) -> Path:
-    """A model folder whose config names its own Python, which would leave ``pwned`` in the workspace."""
+def _remote_code_model(zoo: Zoo, ws: Path, own_type: bool = False) -> Path:
+    """A model folder whose config names its own Python, which would leave ``pwned`` in the
+    workspace (``own_type``: a model_type transformers does not know, so only that code could
+    read it: transformers would ask on stdin unless told no)."""
     m = ws / "rc"
     shutil.copytree(zoo.tiny, m)
     (m / "evil.py").write_text(f"open({str(ws / 'pwned')!r}, 'w').close()\n"
                                "from transformers import LlamaConfig as EvilConfig\n")
-    _edit_config(m, auto_map={"AutoConfig": "evil.EvilConfig"})
+    _edit_config(m, auto_map={"AutoConfig": "evil.EvilConfig"},
+                 **({"model_type": "evil-type"} if own_type else {}))
     return m
 
 
