@@ -354,6 +354,9 @@ CASES: dict[str, tuple[Case, str]] = {
                                                                 f"{z.tiny}\n".encode()),
                                                          "--text", TEXT, "--out-dir", w / "c"],
                                            "under a name achilles writes there (summary.md)"),
+    "find-text-file-in-its-figures": (lambda z, w: ["find", "--model", z.tiny, "--text-file", _in_figures(w, "r"),
+                                                    "--samples", 2, "--out-dir", w / "r"],
+                                      "lies in the figures folder"),
     "out-name-too-long": (lambda z, w: ["ppl", "--model", z.tiny, "--data", _plant(w, "d.txt", TEXT.encode()),
                                         "--out", w / ("x" * 300 + ".json")], "File name too long"),
     "plan-never-asks-to-run-remote-code": (lambda z, w: ["plan", "--model", _remote_code_model(z, w, own_type=True)],
@@ -466,6 +469,14 @@ def _model_copy(zoo: Zoo, ws: Path) -> Path:
         (m / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
         shutil.copytree(zoo.ranking.parent, m / "runs-kept")
     return m
+
+
+def _in_figures(ws: Path, run: str) -> Path:
+    """A text file saved as RUN/figures/phase.png: where a run writes its phase figure."""
+    p = ws / run / "figures" / "phase.png"
+    p.parent.mkdir(parents=True)
+    p.write_text(TEXT, encoding="utf-8")
+    return p
 
 
 def _remote_code_model(zoo: Zoo, ws: Path, own_type: bool = False) -> Path:

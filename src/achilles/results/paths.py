@@ -126,9 +126,14 @@ def _refuse_result_names(ins: Sequence[tuple[str, object, Path]], olabel: str, o
     for ilabel, iraw, inp in ins:
         if ilabel in MASK_OPTIONS and inp.name in ("ranking.json", "identification.json"):
             continue  # a run's set, read by a command that writes other results beside it
+        if inp.parent == folder / "figures":  # achilles' own figures folder: any name
+            raise AchillesError(
+                f"{ilabel} {iraw} lies in the figures folder of {olabel} {oraw}, where achilles "
+                "writes its figures: an output never overwrites an input; copy it elsewhere or "
+                f"choose another {olabel}")
         if inp.name in RESULT_NAMES and inp.parent == folder or (
                 inp.name in RESULT_NAMES and inp.parent.parent == folder
-                and inp.parent.name in ("runs", "figures")):
+                and inp.parent.name == "runs"):
             raise AchillesError(
                 f"{ilabel} {iraw} lies in {olabel} {oraw} under a name achilles writes there "
                 f"({inp.name}): an output never overwrites an input; copy it elsewhere or "
