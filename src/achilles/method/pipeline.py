@@ -22,20 +22,14 @@ import torch
 
 from achilles.config import IdentifyConfig, ModelSpec, RankConfig
 from achilles.errors import AchillesError
-from achilles.method.compat import (  # noqa: F401 - re-exported: their home was this module
+from achilles.method.compat import (
     check_same_model,
-    current_settings,
     model_record,
     pool_for_ranking,
-    refuse_mixed,
-    run_settings,
-    settings_mismatch,
 )
 from achilles.method.identify import Identification, identify
-from achilles.method.prepared import (  # noqa: F401 - check_clean_forward re-exported
-    CheckedInputs,
+from achilles.method.prepared import (
     PreparedRun,
-    check_clean_forward,
     check_inputs,
     prepare,
 )
