@@ -9,7 +9,7 @@ Usage::
 commands with the code before the change (``find`` on models/sink and models/natural,
 ``compare`` on models/sink); ``OUT_DIR`` (default: a fresh temporary folder) gets this
 checkout's. Keys that are not measurements are excluded: ``env`` (versions, git sha),
-``run_id`` and ``ranking_run_id``, wall times (``seconds``, ``model_seconds``) and paths of the output folder
+``run_id`` and ``ranking_run_id``, wall times (every key ending in ``seconds``) and paths of the output folder
 (``run_dir``). Prints each difference and exits 1 when there is one.
 """
 
@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-IGNORED = {"env", "run_id", "ranking_run_id", "seconds", "model_seconds", "run_dir"}
+IGNORED = {"env", "run_id", "ranking_run_id", "run_dir"}
+"""Keys that are not measurements (and every key ending in ``seconds``: a wall time)."""
 ENVELOPE = {"config"}
 """Envelope keys a result may gain (an empty ``config`` on ``analysis.json``)."""
 COMMANDS = {
@@ -50,7 +51,7 @@ def diff(a: Any, b: Any, where: str, out: list[str]) -> None:
     """Append to ``out`` every place where ``a`` and ``b`` differ (floats compared exactly)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
-            if k in IGNORED:
+            if k in IGNORED or k.endswith("seconds"):
                 continue
             if k not in a and k in ENVELOPE:
                 continue

@@ -212,7 +212,7 @@ def test_rows_columns_and_gains_equal_the_hook_mask(tiny_gguf: Path, tmp_path: P
     stats = assert_only_edits_differ(tiny_gguf, out, result.changed)
     assert stats["tensors_changed"] == len({e.tensor for e in result.edits})
     record = read_mask(out)
-    assert record["kind"] == "gguf_mask" and record["mask"] == {"file": "test"}
+    assert record["kind"] == "gguf_mask" and record["config"]["mask"] == {"file": "test"}
     assert [Unit.from_dict(u) for u in record["units"]] == units
 
 

@@ -134,9 +134,20 @@ def _comparison(run_id: str | None, model: str) -> dict:
 
 def test_report_leaves_out_results_of_another_run(counted_run, tmp_path: Path) -> None:  # noqa: ANN001
     d = _copy(counted_run[0], tmp_path)
-    (d / "comparison.json").write_text(json.dumps(_comparison("0123456789abcdef", str(SINK))))
+    held = {"schema_version": 1, "kind": "heldout", "run_id": "0123456789abcdef",
+            "config": {"model": {"model": str(SINK)}, "data": "x.txt"},
+            "clean": {"ppl": 5.0, "tokens": 9}, "masked": {"ppl": 77.0, "tokens": 9}}
+    (d / "heldout.json").write_text(json.dumps(held))  # the set of another run, on held-out text
+    assert "On held-out data" not in write_report(d).markdown.read_text()
+    (d / "heldout.json").write_text(json.dumps({**held, "run_id": json.loads(
+        (d / "identification.json").read_text())["run_id"]}))
+    assert "On held-out data" in write_report(d).markdown.read_text()
+    # a comparison starts its own run (compare ranks anew): like a file recording no run id,
+    # it is used only when it names the same model
+    (d / "comparison.json").write_text(json.dumps(_comparison("0123456789abcdef", "models/natural")))
     assert "Baseline comparison" not in write_report(d).markdown.read_text()
-    # a file recording no run id is used only when it names the same model
+    (d / "comparison.json").write_text(json.dumps(_comparison("0123456789abcdef", str(SINK))))
+    assert "Baseline comparison" in write_report(d).markdown.read_text()
     (d / "comparison.json").write_text(json.dumps(_comparison(None, "models/natural")))
     assert "Baseline comparison" not in write_report(d).markdown.read_text()
     (d / "comparison.json").write_text(json.dumps(_comparison(None, str(SINK))))

@@ -105,8 +105,8 @@ def _run_compress(args: argparse.Namespace) -> int:
                                                    "tokens": int(tokenize(lm.tokenizer, calib).shape[1])},
         "compressed": "every Linear/Conv1D weight of the decoder layers (not embeddings, not the LM head)",
     }
-    result.env = environment(lm.model)
-    kl = keep_list(lm.model, mask.units)
+    result.env, result.run_id = environment(lm.model), mask.run_id
+    kl = keep_list(lm.model, mask.units, run_id=mask.run_id)
     kl.update(config={"model": dataclasses.asdict(spec), "mask": mask.source}, env=result.env)
     plot_compression(result.to_dict(), outputs[1], title=f"{model_name(spec.model)}: compression with "
                      f"{len(mask.units)} critical unit(s) protected")
@@ -135,7 +135,7 @@ def _run_keep_list(args: argparse.Namespace) -> int:
     if not mask.units:
         raise AchillesError(f"{args.mask} gives no unit to keep (an empty {args.set_name} set, "
                             "or --top 0): pass another --set, or a ranking with --top N >= 1")
-    kl = keep_list(skeleton.model, mask.units, gguf_type=args.gguf_type)
+    kl = keep_list(skeleton.model, mask.units, gguf_type=args.gguf_type, run_id=mask.run_id)
     kl.update(config={"model": dataclasses.asdict(spec), "mask": mask.source}, env=environment())
     written = [out]
     if kl["llama_quantize"] is not None:  # one `--tensor-type PATTERN=TYPE` per line: $(cat FILE)

@@ -193,20 +193,19 @@ def _ppl(summary: dict) -> str:
 def write_heldout(path, lm, ev, ranking, ident, data, *, clean=None) -> dict:  # noqa: ANN001
     """``heldout.json``: perplexity of the evaluation data clean and with the final set masked."""
     from achilles.method.compat import pool_for_ranking
+    from achilles.results.envelope import envelope
     from achilles.results.files import write_json
     from achilles.results.provenance import environment
-    from achilles.results.schema import SCHEMA_VERSION
 
     which = "minimal" if ident.minimal_set else "critical"
     units = list(ident.minimal_set or ident.critical_set)
     masked = ev.evaluate(pool_for_ranking(lm, ranking), units)
     payload = {
-        "schema_version": SCHEMA_VERSION, "kind": "heldout",
-        "config": {"data": data, "set": which, "n_units": len(units),
-                   "model": dataclasses.asdict(lm.spec), "perplexity": ev.settings()},
+        **envelope("heldout", config={"data": data, "set": which, "n_units": len(units),
+                                      "model": dataclasses.asdict(lm.spec), "perplexity": ev.settings()},
+                   env=environment(lm.model), run_id=ident.run_id),
         "clean": clean if clean is not None else ev.evaluate().summary(),
         "masked": masked.summary(),
-        "env": environment(lm.model),
     }
     write_json(path, payload)
     return payload

@@ -53,6 +53,7 @@ def _run_downstream(args: argparse.Namespace) -> int:
         "num_fewshot": args.num_fewshot, "include_path": args.include_path, "seed": args.seed,
     }
     result.env = {**environment(lm.model), "lm_eval": _lm_eval_version()}
+    result.run_id = mask.run_id
     out = out_dir / "downstream.json"
     result.save(str(out))
     for lv in result.levels:

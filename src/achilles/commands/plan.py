@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from achilles.config import ModelSpec, TextSpec, _parse_list, add_arguments, from_args
 from achilles.errors import AchillesError
 from achilles.model.names import format_count
+from achilles.results.envelope import envelope, new_run_id
 from achilles.results.files import _jsonable, check_destination, write_json
 from achilles.scale.census.models import ModelEntry, read_model_list
 from achilles.scale.plan import Plan, PlanConfig, format_bytes, plan_entry
@@ -98,9 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     plans = [plan_entry(e, settings, text, truncate=spec.truncate)
              for e in tqdm(entries, desc="plan", disable=quiet)]
     payload = {
-        "schema_version": plans[0].to_dict()["schema_version"],
-        "kind": "plans",
-        "config": dataclasses.asdict(settings),
+        **envelope("plans", config=dataclasses.asdict(settings), run_id=new_run_id()),
         "plans": [p.to_dict() for p in plans],
     }
     if out is not None:

@@ -70,6 +70,8 @@ def _run_ppl(args: argparse.Namespace) -> int:
         },
     }
     result.env = environment(lm.model)
+    if mask is not None:
+        result.run_id = mask.run_id  # the perplexity of a run's set belongs to that run
     result.save(str(out))
     what = f"{len(mask.units)} unit(s) masked" if mask else "no mask"
     extra = ""

@@ -11,6 +11,7 @@ from achilles.evaluation.data import Corpus, load_corpus
 from achilles.evaluation.perplexity import (
     PerplexityConfig,
     PerplexityEvaluator,
+    PerplexityOptions,
     PerplexityResult,
     evaluate_perplexity,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "Corpus",
     "PerplexityConfig",
     "PerplexityEvaluator",
+    "PerplexityOptions",
     "PerplexityResult",
     "evaluate_perplexity",
     "load_corpus",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,8 +21,7 @@ from achilles.errors import AchillesError
 from achilles.evaluation.perplexity import leading_bos
 from achilles.model.masking import masked
 from achilles.model.units import Unit, UnitPool
-from achilles.results.files import write_json
-from achilles.results.schema import SCHEMA_VERSION
+from achilles.results.envelope import Enveloped
 
 logger = logging.getLogger(__name__)
 
@@ -31,26 +30,16 @@ ALL = "n*"
 
 
 @dataclass
-class DownstreamResult:
+class DownstreamResult(Enveloped):
     """lm-eval results per masking level (``downstream.json``)."""
+
+    KIND = "downstream"
 
     tasks: list[str]
     levels: list[dict[str, Any]]
-    config: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "downstream",
-            "config": self.config,
-            "env": self.env,
-            "tasks": self.tasks,
-            "levels": self.levels,
-        }
-
-    def save(self, path: str) -> None:
-        write_json(path, self.to_dict())
+    def fields(self) -> dict[str, Any]:
+        return {"tasks": self.tasks, "levels": self.levels}
 
 
 def parse_levels(s: str, set_size: int | None = None) -> list[int]:

@@ -16,6 +16,7 @@ from achilles.method.identify import Identification
 from achilles.method.ranking import Ranking
 from achilles.model.loading import LoadedModel
 from achilles.model.units import Unit, UnitPool, build_pool
+from achilles.results.envelope import run_of
 from achilles.results.schema import read_json
 
 SetName = Literal["critical", "minimal"]
@@ -28,6 +29,13 @@ class Mask:
     units: list[Unit]
     pool: UnitPool
     source: dict[str, Any]
+    """The file, the set and the ``run_id`` of the run it came from (a fresh one for a file
+    made before run ids): results made with the mask belong to that run."""
+
+    @property
+    def run_id(self) -> str:
+        """The run the results made with this mask belong to."""
+        return run_of(self.source)
 
 
 def load_mask(
@@ -57,7 +65,7 @@ def load_mask(
         check_same_model(ident.config, ident.env, lm.spec, what=f"the identification {path}",
                          force=True, hint="")  # a mask from other weights: said, not refused
         source = {"file": str(path), "kind": kind, "set": set_name, "n_star": ident.n_star,
-                  "epsilon": ident.epsilon}
+                  "epsilon": ident.epsilon, "run_id": ident.run_id}
     elif kind == "ranking":
         if top is None:
             raise AchillesError(f"{path} is a ranking: say how many top units to mask with --top N")
@@ -71,11 +79,12 @@ def load_mask(
         check_same_model(ranking.config, ranking.env, lm.spec, what=f"the ranking {path}",
                          force=True, hint="")  # a mask from other weights: said, not refused
         units = pool.validate(ranking.units[:top], source=path)
-        source = {"file": str(path), "kind": kind, "method": ranking.method}
+        source = {"file": str(path), "kind": kind, "method": ranking.method, "run_id": ranking.run_id}
     else:
         raise AchillesError(
             f"{path} is a {kind!r} file: --mask takes an identification.json or a ranking.json"
         )
     if top is not None:
         source["top"] = top
+    source["run_id"] = run_of(source)  # one id for every result made with this mask
     return Mask(units=list(units), pool=pool, source=source)

@@ -28,7 +28,7 @@ import logging
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -41,8 +41,7 @@ from achilles.method.metrics import LN10
 from achilles.model.batching import input_device, run_batched
 from achilles.model.masking import masked
 from achilles.model.units import Unit, UnitPool
-from achilles.results.files import write_json
-from achilles.results.schema import SCHEMA_VERSION
+from achilles.results.envelope import Enveloped
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +53,9 @@ PAPER_MIN_CHARS = 50
 
 
 @dataclass(frozen=True)
-class PerplexityConfig:
-    """Perplexity evaluation: data, windowing protocol and limits."""
+class PerplexityOptions:
+    """Perplexity evaluation: windowing protocol and limits."""
 
-    data: str = opt(
-        None, "evaluation text: a local .txt/.jsonl/.parquet file, or wikitext-103 or c4",
-        required=True,
-    )
     protocol: Protocol = opt(
         "standard",
         "standard: strided sliding window over the token stream; paper: the reference "
@@ -93,9 +88,21 @@ class PerplexityConfig:
         require(self.max_tokens is None or self.max_tokens >= 2, "--max-tokens must be >= 2")
 
 
+@dataclass(frozen=True)
+class PerplexityConfig(PerplexityOptions):
+    """Perplexity evaluation: data, windowing protocol and limits."""
+
+    data: str = opt(
+        None, "evaluation text: a local .txt/.jsonl/.parquet file, or wikitext-103 or c4",
+        required=True,
+    )
+
+
 @dataclass
-class PerplexityResult:
-    """Perplexity of one model (and mask) on one evaluation corpus."""
+class PerplexityResult(Enveloped):
+    """Perplexity of one model (and mask) on one evaluation corpus (``kind: perplexity``)."""
+
+    KIND = "perplexity"
 
     nll_sum: float
     tokens: int
@@ -110,8 +117,6 @@ class PerplexityResult:
     reference_nll_sum_T: float | None = None
     reference_tokens_T: int | None = None
     masked_units: int = 0
-    config: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nll(self) -> float:
@@ -157,20 +162,9 @@ class PerplexityResult:
             d["reference_ppl_T_weighted"] = exp_or_inf(ref)
         return d
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "perplexity",
-            "config": self.config,
-            "env": self.env,
-            "protocol": self.protocol,
-            "max_length": self.max_length,
-            "stride": self.stride,
-            **self.summary(),
-        }
-
-    def save(self, path: str) -> None:
-        write_json(path, self.to_dict())
+    def fields(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "max_length": self.max_length, "stride": self.stride,
+                **self.summary()}
 
 
 def exp_or_inf(x: float) -> float:
@@ -219,17 +213,18 @@ class PerplexityEvaluator:
         model: torch.nn.Module,
         tokenizer: Any,
         texts: Sequence[str],
+        options: PerplexityOptions | None = None,
         *,
-        protocol: Protocol = "standard",
-        max_length: int | None = None,
-        stride: int | None = None,
-        batch_size: int = 4,
-        max_samples: int | None = None,
-        max_tokens: int | None = None,
-        window_bos: bool = True,
         progress: bool = False,
+        **overrides: Any,
     ) -> None:
+        """``options`` (default :class:`PerplexityOptions`), with ``overrides`` replacing its
+        fields (``max_length=64``, ...)."""
+        o = dataclasses.replace(options or PerplexityOptions(), **overrides)
+        protocol, max_length, stride, batch_size = o.protocol, o.max_length, o.stride, o.batch_size
+        max_samples, max_tokens, window_bos = o.max_samples, o.max_tokens, o.window_bos
         require(protocol in DEFAULT_MAX_LENGTH, f"unknown protocol {protocol!r}: standard or paper")
+        self.options = o
         self.model = model
         self.protocol = protocol
         self.batch_size = batch_size
@@ -417,14 +412,8 @@ def evaluator_from_config(
     *,
     progress: bool = False,
 ) -> PerplexityEvaluator:
-    """A :class:`PerplexityEvaluator` with every option taken from ``cfg`` (all its fields but
-    ``data``: the options are the config's, listed nowhere else)."""
-    return PerplexityEvaluator(model, tokenizer, texts, progress=progress, **evaluator_options(cfg))
-
-
-def evaluator_options(cfg: PerplexityConfig) -> dict[str, Any]:
-    """The :class:`PerplexityEvaluator` options of ``cfg``: every field but ``data``."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "data"}
+    """A :class:`PerplexityEvaluator` with the options of ``cfg`` (a :class:`PerplexityOptions`)."""
+    return PerplexityEvaluator(model, tokenizer, texts, cfg, progress=progress)
 
 
 def evaluate_perplexity(
@@ -438,6 +427,6 @@ def evaluate_perplexity(
     **options: Any,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``texts`` (see the module docstring for the protocols);
-    ``options``: :class:`PerplexityEvaluator`'s (``protocol``, ``max_length``, ...)."""
+    ``options``: fields of :class:`PerplexityOptions` (``protocol``, ``max_length``, ...)."""
     ev = PerplexityEvaluator(model, tokenizer, texts, progress=progress, **options)
     return ev.evaluate(pool, units)

@@ -27,9 +27,7 @@ from achilles.method.pipeline import PreparedRun, prepare, rank
 from achilles.method.ranking import Ranking
 from achilles.model.loading import LoadedModel
 from achilles.model.units import UnitPool
-from achilles.results.files import write_json
-from achilles.results.provenance import environment
-from achilles.results.schema import SCHEMA_VERSION
+from achilles.results.envelope import Enveloped
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +35,10 @@ RANDOM = "random"
 
 
 @dataclass
-class Comparison:
+class Comparison(Enveloped):
     """Perplexity vs number of masked units, per ranking method (``comparison.json``)."""
+
+    KIND = "comparison"
 
     levels: list[int]
     baseline: dict[str, Any]
@@ -48,15 +48,9 @@ class Comparison:
     pool: dict[str, Any]
     ranked: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Each method's top ``max(levels)`` units in rank order (random: in ``random.ranked``)."""
-    config: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
         return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "comparison",
-            "config": self.config,
-            "env": self.env,
             "pool": self.pool,
             "levels": self.levels,
             "baseline": self.baseline,
@@ -65,9 +59,6 @@ class Comparison:
             "skipped": self.skipped,
             "ranked": self.ranked,
         }
-
-    def save(self, path: str) -> None:
-        write_json(path, self.to_dict())
 
 
 def _point(n: int, r: PerplexityResult) -> dict[str, Any]:
@@ -198,5 +189,5 @@ def compare(
             "random_runs": random_runs,
             "perplexity": evaluator.settings(),
         },
-        env=environment(lm.model),
+        env=run.env, run_id=run.run_id,
     )

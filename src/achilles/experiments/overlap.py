@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,8 @@ from achilles.errors import AchillesError
 from achilles.method.identify import Identification
 from achilles.method.ranking import Ranking
 from achilles.model.units import Unit
-from achilles.results.files import write_json
+from achilles.results.envelope import Enveloped
 from achilles.results.provenance import environment
-from achilles.results.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +107,10 @@ class RunFolder:
 
 
 @dataclass
-class Overlap:
+class Overlap(Enveloped):
     """Comparison of two runs by ``(layer, component, channel)`` (saved as ``overlap.json``)."""
+
+    KIND = "overlap"
 
     run_a: str
     run_b: str
@@ -124,15 +125,13 @@ class Overlap:
     shared_critical: list[ArchKey]
     shared_top: list[tuple[ArchKey, int, int]]  # key, rank in A, rank in B (1-based)
     sizes: dict[str, dict[str, int | None]]
-    env: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def __post_init__(self) -> None:
+        self.config = {"run_a": self.run_a, "run_b": self.run_b, "top": self.top,
+                       "identity": "(layer, component, channel)", **self.config}
+
+    def fields(self) -> dict[str, Any]:
         return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "overlap",
-            "config": {"run_a": self.run_a, "run_b": self.run_b, "top": self.top,
-                       "identity": "(layer, component, channel)"},
-            "env": self.env,
             "model_type": self.model_type,
             "same_size": self.same_size,
             "sizes": self.sizes,
@@ -146,9 +145,6 @@ class Overlap:
                 {**_key_dict(k), "rank_a": ra, "rank_b": rb} for k, ra, rb in self.shared_top
             ],
         }
-
-    def save(self, path: str | Path) -> None:
-        write_json(path, self.to_dict())
 
     def summary(self) -> str:
         """A few human lines."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import torch
@@ -28,9 +28,8 @@ from achilles.model.loading import LoadedModel, tokenize
 from achilles.model.masking import masked
 from achilles.model.names import decode_text, decode_token
 from achilles.model.units import Unit, UnitPool, build_pool
-from achilles.results.files import write_json
+from achilles.results.envelope import Enveloped
 from achilles.results.provenance import environment
-from achilles.results.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +110,10 @@ class ProbeLevel:
 
 
 @dataclass
-class ProbeResult:
+class ProbeResult(Enveloped):
     """A probe over masking levels (saved as ``probe.json``)."""
+
+    KIND = "probe"
 
     prompt: str
     target: str
@@ -121,15 +122,9 @@ class ProbeResult:
     target_tokens: list[str]
     set: str
     levels: list[ProbeLevel]
-    config: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
         return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "probe",
-            "config": self.config,
-            "env": self.env,
             "prompt": self.prompt,
             "target": self.target,
             "target_token_id": self.target_token_id,
@@ -139,9 +134,6 @@ class ProbeResult:
             "set": self.set,
             "levels": [dataclasses.asdict(lv) for lv in self.levels],
         }
-
-    def save(self, path: str) -> None:
-        write_json(path, self.to_dict())
 
     def summary(self) -> str:
         """The probe as text, one block per level."""

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,9 @@ from achilles.errors import AchillesError, require
 from achilles.experiments.overlap import jaccard
 from achilles.experiments.sweep import find_cached
 from achilles.model.loading import LoadedModel
-from achilles.results.files import write_json
+from achilles.results.envelope import Enveloped
 from achilles.results.inputs import read_text_input
 from achilles.results.provenance import environment
-from achilles.results.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +81,10 @@ class TextRun:
 
 
 @dataclass
-class Robustness:
+class Robustness(Enveloped):
     """Pairwise overlaps of the texts' results (saved as ``robustness.json``)."""
+
+    KIND = "robustness"
 
     labels: list[str]
     top: int
@@ -92,8 +93,6 @@ class Robustness:
     jaccard_critical: Matrix
     jaccard_top: Matrix
     shared_minimal: list[str]
-    config: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, Any] = field(default_factory=dict)
 
     @property
     def identical_minimal(self) -> bool:
@@ -101,12 +100,8 @@ class Robustness:
         sets = [set(r.minimal_set) for r in self.runs]
         return all(r.n_star is not None for r in self.runs) and all(s == sets[0] for s in sets)
 
-    def to_dict(self) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
         return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "robustness",
-            "config": self.config,
-            "env": self.env,
             "identity": "(module, channel)",
             "labels": self.labels,
             "top": self.top,
@@ -117,9 +112,6 @@ class Robustness:
             "jaccard_critical": self.jaccard_critical,
             "jaccard_top": self.jaccard_top,
         }
-
-    def save(self, path: str | Path) -> None:
-        write_json(path, self.to_dict())
 
     def summary(self) -> str:
         """Per-text sets and the minimal-set Jaccard matrix as text."""

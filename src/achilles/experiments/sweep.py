@@ -20,7 +20,7 @@ import dataclasses
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,9 +33,9 @@ from achilles.method.pipeline import find
 from achilles.method.ranking import Ranking
 from achilles.model.loading import LoadedModel
 from achilles.model.units import build_pool
-from achilles.results.files import _jsonable, write_json
+from achilles.results.envelope import Enveloped
+from achilles.results.files import _jsonable
 from achilles.results.provenance import environment
-from achilles.results.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +179,10 @@ class SweepPoint:
 
 
 @dataclass
-class SweepResult:
+class SweepResult(Enveloped):
     """A whole sweep (saved as ``sweep.json``)."""
+
+    KIND = "sweep"
 
     sweep: SweepConfig
     epsilon: float
@@ -188,8 +190,6 @@ class SweepResult:
     points: list[SweepPoint]
     evaluated: int
     reused: int
-    config: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, Any] = field(default_factory=dict)
 
     @property
     def anchor(self) -> SweepPoint:
@@ -201,12 +201,11 @@ class SweepResult:
         """Whether every point found the anchor's minimal set."""
         return all(p.same_minimal_as_anchor for p in self.points)
 
-    def to_dict(self) -> dict[str, Any]:
+    def __post_init__(self) -> None:
+        self.config = {**self.config, "sweep": dataclasses.asdict(self.sweep)}
+
+    def fields(self) -> dict[str, Any]:
         return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "sweep",
-            "config": {**self.config, "sweep": dataclasses.asdict(self.sweep)},
-            "env": self.env,
             "epsilon": self.epsilon,
             "max_neurons": self.max_neurons,
             "anchor": {"alpha": self.sweep.anchor_alpha, "samples": self.sweep.anchor_samples},
@@ -215,9 +214,6 @@ class SweepResult:
             "reused": self.reused,
             "points": [dataclasses.asdict(p) for p in self.points],
         }
-
-    def save(self, path: str | Path) -> None:
-        write_json(path, self.to_dict())
 
     def summary(self) -> str:
         """A table of the points, one line each."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +23,8 @@ from achilles.method.metrics import sequence_nll
 from achilles.model.hooks import observed_io
 from achilles.model.loading import LoadedModel, check_token_ids, context_length, fit_text, tokenize
 from achilles.model.units import UnitPool, build_pool
+from achilles.results.envelope import new_run_id
 from achilles.results.provenance import environment
-
-
-def new_run_id() -> str:
-    """A fresh run id: every result file of one run carries it (``run_id``)."""
-    return uuid.uuid4().hex[:16]
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def _external(ctx: ReportContext, name: str, title: str, keys: tuple[str, ...]) 
     if data is not None:
         body = next((data[k] for k in keys if isinstance(data.get(k), Mapping)), None)
         if body is None:
-            body = {k: v for k, v in data.items() if k not in ("config", "env", "schema_version", "kind")}
+            body = {k: v for k, v in data.items() if k not in ("config", "env", "schema_version", "kind", "run_id")}
         rows = [[k, v] for k, v in _flatten(body)]
         out.append(Para(f"From {name}.json."))
         out.append(capped(["key", "value"], rows, limit=40, more=f"in {name}.json"))

@@ -2,9 +2,10 @@
 its blocks (or ``None`` to leave the section out). :mod:`achilles.report.build` orders them.
 
 A section renders only result files of the run it reports on: a file whose ``run_id`` is
-not the identification's (a stale file of another run in a reused folder) is left out,
-with a warning; a file made before run ids, or by a command that records none, is used
-when it names the same model.
+not the identification's (a stale file of another run in a reused folder, or a result of
+another run's set) is left out, with a warning. A comparison starts a run of its own
+(``compare`` ranks anew), and a file made before run ids records none: those are used when
+they name the same model.
 """
 
 from __future__ import annotations
@@ -192,6 +193,9 @@ def _controls(controls: Mapping[str, Any] | None, fig: Path | None) -> list[Bloc
     return out
 
 
+OWN_RUN = frozenset({"comparison"})
+"""Result kinds made by a command that starts its own run (matched to the report by model)."""
+
 @dataclass
 class ReportContext:
     """What a section builder sees: the run's result files, loaded once."""
@@ -224,7 +228,7 @@ class ReportContext:
     def belongs(self, data: Mapping[str, Any], name: str) -> bool:
         """Whether result ``data`` (file ``name``) is of this run: the same run id, or, for a
         file recording none, made on the same model."""
-        rid = run_id_of(dict(data))
+        rid = None if data.get("kind") in OWN_RUN else run_id_of(dict(data))
         if rid is not None:
             ok = rid == self.run_id
         else:

@@ -1,13 +1,22 @@
 """The envelope every result file shares: schema version, kind, run id, config and env.
 
-A result type subclasses :class:`Envelope`, names its ``KIND`` and states only its own
-fields in :meth:`Envelope.fields`; the envelope owns the common keys, the atomic save and
-the checked read (:meth:`Envelope.read`: schema, kind, the envelope's own field types).
+A result type subclasses :class:`Enveloped` (or :class:`Envelope` when it declares the
+common fields itself), names its ``KIND`` and states only its own fields in
+:meth:`Envelope.fields`; the envelope owns the common keys, the atomic save and the checked
+read (:meth:`Envelope.read`: schema, kind, the envelope's own field types).
+
+``run_id`` is the run a result belongs to. A command that starts from a model and a text
+(``find``, ``compare``, ``sweep``, ...) starts a run with a fresh id; a command that works
+on a run's set (``--mask RUN/identification.json``: explain, ppl, downstream, compress,
+export, probe) belongs to that run and records its id (:func:`run_id_of`), or a fresh one
+when the set's file records none.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,6 +25,11 @@ from achilles.results.files import write_json
 from achilles.results.schema import SCHEMA_VERSION, read_json, require_fields
 
 RUN_ID = "run_id"
+
+
+def new_run_id() -> str:
+    """A fresh run id: every result file of one run carries it (``run_id``)."""
+    return uuid.uuid4().hex[:16]
 
 
 def envelope(kind: str, *, config: dict[str, Any] | None = None, env: dict[str, Any] | None = None,
@@ -30,6 +44,13 @@ def run_id_of(data: dict[str, Any]) -> str | None:
     """The run id a result file records (``None`` for files made before run ids)."""
     rid = data.get(RUN_ID)
     return rid if isinstance(rid, str) and rid else None
+
+
+def run_of(source: dict[str, Any] | None) -> str:
+    """The run a result made from ``source`` belongs to: the ``run_id`` a mask's source
+    record names (:class:`achilles.evaluation.masks.Mask`), or a fresh id."""
+    rid = (source or {}).get(RUN_ID)
+    return rid if isinstance(rid, str) and rid else new_run_id()
 
 
 class Envelope:
@@ -64,3 +85,14 @@ class Envelope:
         if fields:
             require_fields(d, path, fields)
         return d
+
+
+@dataclass(kw_only=True)
+class Enveloped(Envelope):
+    """An :class:`Envelope` whose common fields are keyword fields after the result's own:
+    subclass it as a dataclass and declare only the result's fields. A new result gets a
+    fresh run id unless it is given the run it belongs to."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = field(default_factory=new_run_id)

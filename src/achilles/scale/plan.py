@@ -33,7 +33,7 @@ from achilles.errors import AchillesError, require
 from achilles.method.recheck import upcast_groups
 from achilles.model.batching import batch_size_for_memory
 from achilles.model.units import build_pool
-from achilles.results.schema import SCHEMA_VERSION
+from achilles.results.envelope import envelope, new_run_id
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +119,12 @@ class Plan:
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    run_id: str = field(default_factory=new_run_id)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, "kind": "plan", **asdict(self)}
+        own = asdict(self)
+        config, run_id = own.pop("config"), own.pop("run_id")
+        return {**envelope("plan", config=config, run_id=run_id), **own}
 
 
 def meta_model(config: Any, dtype: str = "bfloat16") -> torch.nn.Module:

@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,12 @@ from achilles.config import ModelSpec
 from achilles.errors import AchillesError
 from achilles.model.masking import WeightEdit, weight_edits
 from achilles.model.units import Unit
+from achilles.results.envelope import Enveloped, run_of
 from achilles.results.files import atomic_path, write_json
 from achilles.results.files import check_destination as check_path
 from achilles.results.guard import MARKER, clean_stale, made_by, replace_dir, temp_dir
 from achilles.results.paths import check_apart
 from achilles.results.provenance import environment
-from achilles.results.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -58,22 +58,18 @@ _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.ji
 
 
 @dataclass
-class ExportResult:
-    """What :func:`export_masked` wrote."""
+class ExportResult(Enveloped):
+    """What :func:`export_masked` wrote (``kind: export``, in the output's mask file)."""
+
+    KIND = "export"
 
     out: Path
     shards: list[str]
     edits: list[WeightEdit]
     units: list[Unit]
-    config: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
         return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "export",
-            "config": self.config,
-            "env": self.env,
             "n_units": len(self.units),
             "units": [u.to_dict() for u in self.units],
             "shards": self.shards,
@@ -261,7 +257,7 @@ def export_masked(
         out=out, shards=shards, edits=[e for es in by_key.values() for e in es], units=list(units),
         config={"model": dataclasses.asdict(spec), "mask": mask_source or {},
                 "source_files": str(source)},
-        env=environment(),
+        env=environment(), run_id=run_of(mask_source),
     )
     parent = Path(os.path.realpath(out)).parent
     prefix = f".{out.name}.achilles-export-"

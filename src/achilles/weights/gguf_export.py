@@ -31,7 +31,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,8 @@ import torch
 from achilles.errors import AchillesError
 from achilles.model.masking import weight_edits
 from achilles.model.units import Unit
+from achilles.results.envelope import Enveloped, envelope, run_of
 from achilles.results.files import check_destination
-from achilles.results.schema import SCHEMA_VERSION
 from achilles.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ from achilles.weights.gguf_patch import (
 
 
 @dataclass
-class GGUFExportResult:
+class GGUFExportResult(Enveloped):
     """What :func:`export_gguf` wrote, and where the output differs from the source."""
+
+    KIND = "gguf_export"
 
     out: Path
     source: Path
@@ -73,13 +75,9 @@ class GGUFExportResult:
     """GGUF tensor -> merged ``[start, end)`` byte ranges written, relative to the tensor's data."""
     data_offset: tuple[int, int]
     """Start of the data section in the source and in the output."""
-    config: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
         return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "gguf_export",
-            "config": self.config,
             "source": str(self.source),
             "n_units": len(self.units),
             "units": [u.to_dict() for u in self.units],
@@ -169,14 +167,16 @@ def export_gguf(
                             f"{path.stat().st_size / 2**20:,.0f} MiB (free some space or choose another --out)")
     changed = changed_ranges(reader, patches)
     config = {"source": str(path), "mask": mask_source or {}, "achilles": __version__}
-    payload = {"schema_version": SCHEMA_VERSION, "kind": "gguf_mask", **config,
+    run_id = run_of(mask_source)
+    payload = {**envelope("gguf_mask", config=config, run_id=run_id),
                "units": [u.to_dict() for u in units], "edits": [e.to_dict() for e in edits]}
     data_offset = write_patched(reader, path, out, patches,
                                 json.dumps(payload, separators=(",", ":")), progress=progress)
     logger.info("exported %d unit(s) (%d tensor edits, %d bytes) to %s", len(units), len(edits),
                 sum(len(p.data) for p in patches), out)
     return GGUFExportResult(out=out, source=path, units=list(units), edits=edits, changed=changed,
-                            data_offset=(int(reader.data_offset), data_offset), config=config)
+                            data_offset=(int(reader.data_offset), data_offset), config=config,
+                            run_id=run_id)
 
 
 def read_mask(path: str | os.PathLike[str]) -> dict[str, Any] | None:

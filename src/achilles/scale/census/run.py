@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from achilles.config import IdentifyConfig, RankConfig
+from achilles.results.envelope import envelope, new_run_id
 from achilles.results.files import _jsonable, write_json
 from achilles.results.provenance import environment
-from achilles.results.schema import SCHEMA_VERSION, read_json
+from achilles.results.schema import read_json
 from achilles.scale.census.models import ModelEntry
 
 logger = logging.getLogger(__name__)
@@ -239,10 +240,8 @@ def run_task(task: Task, settings: CensusSettings, progress: bool = False) -> di
         row = summary_row(entry, lm, ranking, ident, time.perf_counter() - start)
         row["report"] = "report.html" if settings.report else None
         write_json(run_dir / DONE_FILE, {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "census_run",
-            "config": run_config(entry, settings),
-            "env": environment(lm.model),
+            **envelope("census_run", config=run_config(entry, settings), env=environment(lm.model),
+                       run_id=run.run_id),
             "row": row,
         })
         return row
@@ -250,8 +249,7 @@ def run_task(task: Task, settings: CensusSettings, progress: bool = False) -> di
         message = f"{type(e).__name__}: {e}".strip().splitlines()[0]
         logger.error("%s failed: %s", entry.name, message)
         write_json(run_dir / ERROR_FILE, {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "census_error",
+            **envelope("census_error", config=run_config(entry, settings), run_id=new_run_id()),
             "model": entry.spec.model,
             "error": message,
             "traceback": traceback.format_exc(),

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from achilles.results.envelope import envelope, new_run_id
 from achilles.results.files import atomic_write, write_json
 from achilles.results.provenance import environment
-from achilles.results.schema import SCHEMA_VERSION
 
 CSV_COLUMNS: tuple[str, ...] = (
     "name", "model", "status", "params", "layers", "pool_units", "tokens", "n_units_total",
@@ -98,10 +98,7 @@ def write_summary(
         out / "figures" / "depth.png", out / "figures" / "scale.png",
     )
     write_json(files.json, {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "census",
-        "config": config,
-        "env": environment(),
+        **envelope("census", config=config, env=environment(), run_id=new_run_id()),
         "complete": all(r["status"] == "ok" for r in rows),
         "rows": rows,
     })

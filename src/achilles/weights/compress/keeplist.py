@@ -18,7 +18,7 @@ import torch
 
 from achilles.model.gguf_names import tensor_type_overrides
 from achilles.model.units import Unit
-from achilles.results.schema import SCHEMA_VERSION
+from achilles.results.envelope import envelope, new_run_id
 from achilles.weights.compress.ownership import unit_slices
 
 
@@ -27,8 +27,10 @@ def _output_embedding_name(model: torch.nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
-def keep_list(model: torch.nn.Module, units: Sequence[Unit], *, gguf_type: str = "q8_0") -> dict[str, Any]:
-    """The keep-list of ``units`` (works on a meta-device model: only names and shapes).
+def keep_list(model: torch.nn.Module, units: Sequence[Unit], *, gguf_type: str = "q8_0",
+              run_id: str | None = None) -> dict[str, Any]:
+    """The keep-list of ``units`` (works on a meta-device model: only names and shapes), of
+    the run ``run_id`` (the mask's; a fresh id when ``None``).
 
     ``gguf_type``: the type the ``llama_quantize`` overrides keep the modules at (``None``
     there when the family has no GGUF name table).
@@ -51,8 +53,7 @@ def keep_list(model: torch.nn.Module, units: Sequence[Unit], *, gguf_type: str =
     head = _output_embedding_name(model)
     skip = sorted(modules) + ([head] if head and head not in modules else [])
     return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "keep_list",
+        **envelope("keep_list", run_id=run_id or new_run_id()),
         "model_type": cast(Any, model.config).model_type,
         "n_units": len(units),
         "units": entries,

@@ -17,7 +17,7 @@ import math
 import random
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -30,8 +30,7 @@ from achilles.model.adapters import layer_list
 from achilles.model.derive import get_adapter
 from achilles.model.hooks import observed_io
 from achilles.model.units import Unit, UnitPool
-from achilles.results.files import write_json
-from achilles.results.schema import SCHEMA_VERSION
+from achilles.results.envelope import Enveloped
 from achilles.weights.compress.methods import Method
 from achilles.weights.compress.ownership import keep_masks, weights_of
 
@@ -39,28 +38,21 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class CompressionResult:
+class CompressionResult(Enveloped):
     """Perplexity of the original and of each compression, with and without protection."""
+
+    KIND = "compression"
 
     baseline: dict[str, Any]
     methods: dict[str, dict[str, Any]]
     protected: dict[str, Any]
-    config: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
         return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "compression",
-            "config": self.config,
-            "env": self.env,
             "baseline": self.baseline,
             "protected": self.protected,
             "methods": self.methods,
         }
-
-    def save(self, path: str) -> None:
-        write_json(path, self.to_dict())
 
 
 def compressible(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
