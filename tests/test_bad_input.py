@@ -706,6 +706,43 @@ def test_check_destination_probe_full_disk(tmp_path: Path, monkeypatch: pytest.M
     assert list(tmp_path.iterdir()) == []  # checked, nothing created
 
 
+def test_destination_through_a_missing_folder_and_up_is_refused_up_front(
+        tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--out a/missing/..`` cannot be walked by the OS: refused before any work, nothing
+    made (the export used to fail with a traceback after writing its shards)."""
+    with pytest.raises(AchillesError, match="ends in '..'"):
+        check_destination(tmp_path / "a" / "missing" / "..", "dir")
+    with pytest.raises(AchillesError, match="climbs"):
+        check_destination(tmp_path / "a" / "missing" / ".." / "r.json")
+    (tmp_path / "real").mkdir()
+    assert check_destination(tmp_path / "real" / ".." / "r.json") == tmp_path / "real" / ".." / "r.json"
+    mask = tmp_path / "ident.json"
+    write_json(mask, {"schema_version": 1, "kind": "identification"})
+    before = sorted(tmp_path.rglob("*"))
+    rc = main(["export", "--model", str(tiny_dir), "--mask", str(mask),
+               "--out", str(tmp_path / "exp1" / "nosub" / "..")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "ends in '..'" in err[0], err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_ppl_with_a_tokenizer_of_another_model_is_one_line(
+        tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Token ids past the model's vocabulary: one line before any pass (was an IndexError)."""
+    import shutil
+
+    model = tmp_path / "mixed"
+    shutil.copytree(tiny_dir, model)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(__file__).resolve().parents[1] / "models" / "sink" / f, model / f)
+    data = tmp_path / "data.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    rc = main(["ppl", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "the tokenizer does not belong to this model" in err[-1], err
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_figures_are_written_atomically(tmp_path: Path) -> None:
     import matplotlib
 

@@ -39,6 +39,7 @@ from achilles.config import opt
 from achilles.errors import AchillesError, require
 from achilles.method.metrics import LN10
 from achilles.model.batching import input_device, run_batched
+from achilles.model.loading import check_token_ids
 from achilles.model.masking import masked
 from achilles.model.units import Unit, UnitPool
 from achilles.results.envelope import Enveloped
@@ -262,6 +263,7 @@ class PerplexityEvaluator:
         self.samples = len(docs)
         if not self.windows:
             raise AchillesError("the evaluation text is too short: it gives no token to predict")
+        check_token_ids(torch.cat([w.ids for w in self.windows]), model)  # before any pass
         self.tokens = sum(w.predicted for w in self.windows)
         logger.info(
             "perplexity (%s): %d samples, %d windows, %d predicted tokens",

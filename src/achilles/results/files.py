@@ -186,6 +186,17 @@ def check_destination(
         raise AchillesError(f"cannot write {os.fspath(path)}: {e.strerror or e} (check {flag})") from None
 
 
+def _check_dotdot(p: Path, raw: str, flag: str) -> None:
+    """Refuse a path that ends in ``..`` or climbs (``..``) out of a folder that does not
+    exist: the operating system cannot walk it, so the write would fail after the work."""
+    if p.name == "..":
+        raise AchillesError(f"{flag} {raw} ends in '..': name the destination itself (its full path)")
+    for i, part in enumerate(p.parts):
+        if part == ".." and i > 0 and not Path(*p.parts[:i]).is_dir():
+            raise AchillesError(f"{flag} {raw} climbs ('..') out of {Path(*p.parts[:i])}, which "
+                                "does not exist: name the destination without it")
+
+
 def _check_destination(
     path: str | os.PathLike[str], kind: str = "file", *, force: bool = True, flag: str = "--out"
 ) -> Path:
@@ -195,6 +206,7 @@ def _check_destination(
     if not raw.strip():
         raise AchillesError(f"{flag} is empty: name a {'file' if kind == 'file' else 'folder'}")
     p = Path(raw).expanduser()
+    _check_dotdot(p, raw, flag)
     if kind == "file":
         if p.is_dir() or raw.endswith(("/", os.sep)):
             raise AchillesError(f"{flag} {raw} is a folder: name a file inside it, e.g. {p / 'result.json'}")
