@@ -236,6 +236,7 @@ def test_gpu_groups_and_worker_assignment() -> None:
         (["models/sink", "./models/no-such-model"], [], "model path not found"),
         (["models/sink --dtype float64"], [], "m.txt:2:"),
         (["models/sink"], ["--launcher", "slurm"], "needs submitit"),
+        (["models/sink", "models/na\x00tural"], [], "m.txt:3: holds a NUL byte"),
     ],
 )
 def test_bad_input_one_line_exit_2(lines, extra, message, tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001

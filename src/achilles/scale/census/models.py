@@ -145,6 +145,9 @@ def read_model_list(source: str, base: ModelSpec | None = None, *, sizing_only: 
     except UnicodeDecodeError:
         raise AchillesError(f"model list {path} is not UTF-8 text: save it as UTF-8") from None
     for lineno, raw in enumerate(lines, 1):
+        if "\x00" in raw:
+            raise AchillesError(f"{path}:{lineno}: holds a NUL byte: a model list is plain text, "
+                                "one model id or path per line")
         try:
             words = shlex.split(raw, comments=True)
         except ValueError as e:
