@@ -284,3 +284,44 @@ def test_slurm_launcher_every_architecture(zoo, tmp_path) -> None:  # noqa: ANN0
     assert {r["model_type"] for r in rows} >= set(ARCHS)
     again = run_census(entries, _settings(), out, launcher="slurm", slurm={"cluster": "local"})
     assert again.ran == 0 and again.skipped == len(entries)
+
+
+class _FakeJob:
+    def __init__(self, i: int, stop_at: int) -> None:
+        self.job_id, self.i, self.stop_at, self.cancelled, self.finished = f"j{i}", i, stop_at, False, False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def cancel(self, check: bool = True) -> None:
+        self.cancelled = True
+
+    def result(self) -> dict:
+        if self.i == self.stop_at:
+            raise KeyboardInterrupt  # the census is stopped while it waits on this job
+        self.finished = True
+        return {"model": self.job_id}
+
+
+def test_slurm_jobs_are_cancelled_when_the_census_is_stopped(monkeypatch) -> None:  # noqa: ANN001
+    """Ctrl-C or SIGTERM while waiting: every unfinished job is cancelled, none left to run on
+    the cluster after the census is gone; finished ones are not touched."""
+    from achilles.scale.census import launch
+
+    made: list[_FakeJob] = []
+
+    class Executor:
+        def __init__(self, folder: str, cluster: str | None) -> None: ...
+
+        def update_parameters(self, **kw: object) -> None: ...
+
+        def map_array(self, fn: object, tasks: list, settings: list) -> list[_FakeJob]:
+            jobs = [_FakeJob(len(made) + i, stop_at=1) for i in range(len(tasks))]
+            made.extend(jobs)
+            return jobs
+
+    monkeypatch.setattr(launch, "_import_submitit", lambda: type("M", (), {"AutoExecutor": Executor}))
+    with pytest.raises(KeyboardInterrupt):
+        run_slurm(["t0", "t1", "t2"], None, folder="x", gpus=[0, 0, 1])  # type: ignore[arg-type]
+    assert [(j.job_id, j.finished, j.cancelled) for j in made] == [
+        ("j0", True, False), ("j1", False, True), ("j2", False, True)]

@@ -15,6 +15,8 @@ dies (Linux ``prctl(PR_SET_PDEATHSIG)``), and a watchdog thread exits it when it
 process changes (elsewhere). When the census itself is stopped (SIGTERM, Ctrl-C), queued
 models are cancelled and running workers are terminated (:func:`_stop_pool`): every run
 is then either finished or cleanly unfinished (no completion marker: redone next time).
+Under the ``slurm`` launcher a stopped census cancels every job it submitted that has not
+finished (:func:`_cancel_jobs`), so nothing keeps running on the cluster without it.
 """
 
 from __future__ import annotations
@@ -198,6 +200,32 @@ def run_slurm(
     submitit = _import_submitit()
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     jobs: list[Any] = [None] * len(tasks)
+    try:
+        return _submit_and_wait(executor, tasks, settings, gpus, jobs, timeout_min=timeout_min,
+                                partition=partition, parallelism=parallelism, wait=wait,
+                                progress=progress)
+    except BaseException:  # SIGTERM (Terminated), Ctrl-C, a failed submission: no orphan jobs
+        _cancel_jobs(jobs)
+        raise
+
+
+def _cancel_jobs(jobs: Sequence[Any]) -> None:
+    """Cancel every submitted job that has not finished (the census was stopped)."""
+    live = [j for j in jobs if j is not None and not j.done()]
+    for job in live:
+        try:
+            job.cancel(check=False)
+        except Exception as e:  # noqa: BLE001 - cancel the others whatever one says
+            logger.warning("could not cancel job %s: %s", job.job_id, e)
+    if live:
+        logger.warning("census stopped: cancelled %d unfinished job(s) (%s)", len(live),
+                       ", ".join(str(j.job_id) for j in live[:8]) + (" ..." if len(live) > 8 else ""))
+
+
+def _submit_and_wait(executor: Any, tasks: Sequence[Task], settings: CensusSettings,
+                     gpus: Sequence[int], jobs: list[Any], *, timeout_min: int,
+                     partition: str | None, parallelism: int | None, wait: bool,
+                     progress: bool) -> list[Any]:
     for need in sorted(set(gpus)):
         idx = [i for i, g in enumerate(gpus) if g == need]
         params: dict[str, Any] = {"name": "achilles-census", "timeout_min": timeout_min}
