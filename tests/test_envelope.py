@@ -20,12 +20,12 @@ UNITS = [Unit("model.layers.0.mlp.down_proj", c, 0, "mlp.down") for c in (1, 5)]
 RUN = "feedc0ffee123456"
 
 
-def _run(folder: Path, model: str) -> Path:
+def _run(folder: Path, model: str, run_id: str | None = RUN) -> Path:
     ident = Identification(
         epsilon=1.0, n_star=len(UNITS), critical_set=UNITS, minimal_set=UNITS,
         delta_critical=1.0, delta_minimal=1.0, necessity=[1.0] * len(UNITS), curve=[],
         n_star_by_epsilon={}, baseline_nll=1.0, tokens=10, n_units=1, forward_passes=0,
-        config={"model": {"model": model}, "text": TEXT, "ranking": {"pool": "paper"}}, run_id=RUN,
+        config={"model": {"model": model}, "text": TEXT, "ranking": {"pool": "paper"}}, run_id=run_id,
     )
     folder.mkdir(parents=True)
     ident.save(folder / "identification.json")
@@ -128,3 +128,20 @@ def test_results_of_a_runs_set_carry_its_run_id(tmp_path: Path, tiny_dir: Path) 
                  "--out", str(run / "heldout.json")]) == 0  # another run's set
     assert _head(run / "heldout.json")["run_id"] == "0" * 16
     assert not ctx.has("heldout.json") and ctx.has("compression.json")
+
+
+def test_results_of_a_set_made_before_run_ids_are_matched_by_model(tmp_path: Path, tiny_dir: Path) -> None:
+    """An identification without a run id: what is made from it records none (null), and the
+    report shows it when it names the same model (not left out as another run's)."""
+    run = _run(tmp_path / "old", str(tiny_dir), run_id=None)
+    data = tmp_path / "data.txt"
+    data.write_text(TEXT * 3, encoding="utf-8")
+    assert main(["compress", "--model", str(tiny_dir), "--quiet", "--mask", str(run / "identification.json"),
+                 "--data", str(data), "--methods", "rtn-w4", "--seeds", "1", "--out-dir", str(run)]) == 0
+    assert _head(run / "compression.json")["run_id"] is None
+
+    from achilles.report.sections import ReportContext
+
+    ident = json.loads((run / "identification.json").read_text())
+    ctx = ReportContext(run_dir=run, analysis={}, ranking={}, identification=ident, model_name="tiny")
+    assert ctx.run_id is None and ctx.has("compression.json")

@@ -98,8 +98,11 @@ def _run(args: argparse.Namespace) -> int:
         )
     plans = [plan_entry(e, settings, text, truncate=spec.truncate)
              for e in tqdm(entries, desc="plan", disable=quiet)]
+    rid = new_run_id()
+    for p in plans:
+        p.run_id = rid  # one plan command, one run
     payload = {
-        **envelope("plans", config=dataclasses.asdict(settings), run_id=new_run_id()),
+        **envelope("plans", config=dataclasses.asdict(settings), run_id=rid),
         "plans": [p.to_dict() for p in plans],
     }
     if out is not None:

@@ -37,7 +37,6 @@ def _run(args: argparse.Namespace) -> int:
     check_mask(skeleton.model, mask_units(ident, cfg.set), source=args.mask)
     lm = load_model(spec, tokenizer=skeleton.tokenizer)
     result = probe(lm, ident, cfg, source=args.mask)
-    result.run_id = ident.run_id or result.run_id  # a probe of a run's set belongs to that run
     result.save(str(out))
     from achilles.plots.probe import plot_probe
 

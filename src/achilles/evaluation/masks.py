@@ -29,12 +29,12 @@ class Mask:
     units: list[Unit]
     pool: UnitPool
     source: dict[str, Any]
-    """The file, the set and the ``run_id`` of the run it came from (a fresh one for a file
-    made before run ids): results made with the mask belong to that run."""
+    """The file, the set and the ``run_id`` of the run it came from (``None`` for a file made
+    before run ids): results made with the mask belong to that run."""
 
     @property
-    def run_id(self) -> str:
-        """The run the results made with this mask belong to."""
+    def run_id(self) -> str | None:
+        """The run the results made with this mask belong to (``None``: matched by model)."""
         return run_of(self.source)
 
 
@@ -86,5 +86,4 @@ def load_mask(
         )
     if top is not None:
         source["top"] = top
-    source["run_id"] = run_of(source)  # one id for every result made with this mask
     return Mask(units=list(units), pool=pool, source=source)

@@ -127,8 +127,8 @@ class Overlap(Enveloped):
     sizes: dict[str, dict[str, int | None]]
 
     def __post_init__(self) -> None:
-        self.config = {"run_a": self.run_a, "run_b": self.run_b, "top": self.top,
-                       "identity": "(layer, component, channel)", **self.config}
+        self.config = {**self.config, "run_a": self.run_a, "run_b": self.run_b, "top": self.top,
+                       "identity": "(layer, component, channel)"}
 
     def fields(self) -> dict[str, Any]:
         return {

@@ -255,5 +255,5 @@ def probe(
             "mask_source": source,
             "identification": ident.config,
         },
-        env=environment(lm.model),
+        env=environment(lm.model), run_id=ident.run_id,  # a probe of a run's set belongs to it
     )

@@ -8,8 +8,8 @@ read (:meth:`Envelope.read`: schema, kind, the envelope's own field types).
 ``run_id`` is the run a result belongs to. A command that starts from a model and a text
 (``find``, ``compare``, ``sweep``, ...) starts a run with a fresh id; a command that works
 on a run's set (``--mask RUN/identification.json``: explain, ppl, downstream, compress,
-export, probe) belongs to that run and records its id (:func:`run_id_of`), or a fresh one
-when the set's file records none.
+export, probe) belongs to that run and records its id (:func:`run_of`), or ``null`` when
+the set's file records none (made before run ids: matched to a run by model).
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ def run_id_of(data: dict[str, Any]) -> str | None:
     return rid if isinstance(rid, str) and rid else None
 
 
-def run_of(source: dict[str, Any] | None) -> str:
+def run_of(source: dict[str, Any] | None) -> str | None:
     """The run a result made from ``source`` belongs to: the ``run_id`` a mask's source
-    record names (:class:`achilles.evaluation.masks.Mask`), or a fresh id."""
+    record names (:class:`achilles.evaluation.masks.Mask`); ``None`` for a set whose file
+    predates run ids (its results are then matched to a run by model, as the file is)."""
     rid = (source or {}).get(RUN_ID)
-    return rid if isinstance(rid, str) and rid else new_run_id()
+    return rid if isinstance(rid, str) and rid else None
 
 
 class Envelope:

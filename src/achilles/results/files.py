@@ -187,10 +187,8 @@ def check_destination(
 
 
 def _check_dotdot(p: Path, raw: str, flag: str) -> None:
-    """Refuse a path that ends in ``..`` or climbs (``..``) out of a folder that does not
-    exist: the operating system cannot walk it, so the write would fail after the work."""
-    if p.name == "..":
-        raise AchillesError(f"{flag} {raw} ends in '..': name the destination itself (its full path)")
+    """Refuse a path that climbs (``..``) out of a folder that does not exist: the operating
+    system cannot walk it, so a write there would fail after the work."""
     for i, part in enumerate(p.parts):
         if part == ".." and i > 0 and not Path(*p.parts[:i]).is_dir():
             raise AchillesError(f"{flag} {raw} climbs ('..') out of {Path(*p.parts[:i])}, which "

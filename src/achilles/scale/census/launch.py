@@ -211,10 +211,12 @@ def run_slurm(
 
 def _cancel_jobs(jobs: Sequence[Any]) -> None:
     """Cancel every submitted job that has not finished (the census was stopped)."""
-    live = [j for j in jobs if j is not None and not j.done()]
-    for job in live:
-        try:
-            job.cancel(check=False)
+    live = []
+    for job in (j for j in jobs if j is not None):
+        try:  # done() asks the scheduler, which can fail too: never hide the stop
+            if not job.done():
+                job.cancel(check=False)
+                live.append(job)
         except Exception as e:  # noqa: BLE001 - cancel the others whatever one says
             logger.warning("could not cancel job %s: %s", job.job_id, e)
     if live:

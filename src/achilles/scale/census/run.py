@@ -218,6 +218,7 @@ def run_task(task: Task, settings: CensusSettings, progress: bool = False) -> di
         transformers.utils.logging.disable_progress_bar()  # workers run side by side
     start = time.perf_counter()
     lm = None
+    run = None  # the prepared run, once there is one: its id names a failure after it
     try:
         checked = preflight(entry.spec, text=settings.text, rank_config=settings.rank,
                             truncate=False)
@@ -249,7 +250,8 @@ def run_task(task: Task, settings: CensusSettings, progress: bool = False) -> di
         message = f"{type(e).__name__}: {e}".strip().splitlines()[0]
         logger.error("%s failed: %s", entry.name, message)
         write_json(run_dir / ERROR_FILE, {
-            **envelope("census_error", config=run_config(entry, settings), run_id=new_run_id()),
+            **envelope("census_error", config=run_config(entry, settings),
+                       run_id=run.run_id if run is not None else new_run_id()),
             "model": entry.spec.model,
             "error": message,
             "traceback": traceback.format_exc(),

@@ -18,7 +18,7 @@ import torch
 
 from achilles.model.gguf_names import tensor_type_overrides
 from achilles.model.units import Unit
-from achilles.results.envelope import envelope, new_run_id
+from achilles.results.envelope import envelope
 from achilles.weights.compress.ownership import unit_slices
 
 
@@ -30,7 +30,7 @@ def _output_embedding_name(model: torch.nn.Module) -> str | None:
 def keep_list(model: torch.nn.Module, units: Sequence[Unit], *, gguf_type: str = "q8_0",
               run_id: str | None = None) -> dict[str, Any]:
     """The keep-list of ``units`` (works on a meta-device model: only names and shapes), of
-    the run ``run_id`` (the mask's; a fresh id when ``None``).
+    the run ``run_id`` (the mask's; ``None`` for a set made before run ids).
 
     ``gguf_type``: the type the ``llama_quantize`` overrides keep the modules at (``None``
     there when the family has no GGUF name table).
@@ -53,7 +53,7 @@ def keep_list(model: torch.nn.Module, units: Sequence[Unit], *, gguf_type: str =
     head = _output_embedding_name(model)
     skip = sorted(modules) + ([head] if head and head not in modules else [])
     return {
-        **envelope("keep_list", run_id=run_id or new_run_id()),
+        **envelope("keep_list", run_id=run_id),
         "model_type": cast(Any, model.config).model_type,
         "n_units": len(units),
         "units": entries,
