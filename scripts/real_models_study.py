@@ -19,6 +19,10 @@ not run again (delete the folder to start over). Then ``docs/real-models.md`` an
 7. ``compress``: RTN w4/w3 (per-channel and g128), magnitude and wanda at 50 %, with the
    heel protected, random units protected and nothing protected.
 
+The robustness run's demo text and the sweep's anchor point (α = 5, K = find's) have the
+find run's very settings: the study starts them from the find run's ranking and
+identification, and each command checks the settings before it reuses them.
+
 ``--quick`` shrinks every step (few samples, short held-out text) to check the plumbing on a
 small model (``--model models/sink``); its numbers mean nothing.
 """
@@ -72,6 +76,7 @@ class Study:
         self.logged = json.loads(log.read_text()) if log.is_file() else {}
 
     shown_model: str | None = None
+    machine: str = "this machine"
 
     def run(self, step: str, argv: list[str], done: Path) -> None:
         shown = [self.shown_model if self.shown_model and a == self.model else _rel(a) for a in argv]
@@ -91,6 +96,19 @@ class Study:
 
     def samples(self) -> list[str]:
         return ["--samples", "8"] if self.quick else []
+
+
+def seed(find: Path, folder: Path, s: Study) -> None:
+    """Start ``folder`` (a robustness text or sweep point with find's very settings: the demo
+    text, α = 5, K = find's) from the find run's ranking and identification, instead of
+    computing them again. The command reuses them only after checking that the model, text,
+    ranking and identification settings match (it refuses a run made otherwise)."""
+    if s.dry or (folder / "identification.json").exists() or not (find / "identification.json").is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("ranking.json", "identification.json"):  # identification last: marks it finished
+        copy_figure(find / name, folder / name)
+    print(f"[seed] {folder} starts from {find}'s ranking and identification", flush=True)
 
 
 def render_dialogue(model: str, out: Path) -> Path:
@@ -123,6 +141,7 @@ def run_study(s: Study) -> None:
                       "--out-dir", str(out / "compare")], out / "compare" / "comparison.json")
     texts = [demo] + [str(ROOT / "data" / "robustness" / t) for t in TEXTS if t.endswith(".txt")]
     texts.insert(3, str(render_dialogue(m, out)))
+    seed(find, out / "robustness" / "texts" / "demo", s)
     s.run("robustness", ["robustness", "--model", m, *[a for t in texts for a in ("--text-file", t)],
                          "--truncate", *s.samples(), "--out-dir", str(out / "robustness")],
           out / "robustness" / "robustness.json")
@@ -136,6 +155,7 @@ def run_study(s: Study) -> None:
                        *ppl, "--methods", COMPRESS, "--seeds", "1" if q else "3",
                        "--out-dir", str(out / "compress")], out / "compress" / "compression.json")
     grid = ["--alpha", "1,5", "--samples", "4,8"] if q else ["--alpha", "1,3,5,7", "--samples", "25,50,100"]
+    seed(find, out / "sweep" / "points" / f"alpha=5_K={8 if q else 100}", s)
     s.run("sweep", ["sweep", "--model", m, "--text-file", demo, *grid, "--grid", "full",
                     "--anchor-samples", "8" if q else "100", "--out-dir", str(out / "sweep")],
           out / "sweep" / "sweep.json")
@@ -151,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figures", default=str(ROOT / "docs" / "figures" / "real-models"))
     p.add_argument("--quick", action="store_true", help="tiny settings to check the plumbing")
     p.add_argument("--doc-only", action="store_true", help="write the doc from finished runs")
+    p.add_argument("--machine", default="an otherwise idle 2-core x86 machine (torch's default two "
+                   "threads, float32)", help="the machine the run times were measured on, as the doc says it")
     p.add_argument("--shown-model", default=None,
                    help="the --model the doc shows, when the runs used a local copy of the same "
                    "weights (e.g. a dequantized folder of the smollm2 GGUF)")
@@ -159,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     s = Study(a.model, out, a.quick, dry=a.doc_only)
     s.shown_model = a.shown_model
+    s.machine = a.machine
     t = time.perf_counter()
     run_study(s)
     figs = Path(a.figures)
@@ -365,6 +388,11 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
         add(_table(["α", "K", "n*", "minimal set", "same minimal set as the anchor", "Jaccard top vs anchor"],
                    [[p["alpha"], p["samples"], p["n_star"], ", ".join(p["minimal_set"][:4]),
                      p.get("same_minimal_as_anchor"), p.get("jaccard_top_vs_anchor")] for p in pts]) + "\n")
+        reused = [f"α = {p['alpha']:g}, K = {p['samples']}" for p in pts if p.get("reused")]
+        if reused:
+            add(f"Reused, not recomputed: {', '.join(reused)} (the find run's own settings; the study "
+                "starts that point from the find run's files and the sweep checks the settings "
+                "before it reuses them).\n")
         same = all(p.get("same_minimal_as_anchor") for p in pts if p.get("n_star") is not None)
         verdicts.append(("The set does not depend on α and K",
                          f"{sum(bool(p.get('same_minimal_as_anchor')) for p in pts)} of {len(pts)} points "
@@ -379,6 +407,11 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
         add(_table(["text", "tokens", "n*", "minimal set"],
                    [[t["label"], t["tokens"], t["n_star"], ", ".join(t["minimal_set"][:4])
                      + (" …" if len(t["minimal_set"]) > 4 else "")] for t in rob["texts"]]) + "\n")
+        reused = [t["label"] for t in rob["texts"] if t.get("reused")]
+        if reused:
+            add(f"Reused, not recomputed: {', '.join(reused)} (the find run's own text and settings; "
+                "the study starts it from the find run's files and robustness checks the settings "
+                "before it reuses them).\n")
         add(f"Minimal sets identical across texts: {_f(rob['identical_minimal'])}; shared by all: "
             f"{', '.join(rob['shared_minimal']) or 'none'}.\n")
         heel = set((ident or {}).get("minimal_set") and [_unit(u) for u in ident["minimal_set"]] or [])
@@ -469,10 +502,10 @@ def write_doc(s: Study, doc: Path, figs: Path, copy: Any) -> None:
     times = [f"{k} {v / 60:.1f} min" for k, v in s.seconds.items() if isinstance(v, float) and math.isfinite(v)]
     if times:
         total = sum(v for v in s.seconds.values() if isinstance(v, float) and math.isfinite(v))
-        add("Run times, wall, on a 2-core machine shared with other jobs (so up to 2-4× what an "
-            "idle one gives): " + ", ".join(times)
-            + f"; {total / 60:.0f} min in all. The comparison dominates: seven rankings and five "
-            "random ones, each measured on 1,024 held-out tokens at eight levels.\n")
+        add(f"Run times, wall, on {s.machine}: " + ", ".join(times)
+            + f"; {total / 60:.1f} min in all. The comparison and the robustness runs dominate: "
+            "seven rankings and five random ones, each measured on 1,024 held-out tokens at "
+            "eight levels, and a ranking and search per text.\n")
     add(f"Figures shown: {len(shown)}.\n")
     atomic_write(doc, "\n".join(L))
 
