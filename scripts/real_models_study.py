@@ -107,7 +107,7 @@ def seed(find: Path, folder: Path, s: Study) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("ranking.json", "identification.json"):  # identification last: marks it finished
-        copy_figure(find / name, folder / name)
+        copy_file(find / name, folder / name)
     print(f"[seed] {folder} starts from {find}'s ranking and identification", flush=True)
 
 
@@ -186,12 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     run_study(s)
     figs = Path(a.figures)
     figs.mkdir(parents=True, exist_ok=True)
-    write_doc(s, Path(a.doc), figs, copy=copy_figure)
+    write_doc(s, Path(a.doc), figs, copy=copy_file)
     print(f"written: {a.doc} ({time.perf_counter() - t:.0f} s)")
     return 0
 
 
-def copy_figure(src: Path, dst: Path) -> Path:
+def copy_file(src: Path, dst: Path) -> Path:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
     return dst

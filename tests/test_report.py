@@ -6,9 +6,8 @@ import math
 import re
 
 import pytest
-from tiny import TEXT, make_model, make_tokenizer
+from tiny import found_run
 
-from achilles import IdentifyConfig, LoadedModel, ModelSpec, RankConfig, find
 from achilles.analysis.run import analyze_for_report
 from achilles.cli import main
 from achilles.plots.phase import plot_phase
@@ -20,14 +19,8 @@ from achilles.results.schema import read_json
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):  # noqa: ANN001, ANN201
-    lm = LoadedModel(make_model("llama"), make_tokenizer(), ModelSpec(model="tiny"))
-    ranking, ident = find(
-        lm, TEXT, RankConfig(samples=4, keep=100, components=("mlp.down", "attn.o")),
-        IdentifyConfig(epsilon=0.001, max_neurons=30),
-    )
     d = tmp_path_factory.mktemp("run")
-    ranking.save(d / "ranking.json")
-    ident.save(d / "identification.json")
+    lm, _ = found_run(d, "tiny")
     # the shapes `achilles compare` and `achilles downstream` write
     write_json(d / "comparison.json", {
         "kind": "comparison", "baseline": {"ppl": 5.5408},

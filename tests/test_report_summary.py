@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from tiny import TEXT, make_model, make_tokenizer
+from tiny import TEXT, found_run, make_model, make_tokenizer
 
 from achilles import IdentifyConfig, LoadedModel, ModelSpec, RankConfig, find
 from achilles.analysis.run import analyze_for_report
@@ -22,15 +22,8 @@ from achilles.results.schema import read_json
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):  # noqa: ANN001, ANN201
-    lm = LoadedModel(make_model("llama"), make_tokenizer(),
-                     ModelSpec(model="/somewhere/models/tinyllama"))
-    ranking, ident = find(
-        lm, TEXT, RankConfig(samples=4, keep=100, components=("mlp.down", "attn.o")),
-        IdentifyConfig(epsilon=0.001, max_neurons=30),
-    )
     d = tmp_path_factory.mktemp("run")
-    ranking.save(d / "ranking.json")
-    ident.save(d / "identification.json")
+    lm, ident = found_run(d, "/somewhere/models/tinyllama")
     explain_run(d, lm, ExplainConfig(), figures=False)  # a real mechanism.json, summary replaced
     mech = read_json(d / "mechanism.json")
     write_json(d / "mechanism.json", {**mech, "summary": "The unit feeds a sink."})

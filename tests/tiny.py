@@ -114,3 +114,19 @@ def llama_param_count() -> int:
     attn = D * D + 2 * D * KV * head_dim + D * D
     mlp = 3 * D * FF
     return 2 * VOCAB * D + LAYERS * (attn + mlp + 2 * D) + D
+
+
+def found_run(folder, model_name: str):  # noqa: ANN001, ANN201
+    """A tiny Llama (``ModelSpec(model=model_name)``) ranked and identified on :data:`TEXT`
+    into ``folder`` (``ranking.json``, ``identification.json``): the report tests' run.
+    Returns the loaded model and the identification."""
+    from achilles import IdentifyConfig, LoadedModel, ModelSpec, RankConfig, find
+
+    lm = LoadedModel(make_model("llama"), make_tokenizer(), ModelSpec(model=model_name))
+    ranking, ident = find(
+        lm, TEXT, RankConfig(samples=4, keep=100, components=("mlp.down", "attn.o")),
+        IdentifyConfig(epsilon=0.001, max_neurons=30),
+    )
+    ranking.save(folder / "ranking.json")
+    ident.save(folder / "identification.json")
+    return lm, ident

@@ -16,7 +16,7 @@ from achilles.method.identify import Identification
 from achilles.method.ranking import Ranking
 from achilles.model.loading import LoadedModel
 from achilles.model.units import Unit, UnitPool, build_pool
-from achilles.results.envelope import run_of
+from achilles.results.envelope import run_id_of
 from achilles.results.schema import read_json
 
 SetName = Literal["critical", "minimal"]
@@ -35,7 +35,7 @@ class Mask:
     @property
     def run_id(self) -> str | None:
         """The run the results made with this mask belong to (``None``: matched by model)."""
-        return run_of(self.source)
+        return run_id_of(self.source)
 
 
 def load_mask(

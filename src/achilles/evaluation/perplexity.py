@@ -39,7 +39,7 @@ from achilles.config import opt
 from achilles.errors import AchillesError, require
 from achilles.method.metrics import LN10
 from achilles.model.batching import input_device, run_batched
-from achilles.model.loading import check_token_ids
+from achilles.model.loading import check_token_ids, context_length
 from achilles.model.masking import masked
 from achilles.model.units import Unit, UnitPool
 from achilles.results.envelope import Enveloped
@@ -189,15 +189,6 @@ class _Window:
         return int(self.ids.shape[0]) - self.first_target
 
 
-def model_max_positions(model: torch.nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def _token_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, verbose=False).input_ids)  # long streams are windowed later
 
@@ -225,13 +216,12 @@ class PerplexityEvaluator:
         protocol, max_length, stride, batch_size = o.protocol, o.max_length, o.stride, o.batch_size
         max_samples, max_tokens, window_bos = o.max_samples, o.max_tokens, o.window_bos
         require(protocol in DEFAULT_MAX_LENGTH, f"unknown protocol {protocol!r}: standard or paper")
-        self.options = o
         self.model = model
         self.protocol = protocol
         self.batch_size = batch_size
         self.progress = progress
         length = max_length or DEFAULT_MAX_LENGTH[protocol]
-        cap = model_max_positions(model)
+        cap = context_length(model)
         if cap is not None and length > cap:
             log = logger.info if max_length else logger.debug
             log("max_length %d capped at the model's %d positions", length, cap)

@@ -8,7 +8,7 @@ read (:meth:`Envelope.read`: schema, kind, the envelope's own field types).
 ``run_id`` is the run a result belongs to. A command that starts from a model and a text
 (``find``, ``compare``, ``sweep``, ...) starts a run with a fresh id; a command that works
 on a run's set (``--mask RUN/identification.json``: explain, ppl, downstream, compress,
-export, probe) belongs to that run and records its id (:func:`run_of`), or ``null`` when
+export, probe) belongs to that run and records its id (:func:`run_id_of`), or ``null`` when
 the set's file records none (made before run ids: matched to a run by model).
 """
 
@@ -40,17 +40,10 @@ def envelope(kind: str, *, config: dict[str, Any] | None = None, env: dict[str, 
             "env": env if env is not None else {}}
 
 
-def run_id_of(data: dict[str, Any]) -> str | None:
-    """The run id a result file records (``None`` for files made before run ids)."""
-    rid = data.get(RUN_ID)
-    return rid if isinstance(rid, str) and rid else None
-
-
-def run_of(source: dict[str, Any] | None) -> str | None:
-    """The run a result made from ``source`` belongs to: the ``run_id`` a mask's source
-    record names (:class:`achilles.evaluation.masks.Mask`); ``None`` for a set whose file
-    predates run ids (its results are then matched to a run by model, as the file is)."""
-    rid = (source or {}).get(RUN_ID)
+def run_id_of(data: dict[str, Any] | None) -> str | None:
+    """The run id a result file (or a mask's source record) names; ``None`` for one made
+    before run ids, whose results are then matched to a run by model."""
+    rid = (data or {}).get(RUN_ID)
     return rid if isinstance(rid, str) and rid else None
 
 

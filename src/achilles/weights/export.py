@@ -40,7 +40,7 @@ from achilles.config import ModelSpec
 from achilles.errors import AchillesError
 from achilles.model.masking import WeightEdit, weight_edits
 from achilles.model.units import Unit
-from achilles.results.envelope import Enveloped, run_of
+from achilles.results.envelope import Enveloped, run_id_of
 from achilles.results.files import atomic_path, write_json
 from achilles.results.files import check_destination as check_path
 from achilles.results.guard import MARKER, clean_stale, made_by, replace_dir, temp_dir
@@ -257,7 +257,7 @@ def export_masked(
         out=out, shards=shards, edits=[e for es in by_key.values() for e in es], units=list(units),
         config={"model": dataclasses.asdict(spec), "mask": mask_source or {},
                 "source_files": str(source)},
-        env=environment(), run_id=run_of(mask_source),
+        env=environment(), run_id=run_id_of(mask_source),
     )
     parent = Path(os.path.realpath(out)).parent
     prefix = f".{out.name}.achilles-export-"

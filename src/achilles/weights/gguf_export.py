@@ -40,7 +40,7 @@ import torch
 from achilles.errors import AchillesError
 from achilles.model.masking import weight_edits
 from achilles.model.units import Unit
-from achilles.results.envelope import Enveloped, envelope, run_of
+from achilles.results.envelope import Enveloped, envelope, run_id_of
 from achilles.results.files import check_destination
 from achilles.version import __version__
 
@@ -167,7 +167,7 @@ def export_gguf(
                             f"{path.stat().st_size / 2**20:,.0f} MiB (free some space or choose another --out)")
     changed = changed_ranges(reader, patches)
     config = {"source": str(path), "mask": mask_source or {}, "achilles": __version__}
-    run_id = run_of(mask_source)
+    run_id = run_id_of(mask_source)
     payload = {**envelope("gguf_mask", config=config, run_id=run_id),
                "units": [u.to_dict() for u in units], "edits": [e.to_dict() for e in edits]}
     data_offset = write_patched(reader, path, out, patches,
